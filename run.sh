@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The two set-up commands of the README:
+#   ./run.sh demo   - the project's main job on its built-in default
+#   ./run.sh test   - the test suite
+# Both create (or reuse) the virtual environment in .venv/ and install the pinned versions.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$root"
+venv="$root/.venv"
+stamp="$venv/.mambamerge-installed"
+want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+
+ensure_venv() {
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return
+    fi
+    echo "setting up $venv (first run takes a minute or two)" >&2
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    # torch first: a bare torch requirement with no torch present would pull a multi-GB download
+    "$venv/bin/python" -m pip install -q "$(grep '^torch==' requirements.lock)" "$(grep '^torchvision==' requirements.lock)"
+    "$venv/bin/python" -m pip install -q -r requirements.lock
+    "$venv/bin/python" -m pip install -q --no-deps -e .
+    echo "$want" > "$stamp"
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    demo)
+        ensure_venv
+        exec "$venv/bin/mambamerge" demo "$@"
+        ;;
+    test)
+        ensure_venv
+        exec "$venv/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh demo | test [pytest args]" >&2
+        exit 2
+        ;;
+esac
