@@ -24,6 +24,9 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
+# glibc maps fresh pages for every allocation over 32 MB; a high threshold makes CPU training ~1.4x faster
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}"
+
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in

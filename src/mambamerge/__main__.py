@@ -1,0 +1,3 @@
+from mambamerge.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""`mambamerge info`: list the models, or describe what a checkpoint file holds."""
+import argparse
+
+from mambamerge.checkpoint import infer_config, read_checkpoint
+from mambamerge.models import OFFICIAL_NAMES, list_models
+
+HELP = "list the known models, or show the architecture inferred from a checkpoint file"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="checkpoint to describe (.pth or .safetensors)")
+    p.add_argument("--img-size", type=int, default=224, help="resolution to infer the geometry for (default 224)")
+    p.add_argument("--models", action="store_true", help="list the model names create_model accepts")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.models or not args.checkpoint:
+        for name in list_models():
+            alias = f"  (= {OFFICIAL_NAMES[name]})" if name in OFFICIAL_NAMES else ""
+            print(name + alias)
+        return 0
+    raw = read_checkpoint(args.checkpoint)
+    cfg, grid = infer_config(raw, img_size=args.img_size)
+    n = sum(t.numel() for t in raw.state_dict.values())
+    print(f"{args.checkpoint}: {len(raw.state_dict)} tensors, {n / 1e6:.2f} M values")
+    print(f"trained grid {grid[0]}x{grid[1]}; at {cfg.img_size[0]}x{cfg.img_size[1]}: grid "
+          f"{cfg.grid_size[0]}x{cfg.grid_size[1]}")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key:15s} {value}")
+    return 0

@@ -1,0 +1,29 @@
+"""`mambamerge <command>`: one entry point; each command lives in its own module."""
+import argparse
+import sys
+from typing import List, Optional
+
+from mambamerge.checkpoint import CheckpointError
+from mambamerge.cli import demo, info
+
+COMMANDS = {"demo": demo, "info": info}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mambamerge", description="Token merging for vision State Space Models.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(sub.add_parser(name, help=module.HELP, description=module.HELP))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args) or 0
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"mambamerge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mambamerge {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,123 @@
+"""Selective scan: one entry point over several implementations.
+
+Layouts are sequence-major with channels last: u, delta (batch, L, d); A (d, N);
+B, C (batch, L, N); D (d,). Softplus, bias and the SiLU(z) gate belong to the
+caller. ``reverse=True`` scans from the last token to the first, output in
+sequence order.
+
+Implementations ("impl"):
+    compiled   C++ kernel for CPU float32/float64 (needs g++, Linux x86_64)
+    loop       pure-PyTorch fused loop over time, hand-written backward
+    parallel   pure-PyTorch log-depth associative scan (GPU friendly)
+    reference  plain Python loop, the ground truth (slow)
+    mamba_ssm  the CUDA kernel of the mamba_ssm package, if installed
+    auto       CUDA: mamba_ssm if importable, else parallel;
+               CPU: compiled if available, else loop (warns once)
+"""
+import functools
+import warnings
+
+import torch
+
+from mambamerge.ops import compiled
+from mambamerge.ops.compiled import check_inputs, selective_scan_compiled
+from mambamerge.ops.loop import selective_scan_loop
+from mambamerge.ops.parallel import selective_scan_parallel
+from mambamerge.ops.reference import selective_scan_reference
+
+__all__ = [
+    "IMPLS",
+    "scan_backend",
+    "selective_scan",
+    "selective_scan_compiled",
+    "selective_scan_loop",
+    "selective_scan_mamba_ssm",
+    "selective_scan_parallel",
+    "selective_scan_reference",
+]
+
+IMPLS = ("auto", "compiled", "loop", "parallel", "reference", "mamba_ssm")
+_warned_fallback = False
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_ssm_fn():
+    """mamba_ssm's selective_scan_fn, or None when it cannot be imported."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):
+        return None
+    return selective_scan_fn
+
+
+def selective_scan_mamba_ssm(u, delta, A, B, C, D, reverse=False):
+    """Selective scan with mamba_ssm's CUDA kernel (shapes as selective_scan).
+
+    The kernel takes (batch, d, L) and (batch, N, L) layouts and only scans
+    forward; reverse flips the sequence around it.
+    """
+    scan_fn = _mamba_ssm_fn()
+    if scan_fn is None:
+        raise RuntimeError("impl='mamba_ssm' needs the mamba_ssm package, which cannot be imported")
+
+    def to_kernel(x):  # (batch, L, k) -> (batch, k, L), in scan order
+        x = x.transpose(1, 2)
+        return x.flip(-1) if reverse else x
+
+    y = scan_fn(to_kernel(u), to_kernel(delta), A, to_kernel(B), to_kernel(C), D)
+    return (y.flip(-1) if reverse else y).transpose(1, 2)
+
+
+def scan_backend(device) -> str:
+    """The implementation impl="auto" uses for tensors on device."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "compiled" if compiled.available() else "loop"
+    if device.type == "cuda" and _mamba_ssm_fn() is not None:
+        return "mamba_ssm"
+    return "parallel"
+
+
+def _auto_impl(u):
+    global _warned_fallback
+    impl = scan_backend(u.device)
+    if impl == "compiled" and u.dtype not in (torch.float32, torch.float64):
+        return "loop"
+    if impl == "loop" and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"compiled CPU selective scan unavailable ({compiled.unavailable_reason()}); "
+            "using the pure-PyTorch loop, which is several times slower",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return impl
+
+
+_IMPL_FNS = {
+    "compiled": selective_scan_compiled,
+    "loop": selective_scan_loop,
+    "parallel": selective_scan_parallel,
+    "reference": selective_scan_reference,
+    "mamba_ssm": selective_scan_mamba_ssm,
+}
+
+
+def selective_scan(u, delta, A, B, C, D, reverse=False, impl="auto"):
+    """Selective scan h_t = exp(delta_t A) h_prev + delta_t B_t u_t, y_t = <h_t, C_t> + D u_t.
+
+    Args:
+        u, delta: (batch, L, d); A: (d, N); B, C: (batch, L, N); D: (d,), one
+            floating dtype and device.
+        reverse: scan from the last token to the first (output in sequence order).
+        impl: one of IMPLS (see the module docstring).
+
+    Returns:
+        y: (batch, L, d).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown selective scan impl {impl!r}; valid: {', '.join(IMPLS)}")
+    check_inputs(u, delta, A, B, C, D)
+    if impl == "auto":
+        impl = _auto_impl(u)
+    return _IMPL_FNS[impl](u, delta, A, B, C, D, reverse=reverse)

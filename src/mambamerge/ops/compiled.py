@@ -1,0 +1,249 @@
+"""Selective scan on CPU through the C++ kernel in ``_scan_cpu.cpp``.
+
+The kernel is built with g++ on first use into a cache directory
+(``$MAMBAMERGE_CACHE/<hash>/`` or ``~/.cache/mambamerge/kernels/<hash>/``), the
+hash covering the source, the compiler version, the flags and the CPU flags
+(the build uses ``-march=native``). It is loaded with ctypes, which releases
+the GIL during the call; the kernel runs on ``torch.get_num_threads()`` threads,
+taken from torch's own OpenMP team when torch uses OpenMP (see
+_openmp_launcher), else started with std::thread.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_SOURCE = Path(__file__).with_name("_scan_cpu.cpp")
+_CXX = "g++"
+_BLOCK = 16  # channels per task, kBlock in the C++ source
+_COMPILE_FLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffast-math",
+    "-fno-finite-math-only",
+    "-fopenmp-simd",
+    "-fPIC",
+)
+# Linked in a separate step without -ffast-math: with it gcc links crtfastmath.o,
+# which turns on flush-to-zero for the whole process (torch included).
+_LINK_FLAGS = ("-shared", "-pthread")
+_LIBS = ("-lm",)
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_FORWARD_ARGS = [_P] * 7 + [_I64] * 4 + [_INT] * 2 + [_P]
+_BACKWARD_ARGS = [_P] * 13 + [_I64] * 4 + [_INT] * 2 + [_P]
+_OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([-.].*)?\.so[.0-9]*$")
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_lock = threading.Lock()
+_state = {"tried": False, "lib": None, "error": None, "launcher": None}
+
+
+def _cache_root():
+    env = os.environ.get("MAMBAMERGE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mambamerge" / "kernels"
+
+
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return next((line.strip() for line in f if line.startswith("flags")), "")
+
+
+def _run(cmd):
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()}")
+    return result.stdout
+
+
+def _build(cxx):
+    """Compiles the kernel unless cached; returns the path of the shared library."""
+    source = _SOURCE.read_text()
+    key = "\0".join(
+        [source, _run([cxx, "--version"]), *_COMPILE_FLAGS, *_LINK_FLAGS, *_LIBS, _cpu_flags()]
+    )
+    out_dir = _cache_root() / hashlib.sha256(key.encode()).hexdigest()[:16]
+    lib = out_dir / "_scan_cpu.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        src, obj, so = (Path(tmp) / name for name in ("scan.cpp", "scan.o", "scan.so"))
+        src.write_text(source)
+        _run([cxx, *_COMPILE_FLAGS, "-c", str(src), "-o", str(obj)])
+        _run([cxx, *_LINK_FLAGS, str(obj), "-o", str(so), *_LIBS])
+        os.replace(so, lib)  # atomic: concurrent builders all end with a complete file
+    return lib
+
+
+def _load():
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        raise RuntimeError(f"the compiled kernel targets Linux x86_64, not {sys.platform} {platform.machine()}")
+    cxx = shutil.which(_CXX)
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler ({_CXX}) on PATH")
+    lib = ctypes.CDLL(str(_build(cxx)))
+    for suffix in _SUFFIX.values():
+        for name, args in (("forward", _FORWARD_ARGS), ("backward", _BACKWARD_ARGS)):
+            fn = getattr(lib, f"mm_scan_{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = _INT
+    return lib
+
+
+def _openmp_launcher():
+    """Address of GOMP_parallel in the OpenMP runtime torch runs its ops on, or None.
+
+    The kernel runs its tasks on that runtime's team when it can: right after a
+    torch op its workers spin waiting for work, so threads of our own would
+    compete with them for the cores. Falls back to std::thread (None) when torch
+    is not built with OpenMP or the runtime is ambiguous.
+    """
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    with open("/proc/self/maps") as f:
+        loaded = {line.split()[-1] for line in f if _OPENMP_RUNTIME.search(line.strip())}
+    torch_dir = os.path.dirname(torch.__file__)
+    # the one shipped with torch (torch/lib or torch.libs) first
+    candidates = [p for p in loaded if p.startswith(torch_dir)] or list(loaded)
+    if len(candidates) != 1:
+        return None
+    try:
+        return ctypes.cast(ctypes.CDLL(candidates[0]).GOMP_parallel, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def _library():
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _state["lib"] = _load()
+                _state["launcher"] = _openmp_launcher()
+            except (OSError, RuntimeError) as exc:
+                _state["error"] = str(exc)
+    return _state["lib"]
+
+
+def available() -> bool:
+    """True if the kernel is built (building it on the first call) and loaded."""
+    return _library() is not None
+
+
+def unavailable_reason():
+    """Why the kernel cannot be used (a string), or None if it can."""
+    _library()
+    return _state["error"]
+
+
+def check_inputs(u, delta, A, B, C, D):
+    """Checks shapes, and that all six tensors share one floating dtype and device.
+
+    Raises ValueError naming the offending argument.
+    """
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"selective scan: {name} must be a tensor, got {type(t).__name__}")
+    if u.dim() != 3:
+        raise ValueError(f"selective scan: u must be (batch, L, d), got shape {tuple(u.shape)}")
+    if A.dim() != 2:
+        raise ValueError(f"selective scan: A must be (d, N), got shape {tuple(A.shape)}")
+    batch, length, d = u.shape
+    n_state = A.shape[1]
+    expected = {
+        "delta": (batch, length, d),
+        "A": (d, n_state),
+        "B": (batch, length, n_state),
+        "C": (batch, length, n_state),
+        "D": (d,),
+    }
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(
+                f"selective scan: {name} has shape {tuple(named[name].shape)}, expected {shape} "
+                f"for u of shape {tuple(u.shape)} and A of shape (d, N)"
+            )
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) != 1 or not u.is_floating_point():
+        raise ValueError(f"selective scan: all inputs need one floating dtype, got {dtypes}")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"selective scan: all inputs need to be on one device, got {devices}")
+
+
+def _ptrs(*tensors):
+    return [t.data_ptr() for t in tensors]
+
+
+def _call(kind, dtype, tensors, dims, reverse):
+    fn = getattr(_library(), f"mm_scan_{kind}_{_SUFFIX[dtype]}")
+    if fn(*_ptrs(*tensors), *dims, int(reverse), torch.get_num_threads(), _state["launcher"]) != 0:
+        raise MemoryError(f"selective scan kernel ({kind}) failed to allocate its buffers")
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Inputs as in selective_scan_compiled, already checked and contiguous."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, reverse):
+        At = A.t().contiguous()  # (N, d)
+        y = torch.empty_like(u)
+        dims = (*u.shape, A.shape[1])
+        _call("forward", u.dtype, (u, delta, At, B, C, D, y), dims, reverse)
+        ctx.reverse = reverse
+        ctx.save_for_backward(u, delta, At, B, C, D)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        u, delta, At, B, C, D = ctx.saved_tensors
+        batch, length, d = u.shape
+        n_state = At.shape[0]
+        n_blocks = -(-d // _BLOCK)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dA = u.new_empty(batch, d, n_state)
+        dB = u.new_empty(batch, n_blocks, length, n_state)
+        dC = u.new_empty(batch, n_blocks, length, n_state)
+        dD = u.new_empty(batch, d)
+        tensors = (u, delta, At, B, C, D, dy.contiguous(), du, ddelta, dA, dB, dC, dD)
+        _call("backward", u.dtype, tensors, (batch, length, d, n_state), ctx.reverse)
+        return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), None
+
+
+def selective_scan_compiled(u, delta, A, B, C, D, reverse=False):
+    """Selective scan with the compiled CPU kernel; differentiable in all six inputs.
+
+    Args:
+        u, delta: (batch, L, d); A: (d, N); B, C: (batch, L, N); D: (d,). CPU
+            tensors, all float32 or all float64.
+        reverse: scan from the last token to the first.
+
+    Returns:
+        y: (batch, L, d), as selective_scan_reference.
+    """
+    check_inputs(u, delta, A, B, C, D)
+    if u.device.type != "cpu":
+        raise ValueError(f"compiled selective scan runs on CPU tensors only, got {u.device}")
+    if u.dtype not in _SUFFIX:
+        raise ValueError(f"compiled selective scan supports float32 and float64, got {u.dtype}")
+    if not available():
+        raise RuntimeError(f"compiled selective scan unavailable: {unavailable_reason()}")
+    args = (t.contiguous() for t in (u, delta, A, B, C, D))
+    return _SelectiveScan.apply(*args, bool(reverse))
