@@ -10,17 +10,21 @@ venv="$root/.venv"
 stamp="$venv/.mambamerge-installed"
 want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
 
+pip_install() {
+    # pip's exit status survives the filter (pipefail); the filter drops the local-index notices
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+}
+
 ensure_venv() {
     if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return
     fi
     echo "setting up $venv (first run takes a minute or two)" >&2
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip
     # torch first: a bare torch requirement with no torch present would pull a multi-GB download
-    "$venv/bin/python" -m pip install -q "$(grep '^torch==' requirements.lock)" "$(grep '^torchvision==' requirements.lock)"
-    "$venv/bin/python" -m pip install -q -r requirements.lock
-    "$venv/bin/python" -m pip install -q --no-deps -e .
+    pip_install "$(grep '^torch==' requirements.lock)" "$(grep '^torchvision==' requirements.lock)"
+    pip_install -r requirements.lock
+    pip_install --no-deps -e .
     echo "$want" > "$stamp"
 }
 
