@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambamerge.merge.state import TokenState
 from mambamerge.models.blocks import Block, DropPath, RMSNorm
 
 Size2 = Tuple[int, int]
@@ -115,6 +116,7 @@ class VisionMamba(nn.Module):
         self.norm_f = RMSNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.drop_path = DropPath(cfg.drop_path_rate)
+        self.token_reducer = None  # set by mambamerge.patch; not part of the state dict
         self._init_weights()
 
     @property
@@ -165,11 +167,26 @@ class VisionMamba(nn.Module):
         return self.norm_f(residual + self.drop_path(hidden))
 
     def forward_tokens(self, tokens: torch.Tensor, cls_index: int) -> torch.Tensor:
-        """Run the blocks on a token sequence. tokens (batch, L, D) -> class feature (batch, D)."""
-        hidden, residual = tokens, None
-        for block in self.layers:
-            hidden, residual = block(hidden, residual)
-        return self.final_norm(hidden, residual)[:, cls_index]
+        """Run the blocks on a token sequence. tokens (batch, L, D) -> class feature (batch, D).
+
+        With a token reducer attached (mambamerge.patch), tokens are merged or pruned between blocks
+        as its schedule says; the class token's index is tracked per image."""
+        reducer = self.token_reducer
+        if reducer is None:
+            hidden, residual = tokens, None
+            for block in self.layers:
+                hidden, residual = block(hidden, residual)
+            return self.final_norm(hidden, residual)[:, cls_index]
+        state = TokenState.start(tokens, cls_index, track_source=reducer.track_source)
+        for i, block in enumerate(self.layers):
+            if reducer.wants_ssm(i):
+                hidden, residual, ssm = block(state.hidden, state.residual, return_ssm=True)
+            else:
+                (hidden, residual), ssm = block(state.hidden, state.residual), None
+            state = reducer.step(i, state.with_streams(hidden, residual), ssm)
+        reducer.last_state = state
+        out = self.final_norm(state.hidden, state.residual)
+        return out[torch.arange(out.shape[0], device=out.device), state.cls_index]
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (batch, C, H, W) -> normalised class-token feature (batch, D)."""

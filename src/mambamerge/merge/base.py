@@ -1,0 +1,59 @@
+"""The interface every token-reduction method implements, and the helpers they share."""
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mambamerge.merge.state import MergePlan, TokenState
+from mambamerge.models.blocks import SSMStats
+
+
+@dataclass
+class ReductionMethod:
+    """Base of all methods. Subclasses are dataclasses whose fields are the method's options (each with
+    its default and the reason for it in the subclass docstring), and implement `plan`.
+
+    needs_ssm: the method reads the SSMStats of the block just run (Δ, B).
+    """
+
+    name = "base"
+    needs_ssm = False
+
+    def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
+        """Which r tokens leave and where they go. state holds L tokens; r <= capacity(L)."""
+        raise NotImplementedError
+
+    def capacity(self, length: int) -> int:
+        """Most tokens one step can remove from `length` tokens (the class token and one more stay)."""
+        return max(length - 2, 0)
+
+    def overhead_macs(self, length: int, r: int, dim: int) -> int:
+        """Multiply-accumulates of one step's scoring and matching (for the FLOPs counter)."""
+        return 0
+
+    @classmethod
+    def options(cls) -> dict:
+        return {f.name: f.default for f in fields(cls)}
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) -> L2-normalised along D, in float32 or wider."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+
+
+def delta_importance(ssm: SSMStats) -> torch.Tensor:
+    """MaMe's token importance: mean over channels of the forward plus the backward step size Δ.
+    (B, d_inner, L) x2 -> (B, L). Large Δ: the token is written strongly into the state."""
+    return ssm.delta_fwd.mean(dim=1) + ssm.delta_bwd.mean(dim=1)
+
+
+def check_feature(feature: str) -> None:
+    if feature not in ("residual", "hidden"):
+        raise ValueError(f"feature must be 'residual' or 'hidden', got {feature!r}")
+
+
+def stream(state: TokenState, feature: str) -> torch.Tensor:
+    """The stream a method compares tokens on: "residual" (the running sum, what the next block sees
+    through its norm) or "hidden" (the last block's output)."""
+    return state.residual if feature == "residual" and state.residual is not None else state.hidden

@@ -1,0 +1,110 @@
+"""MaMe (arXiv 2508.13599): the SSM step size Δ as token importance, order-preserving merges.
+
+Reconstruction (ALGORITHMS.md §2.1; the paper's text is not public, each choice is an option):
+importance s_i = mean_d Δ^fwd_i + mean_d Δ^bwd_i of the block just run (a large Δ writes the token
+strongly into the state); the r least important non-class tokens leave and each merges into its most
+cosine-similar remaining token; weighted average with w = size * s; survivors keep their order and a
+merged token sits in its destination's slot.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, normalized, stream
+from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
+from mambamerge.models.blocks import SSMStats
+
+NEG = float("-inf")
+
+
+@dataclass
+class MaMe(ReductionMethod):
+    """Options:
+    match: "global" (default; each leaving token joins its most similar survivor anywhere),
+        "window" (only survivors within `window` sequence positions: merges stay local in the scan),
+        "bipartite" (ToMe-style alternating split; edges scored by similarity minus
+        `delta_penalty` x the source's normalised importance).
+    window: neighbourhood for match="window" (default 4 tokens each side).
+    delta_penalty: weight of the importance penalty for match="bipartite" (default 1.0).
+    weight: "size_delta" (default, w = size * s: informative tokens dominate the merged feature) or
+        "size" (ToMe's size-weighted average).
+    placement: "destination" (default; the merged token keeps the destination's slot) or "important"
+        (the slot of its most important member).
+    feature: "residual" (default; the stream the next block normalises) or "hidden".
+    """
+
+    match: str = "global"
+    window: int = 4
+    delta_penalty: float = 1.0
+    weight: str = "size_delta"
+    placement: str = "destination"
+    feature: str = "residual"
+
+    name = "mame"
+    needs_ssm = True
+
+    def __post_init__(self):
+        if self.match not in ("global", "window", "bipartite"):
+            raise ValueError(f"mame: match must be 'global', 'window' or 'bipartite', got {self.match!r}")
+        if self.weight not in ("size_delta", "size"):
+            raise ValueError(f"mame: weight must be 'size_delta' or 'size', got {self.weight!r}")
+        if self.placement not in ("destination", "important"):
+            raise ValueError(f"mame: placement must be 'destination' or 'important', got {self.placement!r}")
+        if self.window < 1:
+            raise ValueError(f"mame: window must be >= 1, got {self.window}")
+        check_feature(self.feature)
+
+    def capacity(self, length: int) -> int:
+        if self.match == "bipartite":
+            return max((length - 1) // 2, 0)
+        return max(length - 2, 0)
+
+    def overhead_macs(self, length: int, r: int, dim: int) -> int:
+        if self.match == "bipartite":
+            return (length // 2) * ((length + 1) // 2) * dim
+        return r * length * dim
+
+    def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
+        if ssm is None:
+            raise ValueError("mame needs the SSM step sizes of the block just run")
+        score = delta_importance(ssm).float()  # (B, L)
+        cls = state.cls_mask()
+        feat = normalized(stream(state, self.feature))
+        if self.match == "bipartite":
+            src, dst = self._bipartite(feat, score, cls, r)
+        else:
+            src = score.masked_fill(cls, float("inf")).topk(r, dim=1, largest=False).indices  # (B, r)
+            dst = self._destinations(feat, src, cls)
+        w = state.size * (score if self.weight == "size_delta" else 1.0)
+        plan = plan_from_selection(state.length, src, dst, w)
+        return plan.with_slots_at(score) if self.placement == "important" else plan
+
+    def _destinations(self, feat, src, cls):
+        """Most similar surviving non-class token for each leaving token. feat (B, L, D), src (B, r)."""
+        batch, length, _ = feat.shape
+        leaving = torch.zeros(batch, length, dtype=torch.bool, device=feat.device).scatter_(1, src, True)
+        sim = feat.gather(1, src[..., None].expand(-1, -1, feat.shape[-1])) @ feat.transpose(1, 2)  # (B, r, L)
+        blocked = (leaving | cls)[:, None, :]
+        if self.match == "window":
+            near = (torch.arange(length, device=feat.device)[None, None, :] - src[..., None]).abs() <= self.window
+            local = sim.masked_fill(blocked | ~near, NEG)
+            anywhere = sim.masked_fill(blocked, NEG).argmax(dim=-1)
+            has_local = torch.isfinite(local).any(dim=-1)
+            return torch.where(has_local, local.argmax(dim=-1), anywhere)
+        return sim.masked_fill(blocked, NEG).argmax(dim=-1)
+
+    def _bipartite(self, feat, score, cls, r):
+        """Sources from the even positions, destinations from the odd ones; the r best edges by
+        similarity minus the penalty on the source's importance (normalised to [0, 1] per image)."""
+        a_idx = torch.arange(0, feat.shape[1], 2, device=feat.device)
+        b_idx = torch.arange(1, feat.shape[1], 2, device=feat.device)
+        sim = feat[:, a_idx] @ feat[:, b_idx].transpose(1, 2)  # (B, La, Lb)
+        sim = sim.masked_fill(cls[:, b_idx][:, None, :], NEG)
+        best, partner = sim.max(dim=-1)  # (B, La)
+        s = score[:, a_idx]
+        lo, hi = s.amin(dim=1, keepdim=True), s.amax(dim=1, keepdim=True)
+        edge = best - self.delta_penalty * (s - lo) / (hi - lo).clamp(min=1e-12)
+        edge = edge.masked_fill(cls[:, a_idx], NEG)
+        chosen = edge.topk(r, dim=1).indices  # (B, r) among A
+        return a_idx[chosen], b_idx[partner.gather(1, chosen)]

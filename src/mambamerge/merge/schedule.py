@@ -1,0 +1,161 @@
+"""How many tokens leave before each block.
+
+A schedule is a tuple `removals` of length depth: removals[l] tokens are removed just before block l
+(0-based), using what block l-1 reported, so removals[0] is always 0. Counts are the same for every
+image, so token counts, FLOPs and the achieved reduction are known before anything runs.
+
+Reduction is reported two ways: the average reduction over token-layers (what FLOPs and time
+follow: 1 - sum_l L_l / (depth * L_0)) and the final token count.
+With R-MeeTo's schedule (r tokens before blocks 2, 4, ..., 22 of 24) the average reduction is
+5.5 r / 197; reaching 50-80% needs merging from block 1 with a geometric keep ratio.
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+Capacity = Callable[[int], int]  # tokens now -> most tokens the method can remove at one step
+
+
+@dataclass(frozen=True)
+class Schedule:
+    removals: Tuple[int, ...]
+
+    def token_counts(self, initial: int) -> List[int]:
+        """Tokens entering each block."""
+        counts, length = [], initial
+        for r in self.removals:
+            length -= r
+            counts.append(length)
+        return counts
+
+    def average_reduction(self, initial: int) -> float:
+        counts = self.token_counts(initial)
+        return 1.0 - sum(counts) / (len(counts) * initial)
+
+    def summary(self, initial: int) -> dict:
+        counts = self.token_counts(initial)
+        return {"average_reduction": self.average_reduction(initial),
+                "average_tokens": sum(counts) / len(counts), "final_tokens": counts[-1],
+                "initial_tokens": initial, "token_counts": counts, "removals": list(self.removals)}
+
+
+def _check(removals: Sequence[int], depth: int, initial: int, capacity: Capacity) -> Schedule:
+    removals = [int(r) for r in removals]
+    if len(removals) > depth:
+        raise ValueError(f"schedule has {len(removals)} entries but the model has only {depth} blocks")
+    removals += [0] * (depth - len(removals))
+    if any(r < 0 for r in removals):
+        raise ValueError(f"schedule counts must be >= 0, got {removals}")
+    if removals[0]:
+        raise ValueError("nothing can be removed before block 0: methods use what the previous block reports; "
+                         "start the schedule at block 1 or later")
+    length = initial
+    for block, r in enumerate(removals):
+        most = capacity(length)
+        if r > most:
+            raise ValueError(f"schedule asks for {r} tokens before block {block}, but only {most} of the "
+                             f"{length} tokens there can be removed by this method")
+        length -= r
+    return Schedule(tuple(removals))
+
+
+def constant(depth: int, initial: int, capacity: Capacity, r: int, start: int = 2, every: int = 2) -> Schedule:
+    """r tokens before blocks start, start + every, ... (R-MeeTo: start=2, every=2)."""
+    if start < 1 or every < 1:
+        raise ValueError(f"start must be >= 1 and every >= 1, got start={start}, every={every}")
+    return _check([r if (b >= start and (b - start) % every == 0) else 0 for b in range(depth)], depth, initial,
+                  capacity)
+
+
+def geometric(depth: int, initial: int, capacity: Capacity, keep: float, start: int = 1, every: int = 1) -> Schedule:
+    """Before blocks start, start + every, ...: keep round(keep * L) of the L tokens (at most the method's
+    capacity is removed; at least 2 tokens stay: the class token and one more)."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {keep}")
+    if start < 1 or every < 1:
+        raise ValueError(f"start must be >= 1 and every >= 1, got start={start}, every={every}")
+    removals, length = [], initial
+    for b in range(depth):
+        r = 0
+        if b >= start and (b - start) % every == 0:
+            r = min(length - max(2, round(keep * length)), capacity(length))
+            r = max(r, 0)
+        removals.append(r)
+        length -= r
+    return _check(removals, depth, initial, capacity)
+
+
+def _closest_constant(make: Callable[[int], Schedule], initial: int, target: float) -> Tuple[Schedule, Schedule]:
+    """(schedule closest to target, the one removing most), over every r the method can take."""
+    feasible = []
+    for r in range(initial):
+        try:
+            feasible.append(make(r))
+        except ValueError:
+            break
+    best = min(feasible, key=lambda sch: abs(sch.average_reduction(initial) - target))
+    return best, feasible[-1]
+
+
+def _closest_geometric(make: Callable[[float], Schedule], initial: int, target: float) -> Tuple[Schedule, Schedule]:
+    """Bisection on the keep ratio (reduction falls as keep grows). Returns (closest, most reducing)."""
+    lo, hi = 1e-6, 1.0
+    best = make(hi)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        sch = make(mid)
+        if abs(sch.average_reduction(initial) - target) < abs(best.average_reduction(initial) - target):
+            best = sch
+        if sch.average_reduction(initial) > target:
+            lo = mid
+        else:
+            hi = mid
+    return best, make(1e-6)
+
+
+def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[float] = None,
+            schedule: Union[None, str, Sequence[int], Schedule] = None, r: Optional[int] = None,
+            keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
+            tolerance: float = 0.02) -> Schedule:
+    """Turn the user's arguments into a Schedule.
+
+    - schedule=[r_0, r_1, ...]: explicit counts per block (removals[l] before block l).
+    - schedule="constant": r tokens before blocks start, start+every, ... (defaults 2, 2); r given, or
+      derived from `reduction`.
+    - schedule="geometric" (the default when only `reduction` is given): keep ratio per step from
+      block start (default 1) every `every` (default 1) blocks; keep given, or derived from `reduction`.
+    - reduction=0 (or nothing at all): no reduction.
+    Raises a ValueError naming the maximum reachable reduction when the target cannot be reached.
+    """
+    if reduction is not None and not 0.0 <= reduction < 1.0:
+        raise ValueError(f"reduction must be in [0, 1), got {reduction}")
+    if isinstance(schedule, Schedule):
+        return _check(schedule.removals, depth, initial, capacity)
+    if schedule is not None and not isinstance(schedule, str):
+        if reduction is not None:
+            raise ValueError("give either an explicit schedule list or a target reduction, not both")
+        return _check(list(schedule), depth, initial, capacity)
+    kind = schedule or "geometric"
+    if kind not in ("constant", "geometric"):
+        raise ValueError(f"unknown schedule {kind!r}: use 'constant', 'geometric' or a list of per-block counts")
+    if not reduction and r is None and keep is None:
+        return Schedule((0,) * depth)
+    if kind == "constant":
+        start, every = start if start is not None else 2, every if every is not None else 2
+        if r is not None:
+            return constant(depth, initial, capacity, r, start, every)
+        best, most = _closest_constant(lambda x: constant(depth, initial, capacity, x, start, every), initial,
+                                       reduction)
+    else:
+        start, every = start if start is not None else 1, every if every is not None else 1
+        if keep is not None:
+            return geometric(depth, initial, capacity, keep, start, every)
+        best, most = _closest_geometric(lambda x: geometric(depth, initial, capacity, x, start, every), initial,
+                                        reduction)
+    reached = best.average_reduction(initial)
+    if abs(reached - reduction) > tolerance:
+        raise ValueError(f"a {kind} schedule (start={start}, every={every}) cannot reach an average reduction of "
+                         f"{reduction:.0%} with this method: the closest is {reached:.1%}, the most it can reach "
+                         f"{most.average_reduction(initial):.1%}; use schedule='geometric' with start=1, every=1, "
+                         f"or an explicit list of per-block counts")
+    return best
+

@@ -1,0 +1,162 @@
+"""Bookkeeping shared by every token-reduction method.
+
+A method looks at the tokens between two blocks and returns a `MergePlan`: which old token each new
+token takes its slot from, and where every old token goes (merged into a survivor, or dropped).
+`TokenState.apply` then carries that one plan through every stream — hidden, residual, sizes,
+original positions, the class-token index and, optionally, the source map — so the streams can never
+disagree.
+"""
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+DROP = -1
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """One reduction step for a batch.
+
+    rep:    (B, L') long, the old index whose slot (position, and value if nothing merges into it) each
+            new token takes, in output order.
+    assign: (B, L) long, the new index each old token goes to, or DROP (-1) for pruned tokens.
+    weight: (B, L) float, the weight of each old token in the average of the new token it joins.
+    mode:   "mean" -> sum_j w_j x_j / sum_j w_j; "sum" -> sum_j w_j x_j / w_rep (a weighted sum
+            normalised by the token that keeps the slot).
+    """
+
+    rep: torch.Tensor
+    assign: torch.Tensor
+    weight: torch.Tensor
+    mode: str = "mean"
+
+    @property
+    def new_length(self) -> int:
+        return self.rep.shape[1]
+
+    def with_slots_at(self, key: torch.Tensor) -> "MergePlan":
+        """Move every new token to the slot of its member with the largest key, keeping slots in
+        ascending old-index order. key: (B, L). Values are unchanged; positions and order follow."""
+        batch, length = self.assign.shape
+        kept = self.assign != DROP
+        index = self.assign.clamp(min=0)
+        key = torch.where(kept, key.float(), torch.full_like(key, float("-inf"), dtype=torch.float32))
+        best = torch.full((batch, self.new_length), float("-inf"), device=key.device)
+        best = best.scatter_reduce(1, index, key, "amax")
+        is_best = kept & (key == best.gather(1, index))
+        old = torch.arange(length, device=key.device).expand(batch, -1)
+        rep = torch.full((batch, self.new_length), length, dtype=torch.long, device=key.device)
+        rep = rep.scatter_reduce(1, index, torch.where(is_best, old, length), "amin")
+        order = rep.argsort(dim=1)
+        rank = order.argsort(dim=1)
+        assign = torch.where(kept, rank.gather(1, index), self.assign)
+        return MergePlan(rep=rep.gather(1, order), assign=assign, weight=self.weight, mode=self.mode)
+
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the plan to a stream. x: (B, L, C) -> (B, L', C).
+
+        A new token with a single member is that member, bit for bit; only tokens that receive
+        merges are recomputed as weighted combinations."""
+        batch, _, channels = x.shape
+        kept = self.assign != DROP
+        index = self.assign.clamp(min=0)
+        members = torch.zeros(batch, self.new_length, dtype=torch.int64, device=x.device)
+        members.scatter_add_(1, index, kept.long())
+        out = x.gather(1, self.rep[..., None].expand(-1, -1, channels))
+        if not bool((members > 1).any()):
+            return out
+        w = torch.where(kept, self.weight, torch.zeros_like(self.weight)).to(x.dtype)
+        numer = torch.zeros(batch, self.new_length, channels, dtype=x.dtype, device=x.device)
+        numer.scatter_add_(1, index[..., None].expand(-1, -1, channels), x * w[..., None])
+        if self.mode == "mean":
+            denom = torch.zeros(batch, self.new_length, dtype=x.dtype, device=x.device).scatter_add_(1, index, w)
+        else:
+            denom = w.gather(1, self.rep)
+        merged = numer / denom.clamp(min=torch.finfo(x.dtype).tiny)[..., None]
+        return torch.where((members > 1)[..., None], merged, out)
+
+    def add_up(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum members per new token (sizes, source maps). x: (B, L) or (B, L, K) -> (B, L', ...)."""
+        kept = (self.assign != DROP).to(x.dtype)
+        index = self.assign.clamp(min=0)
+        if x.ndim == 2:
+            return torch.zeros(x.shape[0], self.new_length, dtype=x.dtype, device=x.device).scatter_add_(
+                1, index, x * kept)
+        out = torch.zeros(x.shape[0], self.new_length, x.shape[2], dtype=x.dtype, device=x.device)
+        return out.scatter_add_(1, index[..., None].expand(-1, -1, x.shape[2]), x * kept[..., None])
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """The token sequence between two blocks.
+
+    hidden, residual: (B, L, D) the two streams of the residual blocks.
+    size:      (B, L) float, number of original tokens each token holds (the class token holds itself).
+    pos:       (B, L) long, index in the embedded sequence of the slot each token sits in.
+    cls_index: (B,) long, where the class token is now.
+    source:    (B, L, L0) or None, 1 where token i holds original token j (for visualisation).
+    """
+
+    hidden: torch.Tensor
+    residual: Optional[torch.Tensor]
+    size: torch.Tensor
+    pos: torch.Tensor
+    cls_index: torch.Tensor
+    source: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, tokens: torch.Tensor, cls_index: int, track_source: bool = False) -> "TokenState":
+        """State of freshly embedded tokens (B, L0, D) with the class token at cls_index."""
+        batch, length, _ = tokens.shape
+        dev = tokens.device
+        source = None
+        if track_source:
+            source = torch.eye(length, device=dev).expand(batch, -1, -1).clone()
+        return cls(hidden=tokens, residual=None, size=torch.ones(batch, length, device=dev),
+                   pos=torch.arange(length, device=dev).expand(batch, -1).clone(),
+                   cls_index=torch.full((batch,), cls_index, dtype=torch.long, device=dev), source=source)
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[1]
+
+    def cls_mask(self) -> torch.Tensor:
+        """(B, L) bool, True at the class token."""
+        return torch.arange(self.length, device=self.hidden.device)[None, :] == self.cls_index[:, None]
+
+    def with_streams(self, hidden: torch.Tensor, residual: torch.Tensor) -> "TokenState":
+        return replace(self, hidden=hidden, residual=residual)
+
+    def apply(self, plan: MergePlan) -> "TokenState":
+        """The same plan on every stream."""
+        return TokenState(
+            hidden=plan.combine(self.hidden),
+            residual=None if self.residual is None else plan.combine(self.residual),
+            size=plan.add_up(self.size),
+            pos=self.pos.gather(1, plan.rep),
+            cls_index=plan.assign.gather(1, self.cls_index[:, None])[:, 0],
+            source=None if self.source is None else plan.add_up(self.source),
+        )
+
+
+def plan_from_selection(length: int, src: torch.Tensor, dst: Optional[torch.Tensor], weight: torch.Tensor,
+                        order: Optional[torch.Tensor] = None, mode: str = "mean") -> MergePlan:
+    """Build a plan from the tokens that leave.
+
+    length: L, tokens now. src: (B, r) indices of tokens that leave. dst: (B, r) the surviving token each
+    one merges into, or None to drop them (pruning). weight: (B, L). order: (B, L - r) optional
+    permutation of the survivors (default: they keep their current relative order).
+    """
+    batch, r = src.shape
+    device = src.device
+    keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+    keep.scatter_(1, src, False)
+    survivors = torch.arange(length, device=device).expand(batch, -1)[keep].view(batch, length - r)
+    if order is not None:
+        survivors = survivors.gather(1, order)
+    assign = torch.full((batch, length), DROP, dtype=torch.long, device=device)
+    assign.scatter_(1, survivors, torch.arange(length - r, device=device).expand(batch, -1))
+    if dst is not None:
+        assign.scatter_(1, src, assign.gather(1, dst))
+    return MergePlan(rep=survivors, assign=assign, weight=weight, mode=mode)

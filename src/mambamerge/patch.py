@@ -1,0 +1,71 @@
+"""`patch(model, method, ...)`: make a model reduce tokens between its blocks, in place."""
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from mambamerge.merge import METHODS
+from mambamerge.merge.reducer import TokenReducer
+from mambamerge.merge.schedule import Schedule, resolve
+
+
+def _check_model(model: nn.Module) -> None:
+    if not (hasattr(model, "token_reducer") and hasattr(model, "layers") and hasattr(model, "cfg")):
+        raise TypeError(f"{type(model).__name__} is not a model mambamerge can patch (expected a VisionMamba "
+                        f"from mambamerge.create_model or mambamerge.load_checkpoint)")
+
+
+def make_method(method: str, **options):
+    """Instantiate a method by name with its options; unknown names or options are errors that list
+    the valid ones."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    valid = cls.options()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; its options: {listed}")
+    return cls(**options)
+
+
+def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
+          schedule: Union[None, str, Sequence[int], Schedule] = None, *, r: Optional[int] = None,
+          keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
+          track_source: bool = False, **options) -> nn.Module:
+    """Turn `model` into a token-reducing one in place and return it.
+
+    method: "mame", "stm", "tome", "tome_unordered", "rmeeto", "top", "evit", "random".
+    reduction: target average reduction in [0, 1) (fraction of token-layers removed, averaged over
+        depth); the schedule's parameter is derived from it.
+    schedule: None / "geometric" (keep ratio per step from block `start`=1), "constant" (r tokens
+        before blocks start, start+every, ...; R-MeeTo's layout is start=2, every=2), a list of
+        per-block counts, or a Schedule.
+    r, keep, start, every: schedule parameters, instead of a target.
+    track_source: keep which original tokens each token holds (model.token_reducer.last_state.source).
+    options: the method's own options (see each method's docstring, or METHODS[name].options()).
+
+    The state dict is untouched: the patched model still loads and saves the same checkpoints.
+    `unpatch(model)` restores the dense model.
+    """
+    _check_model(model)
+    m = make_method(method, **options)
+    tokens = model.cfg.num_patches + 1
+    sch = resolve(len(model.layers), tokens, m.capacity, reduction=reduction, schedule=schedule, r=r, keep=keep,
+                  start=start, every=every)
+    model.token_reducer = TokenReducer(m, sch, track_source=track_source)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove the token reducer: the model is dense again."""
+    _check_model(model)
+    model.token_reducer = None
+    return model
+
+
+def reduction_summary(model: nn.Module) -> dict:
+    """Average reduction, average and final token count of a (patched or dense) model."""
+    _check_model(model)
+    tokens = model.cfg.num_patches + 1
+    sch = model.token_reducer.schedule if model.token_reducer else Schedule((0,) * len(model.layers))
+    return sch.summary(tokens)
