@@ -1,0 +1,132 @@
+"""STM, "Sequential Token Merging: Revisiting Hidden States" (arXiv 2509.22691).
+
+Each scan direction depends on its past with a dependence that fades with distance, so a merge k
+tokens from the class token perturbs the class feature by about gamma^k: merge only sequence-adjacent
+tokens, symmetrically on both sides of the class token, and never inside a protected window around
+it. Reconstruction (ALGORITHMS.md §2.2; each choice is an option):
+
+- sources are the tokens at even distance k > w_protect from the class token; each picks the more
+  similar (cosine, residual stream) of its two neighbours on its side, which are at odd distances, so
+  destinations are never sources and order is preserved without a sort;
+- the best r/2 sources on each side of the class token merge (an odd r's extra one on the longer side);
+- merge weights are the injection strength of the block just run, e_j = mean_d(Δ_j) * ||B_j||
+  (averaged over the two scan directions), times size; a weighted average by default.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mambamerge.merge.base import ReductionMethod, check_feature, normalized, stream
+from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
+from mambamerge.models.blocks import SSMStats
+
+NEG = float("-inf")
+
+
+def injection_strength(ssm: SSMStats) -> torch.Tensor:
+    """How strongly each token is written into the state: mean_d(Δ) * ||B||, both directions averaged.
+    (B, d_inner, L), (B, N, L) -> (B, L)."""
+    fwd = ssm.delta_fwd.mean(dim=1) * ssm.B_fwd.norm(dim=1)
+    bwd = ssm.delta_bwd.mean(dim=1) * ssm.B_bwd.norm(dim=1)
+    return 0.5 * (fwd + bwd)
+
+
+@dataclass
+class STM(ReductionMethod):
+    """Options:
+    w_protect: tokens on each side of the class token never merged (default 4: the paper protects
+        the hidden states around the class token; with gamma^k fading, 4 steps is where the
+        dependence has mostly decayed in trained Vims).
+    weight: "injection" (default; e_j * size from the previous layer's Δ and B, the paper's
+        summary) or "size".
+    mode: "mean" (default; weighted average) or "sum" (weighted sum normalised by the destination's
+        weight: the merged token injects what both did, for a linear scan).
+    fading: subtract fading * gamma^k from the score of a source at distance k (default 0: off);
+        makes merges near the class token costlier.
+    gamma: decay per step of the fading cost (default 0.8).
+    feature: "residual" (default) or "hidden" stream for the similarity.
+    """
+
+    w_protect: int = 4
+    weight: str = "injection"
+    mode: str = "mean"
+    fading: float = 0.0
+    gamma: float = 0.8
+    feature: str = "residual"
+
+    name = "stm"
+
+    def __post_init__(self):
+        if self.w_protect < 0:
+            raise ValueError(f"stm: w_protect must be >= 0, got {self.w_protect}")
+        if self.weight not in ("injection", "size"):
+            raise ValueError(f"stm: weight must be 'injection' or 'size', got {self.weight!r}")
+        if self.mode not in ("mean", "sum"):
+            raise ValueError(f"stm: mode must be 'mean' or 'sum', got {self.mode!r}")
+        if self.fading < 0 or not 0 < self.gamma < 1:
+            raise ValueError(f"stm: need fading >= 0 and 0 < gamma < 1, got {self.fading}, {self.gamma}")
+        check_feature(self.feature)
+
+    @property
+    def needs_ssm(self) -> bool:
+        return self.weight == "injection"
+
+    def _side_capacity(self, n: int) -> int:
+        """Sources on a side of n tokens: even distances k in (w_protect, n] with a neighbour that may
+        take them (k - 1 outside the window, or k + 1 <= n)."""
+        return sum(1 for k in range(2, n + 1, 2) if k > self.w_protect and (k - 1 > self.w_protect or k + 1 <= n))
+
+    def capacity(self, length: int) -> int:
+        # the class token sits in the middle; one token of slack for a side left shorter by an odd r
+        return 2 * self._side_capacity(max((length - 1) // 2 - 1, 0))
+
+    def overhead_macs(self, length: int, r: int, dim: int) -> int:
+        return length * dim
+
+    def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
+        feat = normalized(stream(state, self.feature))  # (B, L, D)
+        batch, length, _ = feat.shape
+        device = feat.device
+        pair = (feat[:, :-1] * feat[:, 1:]).sum(-1)  # (B, L-1): similarity of (t, t+1)
+        with_prev = F.pad(pair, (1, 0), value=NEG)  # at t: sim(t-1, t)
+        with_next = F.pad(pair, (0, 1), value=NEG)  # at t: sim(t, t+1)
+
+        t = torch.arange(length, device=device)[None, :]
+        offset = t - state.cls_index[:, None]  # (B, L), negative left of the class token
+        k = offset.abs()
+        side = offset.sign()
+        source = (k % 2 == 0) & (k > self.w_protect)
+        inward_ok = (k - 1) > self.w_protect
+        outward_ok = (t + side >= 0) & (t + side < length)
+        # left of the class token inward is t+1, right of it inward is t-1
+        inward = torch.where(side < 0, with_next, with_prev).masked_fill(~inward_ok, NEG)
+        outward = torch.where(side < 0, with_prev, with_next).masked_fill(~outward_ok, NEG)
+        go_out = outward > inward
+        score = torch.maximum(inward, outward)
+        if self.fading:
+            score = score - self.fading * self.gamma ** k.float()
+        score = score.masked_fill(~source, NEG)
+        dst_all = torch.where(go_out, t + side, t - side)
+
+        # an odd r gives its extra merge to the longer side, so the sides never drift apart
+        left_len = int(state.cls_index.min())
+        r_left = r // 2 + (r % 2 if left_len > length - 1 - left_len else 0)
+        picks = []
+        for side_sign, count in ((-1, r_left), (1, r - r_left)):
+            if count == 0:
+                continue
+            side_score = score.masked_fill(side != side_sign, NEG)
+            available = int(torch.isfinite(side_score).sum(dim=1).min())
+            if count > available:
+                raise ValueError(f"stm: {count} merges asked on one side of the class token but only {available} "
+                                 f"adjacent pairs are available outside the protected window (w_protect="
+                                 f"{self.w_protect}); lower the reduction or w_protect")
+            picks.append(side_score.topk(count, dim=1).indices)
+        src = torch.cat(picks, dim=1)
+        dst = dst_all.gather(1, src)
+        w = state.size
+        if self.weight == "injection":
+            w = w * injection_strength(ssm).float()
+        return plan_from_selection(length, src, dst, w, mode=self.mode)
