@@ -13,6 +13,7 @@ import torch
 
 from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, normalized, stream
 from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
+from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
 from mambamerge.models.blocks import SSMStats
 
 NEG = float("-inf")
@@ -57,12 +58,12 @@ class MaMe(ReductionMethod):
 
     def capacity(self, length: int) -> int:
         if self.match == "bipartite":
-            return max((length - 1) // 2, 0)
+            return bipartite_capacity(length)
         return max(length - 2, 0)
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         if self.match == "bipartite":
-            return (length // 2) * ((length + 1) // 2) * dim
+            return bipartite_macs(length, dim)
         return r * length * dim
 
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
@@ -95,16 +96,8 @@ class MaMe(ReductionMethod):
         return sim.masked_fill(blocked, NEG).argmax(dim=-1)
 
     def _bipartite(self, feat, score, cls, r):
-        """Sources from the even positions, destinations from the odd ones; the r best edges by
-        similarity minus the penalty on the source's importance (normalised to [0, 1] per image)."""
-        a_idx = torch.arange(0, feat.shape[1], 2, device=feat.device)
-        b_idx = torch.arange(1, feat.shape[1], 2, device=feat.device)
-        sim = feat[:, a_idx] @ feat[:, b_idx].transpose(1, 2)  # (B, La, Lb)
-        sim = sim.masked_fill(cls[:, b_idx][:, None, :], NEG)
-        best, partner = sim.max(dim=-1)  # (B, La)
-        s = score[:, a_idx]
-        lo, hi = s.amin(dim=1, keepdim=True), s.amax(dim=1, keepdim=True)
-        edge = best - self.delta_penalty * (s - lo) / (hi - lo).clamp(min=1e-12)
-        edge = edge.masked_fill(cls[:, a_idx], NEG)
-        chosen = edge.topk(r, dim=1).indices  # (B, r) among A
-        return a_idx[chosen], b_idx[partner.gather(1, chosen)]
+        """ToMe's alternating split; an edge scores its similarity minus the penalty times its
+        source's importance, normalised to [0, 1] per image."""
+        lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
+        penalty = self.delta_penalty * (score - lo) / (hi - lo).clamp(min=1e-12)
+        return bipartite_match(feat, cls, r, penalty)

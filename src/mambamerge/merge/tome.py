@@ -1,0 +1,121 @@
+"""ToMe bipartite soft matching (Bolya et al., ICLR 2023) and its order-preserving variants for SSMs.
+
+The current sequence is split alternately: A = even positions, B = odd positions. Each A token
+finds its most cosine-similar B token; the r most similar edges merge (size-weighted average: a
+token holding k patches counts k times). The class token, in the middle of the sequence, is masked
+out of both sides, so it neither leaves nor receives a merge. ToMe's own output order (unmerged A
+tokens, then all B tokens) scrambles the scan order of an SSM; the ordered variants keep the
+survivors in their original relative order, a merged token sitting in its B token's slot.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from mambamerge.merge.base import ReductionMethod, check_feature, normalized, stream
+from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
+from mambamerge.models.blocks import SSMStats
+
+NEG = float("-inf")
+
+
+def bipartite_match(feat: torch.Tensor, protected: torch.Tensor, r: int,
+                    penalty: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The r best A -> B edges.
+
+    feat: (B, L, D) L2-normalised features. protected: (B, L) bool, tokens that neither leave nor
+    receive (the class token). penalty: optional (B, L), subtracted from the score of an edge whose
+    A token it belongs to. Returns src (B, r) even indices that leave and dst (B, r) the odd
+    index each merges into. Needs r <= the unprotected even tokens and an unprotected odd token.
+    """
+    a_idx = torch.arange(0, feat.shape[1], 2, device=feat.device)
+    b_idx = torch.arange(1, feat.shape[1], 2, device=feat.device)
+    sim = feat[:, a_idx] @ feat[:, b_idx].transpose(1, 2)  # (B, La, Lb)
+    sim = sim.masked_fill(protected[:, b_idx][:, None, :], NEG)
+    best, partner = sim.max(dim=-1)  # (B, La)
+    if penalty is not None:
+        best = best - penalty[:, a_idx]
+    best = best.masked_fill(protected[:, a_idx], NEG)
+    chosen = best.topk(r, dim=1).indices  # (B, r) among A
+    return a_idx[chosen], b_idx[partner.gather(1, chosen)]
+
+
+def bipartite_capacity(length: int) -> int:
+    """Most tokens one bipartite step can remove: under half, none below 4 tokens (a class token on the
+    B side could leave no destination)."""
+    return (length - 1) // 2 if length >= 4 else 0
+
+
+def bipartite_macs(length: int, dim: int) -> int:
+    """Similarities of every A token with every B token."""
+    return ((length + 1) // 2) * (length // 2) * dim
+
+
+def even_then_odd(length: int, src: torch.Tensor) -> torch.Tensor:
+    """ToMe's output order as a permutation of the survivors (in ascending index): the surviving even
+    tokens, then the odd ones, each group in index order. src: (B, r) -> (B, L - r)."""
+    batch, r = src.shape
+    keep = torch.ones(batch, length, dtype=torch.bool, device=src.device).scatter_(1, src, False)
+    survivors = torch.arange(length, device=src.device).expand(batch, -1)[keep].view(batch, length - r)
+    return ((survivors % 2) * length + survivors).argsort(dim=1)
+
+
+@dataclass
+class ToMe(ReductionMethod):
+    """ToMe with the survivors kept in sequence order (the ordered variant an SSM needs).
+
+    Options:
+    feature: "residual" (default; the stream the next block normalises, as MaMe and STM compare) or
+        "hidden" (the last block's output).
+
+    At most (L - 1) // 2 tokens leave per step (under half; the class token's side loses one
+    candidate), and none from fewer than 4 tokens, where the class token could leave B empty.
+    """
+
+    feature: str = "residual"
+
+    name = "tome"
+    ordered = True
+
+    def __post_init__(self):
+        check_feature(self.feature)
+
+    def capacity(self, length: int) -> int:
+        return bipartite_capacity(length)
+
+    def overhead_macs(self, length: int, r: int, dim: int) -> int:
+        return bipartite_macs(length, dim)
+
+    def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
+        feat = normalized(stream(state, self.feature))
+        src, dst = bipartite_match(feat, state.cls_mask(), r)
+        order = None if self.ordered else even_then_odd(state.length, src)
+        return plan_from_selection(state.length, src, dst, state.size, order=order)
+
+
+@dataclass
+class ToMeUnordered(ToMe):
+    """ToMe's own output order: the unmerged A (even) tokens in their order, then all B (odd) tokens
+    in theirs. The scan order is scrambled, the weakness MaMe and R-MeeTo point out for SSMs; the
+    class token's new index is tracked exactly. Options as `tome`."""
+
+    name = "tome_unordered"
+    ordered = False
+
+
+@dataclass
+class RMeeTo(ToMe):
+    """R-MeeTo (Shi et al., CVPR 2025): ordered ToMe merging with the metric on the hidden states.
+
+    Options:
+    feature: "hidden" (default, as R-MeeTo compares the blocks' hidden states) or "residual".
+
+    Its published schedule is r tokens before blocks 2, 4, ..., 22 of 24 (r = 5 for Vim-Ti, 11 for
+    Vim-S/B), chosen by the caller: patch(model, "rmeeto", schedule="constant", r=5, start=2,
+    every=2). That removes 11 r tokens, an average reduction of 5.5 r / 197. R-MeeTo then re-trains
+    briefly (cross-entropy + 0.5 KL to the dense teacher); this module is the merging alone.
+    """
+
+    feature: str = "hidden"
+
+    name = "rmeeto"
