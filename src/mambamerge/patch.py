@@ -37,7 +37,7 @@ def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
     method: "mame", "stm", "tome", "tome_unordered", "rmeeto", "top", "evit", "random".
     reduction: target average reduction in [0, 1) (fraction of token-layers removed, averaged over
         depth); the schedule's parameter is derived from it.
-    schedule: None / "geometric" (keep ratio per step from block `start`=1), "constant" (r tokens
+    schedule: None / "geometric" (keep ratio per step from block `start`=1 every `every`=2), "constant" (r tokens
         before blocks start, start+every, ...; R-MeeTo's layout is start=2, every=2), a list of
         per-block counts, or a Schedule.
     r, keep, start, every: schedule parameters, instead of a target.

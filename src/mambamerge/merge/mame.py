@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, normalized, stream
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
+from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection, take_rows
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
 from mambamerge.models.blocks import SSMStats
 
@@ -85,7 +85,7 @@ class MaMe(ReductionMethod):
         """Most similar surviving non-class token for each leaving token. feat (B, L, D), src (B, r)."""
         batch, length, _ = feat.shape
         leaving = torch.zeros(batch, length, dtype=torch.bool, device=feat.device).scatter_(1, src, True)
-        sim = feat.gather(1, src[..., None].expand(-1, -1, feat.shape[-1])) @ feat.transpose(1, 2)  # (B, r, L)
+        sim = take_rows(feat, src) @ feat.transpose(1, 2)  # (B, r, L)
         blocked = (leaving | cls)[:, None, :]
         if self.match == "window":
             near = (torch.arange(length, device=feat.device)[None, None, :] - src[..., None]).abs() <= self.window

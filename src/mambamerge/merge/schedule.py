@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 Capacity = Callable[[int], int]  # tokens now -> most tokens the method can remove at one step
+# A step costs about 1 ms at batch 8 on a 2-core CPU whatever it removes; stepping every second block
+# halves that overhead and still reaches 80% average reduction under ToMe's 50%-per-step limit.
+DEFAULT_GEOMETRIC_EVERY = 2
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ def constant(depth: int, initial: int, capacity: Capacity, r: int, start: int = 
                   capacity)
 
 
-def geometric(depth: int, initial: int, capacity: Capacity, keep: float, start: int = 1, every: int = 1) -> Schedule:
+def geometric(depth: int, initial: int, capacity: Capacity, keep: float, start: int = 1,
+              every: int = DEFAULT_GEOMETRIC_EVERY) -> Schedule:
     """Before blocks start, start + every, ...: keep round(keep * L) of the L tokens (at most the method's
     capacity is removed; at least 2 tokens stay: the class token and one more)."""
     if not 0.0 < keep <= 1.0:
@@ -122,7 +126,7 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
     - schedule="constant": r tokens before blocks start, start+every, ... (defaults 2, 2); r given, or
       derived from `reduction`.
     - schedule="geometric" (the default when only `reduction` is given): keep ratio per step from
-      block start (default 1) every `every` (default 1) blocks; keep given, or derived from `reduction`.
+      block start (default 1) every `every` (default 2) blocks; keep given, or derived from `reduction`.
     - reduction=0 (or nothing at all): no reduction.
     Raises a ValueError naming the maximum reachable reduction when the target cannot be reached.
     """
@@ -146,7 +150,7 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
         best, most = _closest_constant(lambda x: constant(depth, initial, capacity, x, start, every), initial,
                                        reduction)
     else:
-        start, every = start if start is not None else 1, every if every is not None else 1
+        start, every = start if start is not None else 1, every if every is not None else DEFAULT_GEOMETRIC_EVERY
         if keep is not None:
             return geometric(depth, initial, capacity, keep, start, every)
         best, most = _closest_geometric(lambda x: geometric(depth, initial, capacity, x, start, every), initial,

@@ -6,12 +6,26 @@ token takes its slot from, and where every old token goes (merged into a survivo
 original positions, the class-token index and, optionally, the source map — so the streams can never
 disagree.
 """
+import functools
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 DROP = -1
+
+
+def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, K) row indices per batch element -> (B*K,) indices into the flattened (B*length) rows."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * length).reshape(-1)
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of each batch element: x (B, L, C), index (B, K) -> (B, K, C), x[b, index[b, k]].
+    Row operations on the flattened batch are much faster than gather/scatter with expanded indices."""
+    batch, length, channels = x.shape
+    return x.reshape(batch * length, channels).index_select(0, _flat_rows(index, length)).view(
+        batch, index.shape[1], channels)
 
 
 @dataclass(frozen=True)
@@ -24,12 +38,15 @@ class MergePlan:
     weight: (B, L) float, the weight of each old token in the average of the new token it joins.
     mode:   "mean" -> sum_j w_j x_j / sum_j w_j; "sum" -> sum_j w_j x_j / w_rep (a weighted sum
             normalised by the token that keeps the slot).
+    movers: (B, m) the kept tokens that are not their new token's rep; derived from assign and rep
+            when not given.
     """
 
     rep: torch.Tensor
     assign: torch.Tensor
     weight: torch.Tensor
     mode: str = "mean"
+    movers: Optional[torch.Tensor] = None
 
     @property
     def new_length(self) -> int:
@@ -53,28 +70,58 @@ class MergePlan:
         assign = torch.where(kept, rank.gather(1, index), self.assign)
         return MergePlan(rep=rep.gather(1, order), assign=assign, weight=self.weight, mode=self.mode)
 
-    def combine(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the plan to a stream. x: (B, L, C) -> (B, L', C).
+    def __post_init__(self):
+        if self.movers is None:
+            object.__setattr__(self, "movers", self._find_movers())
 
-        A new token with a single member is that member, bit for bit; only tokens that receive
-        merges are recomputed as weighted combinations."""
-        batch, _, channels = x.shape
+    def _find_movers(self) -> torch.Tensor:
+        """(B, m) old indices of tokens merged into another token's slot (kept, but not the rep of
+        their new token); rows with fewer movers are padded with their first rep, at weight zero."""
         kept = self.assign != DROP
-        index = self.assign.clamp(min=0)
-        members = torch.zeros(batch, self.new_length, dtype=torch.int64, device=x.device)
-        members.scatter_add_(1, index, kept.long())
-        out = x.gather(1, self.rep[..., None].expand(-1, -1, channels))
-        if not bool((members > 1).any()):
-            return out
-        w = torch.where(kept, self.weight, torch.zeros_like(self.weight)).to(x.dtype)
-        numer = torch.zeros(batch, self.new_length, channels, dtype=x.dtype, device=x.device)
-        numer.scatter_add_(1, index[..., None].expand(-1, -1, channels), x * w[..., None])
-        if self.mode == "mean":
-            denom = torch.zeros(batch, self.new_length, dtype=x.dtype, device=x.device).scatter_add_(1, index, w)
-        else:
-            denom = w.gather(1, self.rep)
-        merged = numer / denom.clamp(min=torch.finfo(x.dtype).tiny)[..., None]
-        return torch.where((members > 1)[..., None], merged, out)
+        old = torch.arange(self.assign.shape[1], device=self.assign.device)
+        mask = kept & (old[None, :] != self.rep.gather(1, self.assign.clamp(min=0)))
+        width = int(mask.sum(dim=1).max()) if mask.numel() else 0
+        rank = torch.cumsum(mask, dim=1) - 1
+        slots = torch.where(mask, rank, width)  # unused slots go to a column that is cut off below
+        out = self.rep[:, :1].expand(-1, width + 1).clone()
+        out.scatter_(1, slots, old.expand_as(slots))
+        return out[:, :width]
+
+    def _merge_rows(self, dtype: torch.dtype):
+        """Everything `combine` needs that does not depend on the stream, for streams of `dtype`:
+        flat row indices of the reps, of the rows receiving merges (dst, one per mover) and of the
+        movers, and the scales: a receiving row becomes rep * w_rep / denom + sum of mover * w / denom."""
+        batch, length = self.assign.shape
+        movers = self.movers
+        kept = self.assign != DROP
+        w = torch.where(kept, self.weight, torch.zeros_like(self.weight)).to(dtype)
+        w_mov = w.gather(1, movers).masked_fill(movers == self.rep[:, :1], 0)  # (B, m); padding weighs 0
+        dst = self.assign.gather(1, movers)  # (B, m) new index each mover joins
+        w_rep = w.gather(1, self.rep)  # (B, L')
+        denom = w_rep.scatter_add(1, dst, w_mov) if self.mode == "mean" else w_rep
+        denom = denom.clamp(min=torch.finfo(dtype).tiny).gather(1, dst)
+        return (_flat_rows(self.rep, length), _flat_rows(dst, self.new_length),
+                _flat_rows(self.rep.gather(1, dst), length), _flat_rows(movers, length),
+                (w_rep.gather(1, dst) / denom).reshape(-1, 1), (w_mov / denom).reshape(-1, 1))
+
+    def combine(self, *streams: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Apply the plan to streams of shape (B, L, C_i) -> (B, L', C_i) each.
+
+        A new token with a single member is that member, bit for bit; only the rows that receive
+        merges are recomputed (weighted average, or weighted sum for mode "sum")."""
+        batch, length = self.assign.shape
+        dtype = functools.reduce(torch.promote_types, (x.dtype for x in streams), torch.float32)
+        rep, dst, rep_of_dst, movers, scale_rep, scale_mov = self._merge_rows(dtype)
+        outs = []
+        for x in streams:
+            flat = x.reshape(batch * length, x.shape[2])
+            out = flat.index_select(0, rep)
+            if movers.numel():
+                # rows receiving several movers are rescaled once per mover, to the same value
+                out.index_copy_(0, dst, flat.index_select(0, rep_of_dst) * scale_rep.to(x.dtype))
+                out.index_add_(0, dst, flat.index_select(0, movers) * scale_mov.to(x.dtype))
+            outs.append(out.view(batch, self.new_length, x.shape[2]))
+        return tuple(outs)
 
     def add_up(self, x: torch.Tensor) -> torch.Tensor:
         """Sum members per new token (sizes, source maps). x: (B, L) or (B, L, K) -> (B, L', ...)."""
@@ -130,9 +177,13 @@ class TokenState:
 
     def apply(self, plan: MergePlan) -> "TokenState":
         """The same plan on every stream."""
+        if self.residual is None:
+            (hidden,), residual = plan.combine(self.hidden), None
+        else:
+            hidden, residual = plan.combine(self.hidden, self.residual)
         return TokenState(
-            hidden=plan.combine(self.hidden),
-            residual=None if self.residual is None else plan.combine(self.residual),
+            hidden=hidden,
+            residual=residual,
             size=plan.add_up(self.size),
             pos=self.pos.gather(1, plan.rep),
             cls_index=plan.assign.gather(1, self.cls_index[:, None])[:, 0],
@@ -157,6 +208,7 @@ def plan_from_selection(length: int, src: torch.Tensor, dst: Optional[torch.Tens
         survivors = survivors.gather(1, order)
     assign = torch.full((batch, length), DROP, dtype=torch.long, device=device)
     assign.scatter_(1, survivors, torch.arange(length - r, device=device).expand(batch, -1))
-    if dst is not None:
-        assign.scatter_(1, src, assign.gather(1, dst))
-    return MergePlan(rep=survivors, assign=assign, weight=weight, mode=mode)
+    if dst is None:
+        return MergePlan(rep=survivors, assign=assign, weight=weight, mode=mode, movers=src[:, :0])
+    assign.scatter_(1, src, assign.gather(1, dst))
+    return MergePlan(rep=survivors, assign=assign, weight=weight, mode=mode, movers=src)
