@@ -15,6 +15,8 @@ from typing import List, Tuple, Union
 
 from torch import nn
 
+from mambamerge.merge.schedule import validate
+
 GIGA = 1e9
 
 
@@ -110,18 +112,13 @@ def _token_macs(cfg) -> Tuple[int, int]:
 
 
 def _token_counts(model: nn.Module, initial: int) -> List[int]:
-    """Tokens entering each block, starting from `initial`; checks that every step of a patched model's
-    schedule is within its method's capacity at that length (it may not be at another input size)."""
+    """Tokens entering each block, starting from `initial`; every step of a patched model's schedule
+    must be within its method's capacity at that length (it may not be at another input size)."""
     reducer = model.token_reducer
     if reducer is None:
         return [initial] * len(model.layers)
-    length = initial
-    for block, r in enumerate(reducer.schedule.removals):
-        if r > reducer.method.capacity(length):
-            raise ValueError(f"the schedule removes {r} tokens before block {block}, more than the method can "
-                             f"remove from the {length} tokens there at this input size")
-        length -= r
-    return reducer.schedule.token_counts(initial)
+    schedule = validate(reducer.schedule.removals, len(model.layers), initial, reducer.method.capacity)
+    return schedule.token_counts(initial)
 
 
 def _merge_overhead(model: nn.Module, counts: List[int]) -> int:

@@ -41,7 +41,9 @@ class Schedule:
                 "initial_tokens": initial, "token_counts": counts, "removals": list(self.removals)}
 
 
-def _check(removals: Sequence[int], depth: int, initial: int, capacity: Capacity) -> Schedule:
+def validate(removals: Sequence[int], depth: int, initial: int, capacity: Capacity) -> Schedule:
+    """A Schedule from per-block counts, padded with zeros to depth; a ValueError names the first step
+    the method cannot take (more tokens than it can remove there) or any malformed count."""
     removals = [int(r) for r in removals]
     if len(removals) > depth:
         raise ValueError(f"schedule has {len(removals)} entries but the model has only {depth} blocks")
@@ -65,7 +67,7 @@ def constant(depth: int, initial: int, capacity: Capacity, r: int, start: int = 
     """r tokens before blocks start, start + every, ... (R-MeeTo: start=2, every=2)."""
     if start < 1 or every < 1:
         raise ValueError(f"start must be >= 1 and every >= 1, got start={start}, every={every}")
-    return _check([r if (b >= start and (b - start) % every == 0) else 0 for b in range(depth)], depth, initial,
+    return validate([r if (b >= start and (b - start) % every == 0) else 0 for b in range(depth)], depth, initial,
                   capacity)
 
 
@@ -85,7 +87,7 @@ def geometric(depth: int, initial: int, capacity: Capacity, keep: float, start: 
             r = max(r, 0)
         removals.append(r)
         length -= r
-    return _check(removals, depth, initial, capacity)
+    return validate(removals, depth, initial, capacity)
 
 
 def _closest_constant(make: Callable[[int], Schedule], initial: int, target: float) -> Tuple[Schedule, Schedule]:
@@ -133,11 +135,11 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
     if reduction is not None and not 0.0 <= reduction < 1.0:
         raise ValueError(f"reduction must be in [0, 1), got {reduction}")
     if isinstance(schedule, Schedule):
-        return _check(schedule.removals, depth, initial, capacity)
+        return validate(schedule.removals, depth, initial, capacity)
     if schedule is not None and not isinstance(schedule, str):
         if reduction is not None:
             raise ValueError("give either an explicit schedule list or a target reduction, not both")
-        return _check(list(schedule), depth, initial, capacity)
+        return validate(list(schedule), depth, initial, capacity)
     kind = schedule or "geometric"
     if kind not in ("constant", "geometric"):
         raise ValueError(f"unknown schedule {kind!r}: use 'constant', 'geometric' or a list of per-block counts")
