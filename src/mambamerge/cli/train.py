@@ -1,0 +1,77 @@
+"""`mambamerge train`: train a model (from scratch, or fine-tune a checkpoint, optionally with token
+reduction active) on a dataset, seeded and resumable."""
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from mambamerge.checkpoint import load_checkpoint
+from mambamerge.data import load_dataset
+from mambamerge.models import create_model, list_models
+from mambamerge.patch import patch
+from mambamerge.train import TrainConfig, train
+
+HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, mnist (optionally name:/folder/with/idx), or an ImageNet-layout folder "
+                        "(with train/ and val/ sub-folders)")
+    p.add_argument("--model", default="vim_nano", choices=list_models(), metavar="NAME",
+                   help="architecture for training from scratch (default vim_nano: the demo model)")
+    p.add_argument("--init", help="checkpoint to fine-tune instead of training from scratch")
+    p.add_argument("--out", required=True, help="output folder: model.safetensors, last.pt, history.json")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--method", help="train with this token-reduction method active (fine-tuning for merging)")
+    p.add_argument("--reduction", type=float, default=None, help="target average reduction for --method")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    for f in fields(TrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"default {f.default}")
+
+
+def _splits(spec: str, args, img_size, in_chans):
+    folder = Path(spec)
+    if folder.is_dir():
+        for name in ("train", "val"):
+            if not (folder / name).is_dir():
+                raise FileNotFoundError(f"{folder} needs train/ and val/ sub-folders in the ImageNet layout")
+        return (load_dataset(str(folder / "train"), img_size=img_size, in_chans=in_chans, limit=args.limit),
+                load_dataset(str(folder / "val"), img_size=img_size, in_chans=in_chans))
+    return (load_dataset(spec, "train", img_size=img_size, limit=args.limit, augment=True),
+            load_dataset(spec, "test", img_size=img_size))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if args.init:
+        model = load_checkpoint(args.init)
+    else:
+        probe = load_dataset(args.data, "test", limit=1) if not Path(args.data).is_dir() else None
+        overrides = {}
+        if probe is not None:
+            overrides = dict(in_chans=probe.info.in_chans, num_classes=probe.info.num_classes,
+                             img_size=probe.info.img_size)
+        model = create_model(args.model, **overrides)
+    img_size = model.cfg.img_size[0]
+    train_set, val_set = _splits(args.data, args, img_size, model.cfg.in_chans)
+    if train_set.info.num_classes != model.cfg.num_classes:
+        raise ValueError(f"the model has {model.cfg.num_classes} classes but the data has "
+                         f"{train_set.info.num_classes}")
+    if args.method:
+        patch(model, args.method, reduction=args.reduction)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.json").write_text(json.dumps({"data": args.data, "model": args.model, "init": args.init,
+                                                  "method": args.method, "reduction": args.reduction,
+                                                  "limit": args.limit, "train": cfg.__dict__}, indent=1))
+    result = train(model, train_set, val_set, out, cfg, resume=args.resume)
+    print(f"best val top-1 {result['best_accuracy']:.2%} after {result['epochs']} epochs; "
+          f"weights in {out / 'model.safetensors'}")
+    return 0

@@ -1,0 +1,37 @@
+"""Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders."""
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from mambamerge.data.datasets import IDX_SETS, IdxDataset, ImageSet, locate_idx
+from mambamerge.data.folders import image_folder
+from mambamerge.data.idx import read_idx
+
+
+def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None, in_chans: int = 3,
+                 limit: Optional[int] = None, augment: bool = False):
+    """A dataset by name ("fashion-mnist", "mnist", optionally "name:/folder/with/idx/files") or an
+    image folder path (ImageNet layout). The result has `.info` (classes, channels, size)."""
+    name, _, root = spec.partition(":")
+    if name in IDX_SETS:
+        return IdxDataset(name, split, root=root or None, img_size=img_size or 56, limit=limit, augment=augment)
+    ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
+    if limit is not None and limit < len(ds):
+        ds = torch.utils.data.Subset(ds, range(limit))
+        ds.info = ds.dataset.info
+    return ds
+
+
+def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
+            workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches; IDX sets are sliced in memory, folders go through a DataLoader."""
+    if isinstance(dataset, IdxDataset):
+        order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
+        for start in range(0, len(dataset), batch_size):
+            yield dataset.batch(order[start:start + batch_size], generator)
+        return
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)
+
+
+__all__ = ["IDX_SETS", "IdxDataset", "ImageSet", "batches", "image_folder", "load_dataset", "locate_idx", "read_idx"]

