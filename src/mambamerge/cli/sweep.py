@@ -1,0 +1,107 @@
+"""`mambamerge sweep`: every method at every target reduction beside the dense model, on one checkpoint
+and dataset; writes DIR/results.md, results.csv, results.json and accuracy.png, all at the end."""
+import argparse
+from pathlib import Path
+from typing import Dict, List
+
+from tqdm import tqdm
+
+from mambamerge.cli.eval import add_common, check_common, check_method, check_reduction, describe, load_inputs
+from mambamerge.evaluate import evaluate
+from mambamerge.merge import METHODS
+from mambamerge.patch import patch, unpatch
+from mambamerge.plots import accuracy_png
+from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table, write_files
+
+HELP = "evaluate methods x reductions beside the dense model; write a table, CSV, JSON and an accuracy plot"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--methods", nargs="+", default=sorted(METHODS), metavar="NAME",
+                   help=f"methods to compare (default: all: {', '.join(sorted(METHODS))})")
+    p.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8], metavar="R",
+                   help="target average reductions in [0, 1) (default: 0.2 0.4 0.6 0.8)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if needed)")
+
+
+def check_sweep_options(options: Dict[str, object]) -> None:
+    """The sweep sets each schedule from a --reductions target: only its shape may be given."""
+    fixed = sorted(set(options) & {"r", "keep"})
+    if fixed:
+        raise ValueError(f"--option {fixed[0]}= fixes the schedule, but a sweep derives it from each --reductions "
+                         f"target; give only schedule=constant|geometric, start= and every=")
+    if options.get("schedule", "geometric") not in ("constant", "geometric"):
+        raise ValueError(f"--option schedule= must be constant or geometric in a sweep, got {options['schedule']!r}")
+    for key in ("start", "every"):
+        value = options.get(key, 1)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--option {key}= must be an integer of at least 1, got {value!r}")
+
+
+def plan(model, methods: List[str], reductions: List[float], options: Dict[str, object]) -> List[dict]:
+    """One entry per method x reduction: method, target_reduction, options; where the method cannot
+    reach the target, also status "n/a" and the reason (found by patching, which runs no image)."""
+    configs = []
+    for method in methods:
+        for reduction in reductions:
+            config = {"method": method, "target_reduction": reduction, "options": dict(options)}
+            try:
+                patch(model, method, reduction=reduction or None, **options)
+            except ValueError as err:
+                config.update(status="n/a", reason=str(err))
+            finally:
+                unpatch(model)
+            configs.append(config)
+    return configs
+
+
+def measure(model, dataset, configs: List[dict], options: Dict[str, object], **timing) -> List[dict]:
+    """The dense row, then one row per configuration (n/a ones as they are), with status and
+    delta_top1 against the dense row (speedup comes from each row's own interleaved timing)."""
+    runnable = [c for c in configs if "reason" not in c]
+    with tqdm(total=len(runnable) + 1, desc="sweep", unit="config") as bar:
+        bar.set_postfix_str("dense")
+        dense = evaluate(model, dataset, progress="top-1", **timing)
+        bar.update()
+        measured = []
+        for config in runnable:
+            bar.set_postfix_str(f"{config['method']} {config['target_reduction']:.0%}")
+            measured.append(evaluate(model, dataset, config["method"], config["target_reduction"],
+                                     progress="top-1", **timing, **options))
+            bar.update()
+    done = iter(measured)
+    rows = [dense] + [config if "reason" in config else next(done) for config in configs]
+    for row in rows:
+        if "reason" not in row:
+            row.update(status="ok", delta_top1=row["top1"] - dense["top1"])
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    options = check_common(args)
+    check_sweep_options(options)
+    for method in args.methods:
+        check_method(method, options)
+    for reduction in args.reductions:
+        check_reduction(reduction)
+    out = check_writable(args.out)
+    model, dataset, label = load_inputs(args)
+    configs = plan(model, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.reductions)), options)
+    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1)
+    rows = measure(model, dataset, configs, options, **timing)
+    device = next(model.parameters()).device
+    env = environment(device)
+    table = markdown_table(rows)
+    title = f"{Path(args.checkpoint).name} on {label} ({len(dataset)} images)"
+    payload = {"checkpoint": str(args.checkpoint), "model": model.cfg.to_dict(),
+               "data": {"spec": args.data, "label": label, "images": len(dataset), "classes": dataset.info.classes},
+               "settings": {"methods": args.methods, "reductions": args.reductions, "options": options, **timing},
+               "environment": env, "rows": rows}
+    plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,
+                        f"batch {args.throughput_batch}, {env['device']}, threads: {env['threads']}")
+    write_files(out, {"results.md": f"# {title}\n\n{describe(model, args.checkpoint)}\n\n{table}",
+                      "results.csv": csv_text(rows), "results.json": json_text(payload), "accuracy.png": plot})
+    print(table, end="")
+    print(f"\nresults: {out / 'results.md'}, results.csv, results.json\nplot:    {out / 'accuracy.png'}")
+    return 0

@@ -1,0 +1,117 @@
+"""Writing evaluation results: the markdown table, CSV and JSON texts, and all-or-nothing file writes.
+
+A result row is a dict: what mambamerge.evaluate.evaluate returns plus status "ok", delta_top1 and
+speedup (against the dense row); or, for a configuration a method cannot reach, method,
+target_reduction, options, status "n/a" and the reason.
+"""
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple, Union
+
+import torch
+
+import mambamerge
+from mambamerge.ops import scan_backend
+
+# (header, key, format) of the markdown table
+TABLE: List[Tuple[str, str, Callable[[object], str]]] = [
+    ("method", "method", str),
+    ("target reduction", "target_reduction", "{:.0%}".format),
+    ("avg reduction", "average_reduction", "{:.1%}".format),
+    ("final tokens", "final_tokens", str),
+    ("top-1", "top1", "{:.2%}".format),
+    ("Δ top-1 (pp)", "delta_top1", lambda v: f"{100 * v:+.2f}"),
+    ("GFLOPs (1-dir)", "gflops_total_one_direction", "{:.4g}".format),
+    ("images/s", "images_per_s", "{:.1f}".format),
+    ("speed-up", "speedup", "{:.2f}x".format),
+]
+CSV_FIELDS = ["method", "target_reduction", "status", "reason", "average_reduction", "average_tokens",
+              "final_tokens", "initial_tokens", "top1", "delta_top1", "gflops_one_direction",
+              "gflops_both_directions", "gflops_merge_overhead", "gflops_total_one_direction",
+              "gflops_total_both_directions", "images_per_s", "dense_images_per_s", "speedup", "throughput_batch",
+              "timing_runs", "images", "options", "removals"]
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """The results as a markdown table; n/a cells for unreachable configurations, whose reasons follow
+    the table as a list."""
+    lines = ["| " + " | ".join(header for header, _, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    reasons = []
+    for row in rows:
+        cells = [fmt(row[key]) if key in row else "n/a" for _, key, fmt in TABLE]
+        lines.append("| " + " | ".join(cells) + " |")
+        if row["status"] == "n/a":
+            reasons.append(f"- {row['method']} at {row['target_reduction']:.0%}: {row['reason']}")
+    notes = ["", "GFLOPs: GMACs per image, scan branch counted once (the literature's convention), merge "
+             "overhead included. Δ top-1: against the dense row. Speed-up: against the dense forward timed "
+             "interleaved with each configuration (median of the runs)."]
+    if reasons:
+        notes += ["", "n/a: the method cannot reach that average reduction with this schedule (on the command "
+                  "line, --option every=1 steps before every block and reaches further):", *reasons]
+    return "\n".join(lines + notes) + "\n"
+
+
+def csv_text(rows: List[dict]) -> str:
+    """One CSV line per row, every number unformatted; n/a rows leave the numbers empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat = dict(row, options=json.dumps(row.get("options", {})))
+        if "schedule" in row:
+            flat["removals"] = " ".join(str(r) for r in row["schedule"]["removals"])
+        writer.writerow(flat)
+    return out.getvalue()
+
+
+def json_text(payload: dict) -> str:
+    return json.dumps(payload, indent=2) + "\n"
+
+
+def environment(device: torch.device) -> dict:
+    """Where and when the numbers were measured."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "mambamerge": mambamerge.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads(),
+            "scan": scan_backend(device)}
+
+
+def check_writable(folder: Union[str, os.PathLike]) -> Path:
+    """Create `folder` if needed and prove it writable by creating and removing a temp file there;
+    a ValueError naming the folder and the reason otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot write results to {folder}: it is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test.", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write results to {folder}: {err.strerror or err}; choose a writable folder") from None
+    return folder
+
+
+def write_files(folder: Union[str, os.PathLike], files: Dict[str, Union[str, bytes]]) -> List[Path]:
+    """Write {name: text or bytes} into `folder`: every file goes to a temp file in the same folder
+    first, then all are renamed into place (os.replace), so an interruption leaves either no file or
+    a complete one, and no temp file. Returns the paths written."""
+    folder = Path(folder)
+    temps: Dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            fd, temps[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        for name in files:
+            os.replace(temps.pop(name), folder / name)
+    finally:
+        for temp in temps.values():
+            if os.path.exists(temp):
+                os.remove(temp)
+    return [folder / name for name in files]
