@@ -9,14 +9,14 @@ from mambamerge.cli.main import main
 
 
 def test_demo_prints_size_and_throughput(capsys):
-    assert main(["demo", "--model", "vim_pico", "--batch", "2", "--runs", "1"]) == 0
+    assert main(["speed", "--model", "vim_pico", "--batch", "2", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "images/s" in out and "class token at index 8" in out
 
 
 def test_demo_on_a_checkpoint(tmp_path, capsys):
     path = mambamerge.save_checkpoint(mambamerge.create_model("vim_pico"), tmp_path / "m.safetensors")
-    assert main(["demo", "--checkpoint", str(path), "--img-size", "32", "--batch", "1", "--runs", "1"]) == 0
+    assert main(["speed", "--checkpoint", str(path), "--img-size", "32", "--batch", "1", "--runs", "1"]) == 0
     assert "m.safetensors" in capsys.readouterr().out
 
 
@@ -31,8 +31,8 @@ def test_info_lists_models_and_describes_checkpoints(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["demo", "--checkpoint", "/nonexistent/x.pth"], "checkpoint not found"),
-    (["demo", "--model", "vim_pico", "--batch", "0"], "--batch and --runs must be at least 1"),
+    (["speed", "--checkpoint", "/nonexistent/x.pth"], "checkpoint not found"),
+    (["speed", "--model", "vim_pico", "--batch", "0"], "--batch and --runs must be at least 1"),
 ])
 def test_errors_are_one_line_without_traceback(argv, message, capsys):
     assert main(argv) == 2

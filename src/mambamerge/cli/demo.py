@@ -1,51 +1,36 @@
-"""`mambamerge demo`: build a Vim, report its size and measure its forward throughput on this machine."""
+"""`mambamerge demo`: the README's main job. The sweep of every method at 20/40/60/80% average
+reduction on the demo model shipped with the package (a Vim trained by this project on
+Fashion-MNIST, 14x14 patches + middle class token like ImageNet Vim) and the shipped test split."""
 import argparse
+from importlib import resources
+from pathlib import Path
 
-import torch
+from mambamerge.cli import sweep
 
-from mambamerge.checkpoint import load_checkpoint
-from mambamerge.models import create_model, list_models
-from mambamerge.ops import scan_backend
-from mambamerge.timing import time_call
+HELP = "sweep every method on the shipped demo model and Fashion-MNIST test images (the README's main job)"
+DEMO_CHECKPOINT = "vim_nano_fmnist.safetensors"
 
-HELP = "build a Vim (or load a checkpoint) and measure its forward throughput"
+
+def demo_checkpoint() -> Path:
+    path = Path(str(resources.files("mambamerge") / "assets" / DEMO_CHECKPOINT))
+    if not path.is_file():
+        raise FileNotFoundError(f"the demo checkpoint {path} is missing from the installation; reinstall the "
+                                f"package or pass a checkpoint to `mambamerge sweep --checkpoint`")
+    return path
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vim_tiny", choices=list_models(), metavar="NAME",
-                   help="model to build (default: vim_tiny; see `mambamerge info --models`)")
-    p.add_argument("--checkpoint", help="load this checkpoint instead of building a fresh model")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's own)")
-    p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default: 3)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="outputs/demo", metavar="DIR", help="results folder (default: outputs/demo)")
+    p.add_argument("--limit", type=int, default=2000, metavar="N",
+                   help="test images to evaluate (default: 2000 of the 10,000)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.runs < 1:
-        raise ValueError("--batch and --runs must be at least 1")
+    argv = ["--checkpoint", str(demo_checkpoint()), "--data", "fashion-mnist", "--limit", str(args.limit),
+            "--out", args.out]
     if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        model = load_checkpoint(args.checkpoint, img_size=args.img_size or 224)
-        name = args.checkpoint
-    else:
-        model = create_model(args.model, **({"img_size": args.img_size} if args.img_size else {})).eval()
-        name = args.model
-    device = torch.device(args.device)
-    model = model.to(device)
-    cfg = model.cfg
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model        {name}: {cfg.depth} blocks, width {cfg.embed_dim}, d_state {cfg.d_state}")
-    print(f"parameters   {params / 1e6:.2f} M")
-    print(f"tokens       {cfg.num_patches} patches + 1 class token at index {model.cls_index} "
-          f"({cfg.img_size[0]}x{cfg.img_size[1]}, patch {cfg.patch_size[0]}, stride {cfg.stride[0]})")
-    print(f"scan         {scan_backend(device)} on {device}, {torch.get_num_threads()} CPU threads")
-    images = torch.randn(args.batch, cfg.in_chans, *cfg.img_size, device=device)
-    with torch.inference_mode():
-        times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)
-    best, median = min(times), sorted(times)[len(times) // 2]
-    print(f"forward      batch {args.batch}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
-          f"{args.batch / median:.1f} images/s")
-    return 0
+        argv += ["--threads", str(args.threads)]
+    parser = argparse.ArgumentParser(prog="mambamerge sweep")
+    sweep.add_parser(parser)
+    return sweep.run(parser.parse_args(argv))

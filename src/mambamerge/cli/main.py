@@ -4,10 +4,10 @@ import sys
 from typing import List, Optional
 
 from mambamerge.checkpoint import CheckpointError
-from mambamerge.cli import demo, info, sweep, train
+from mambamerge.cli import demo, info, speed, sweep, train
 from mambamerge.cli import eval as eval_command  # not `eval`: that name is a builtin
 
-COMMANDS = {"demo": demo, "info": info, "train": train, "eval": eval_command, "sweep": sweep}
+COMMANDS = {"demo": demo, "eval": eval_command, "sweep": sweep, "train": train, "speed": speed, "info": info}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,51 @@
+"""`mambamerge speed`: build a Vim (or load one), report its size and measure its forward throughput."""
+import argparse
+
+import torch
+
+from mambamerge.checkpoint import load_checkpoint
+from mambamerge.models import create_model, list_models
+from mambamerge.ops import scan_backend
+from mambamerge.timing import time_call
+
+HELP = "build a Vim (or load a checkpoint) and measure its forward throughput"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vim_tiny", choices=list_models(), metavar="NAME",
+                   help="model to build (default: vim_tiny; see `mambamerge info --models`)")
+    p.add_argument("--checkpoint", help="load this checkpoint instead of building a fresh model")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's own)")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default: 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.runs < 1:
+        raise ValueError("--batch and --runs must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, img_size=args.img_size or 224)
+        name = args.checkpoint
+    else:
+        model = create_model(args.model, **({"img_size": args.img_size} if args.img_size else {})).eval()
+        name = args.model
+    device = torch.device(args.device)
+    model = model.to(device)
+    cfg = model.cfg
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model        {name}: {cfg.depth} blocks, width {cfg.embed_dim}, d_state {cfg.d_state}")
+    print(f"parameters   {params / 1e6:.2f} M")
+    print(f"tokens       {cfg.num_patches} patches + 1 class token at index {model.cls_index} "
+          f"({cfg.img_size[0]}x{cfg.img_size[1]}, patch {cfg.patch_size[0]}, stride {cfg.stride[0]})")
+    print(f"scan         {scan_backend(device)} on {device}, {torch.get_num_threads()} CPU threads")
+    images = torch.randn(args.batch, cfg.in_chans, *cfg.img_size, device=device)
+    with torch.inference_mode():
+        times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)
+    best, median = min(times), sorted(times)[len(times) // 2]
+    print(f"forward      batch {args.batch}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
+          f"{args.batch / median:.1f} images/s")
+    return 0
