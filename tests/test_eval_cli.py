@@ -11,7 +11,7 @@ from mambamerge.cli import sweep
 from mambamerge.cli.main import main
 from mambamerge.data import load_dataset
 from mambamerge.evaluate import accuracy
-from mambamerge.results import write_files
+from mambamerge.atomic import write_files
 
 TINY = dict(in_chans=1, img_size=56, patch_size=8, stride=8, num_classes=10, depth=2)
 FAST = ["--limit", "64", "--runs", "1", "--throughput-batch", "4"]

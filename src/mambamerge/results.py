@@ -1,4 +1,4 @@
-"""Writing evaluation results: the markdown table, CSV and JSON texts, and all-or-nothing file writes.
+"""Evaluation results as texts: the markdown table, CSV and JSON, and the environment they came from.
 
 A result row is a dict: what mambamerge.evaluate.evaluate returns plus status "ok", delta_top1 and
 speedup (against the dense row); or, for a configuration a method cannot reach, method,
@@ -95,23 +95,3 @@ def check_writable(folder: Union[str, os.PathLike]) -> Path:
     except OSError as err:
         raise ValueError(f"cannot write results to {folder}: {err.strerror or err}; choose a writable folder") from None
     return folder
-
-
-def write_files(folder: Union[str, os.PathLike], files: Dict[str, Union[str, bytes]]) -> List[Path]:
-    """Write {name: text or bytes} into `folder`: every file goes to a temp file in the same folder
-    first, then all are renamed into place (os.replace), so an interruption leaves either no file or
-    a complete one, and no temp file. Returns the paths written."""
-    folder = Path(folder)
-    temps: Dict[str, str] = {}
-    try:
-        for name, data in files.items():
-            fd, temps[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        for name in files:
-            os.replace(temps.pop(name), folder / name)
-    finally:
-        for temp in temps.values():
-            if os.path.exists(temp):
-                os.remove(temp)
-    return [folder / name for name in files]

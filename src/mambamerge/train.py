@@ -6,8 +6,6 @@ random state) from which `resume=True` continues exactly; the best weights so fa
 """
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mambamerge.atomic import atomic_write, write_bytes
 from mambamerge.checkpoint import save_checkpoint
 from mambamerge.data import batches
 from mambamerge.evaluate import accuracy
@@ -54,17 +53,6 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), resume: bool = False,
@@ -114,8 +102,9 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
         if acc > state["best"]:
             state["best"] = acc
             save_checkpoint(model, out_dir / "model.safetensors")
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                            "torch_rng": torch.get_rng_state(), "state": state, "config": asdict(cfg)}, last)
-        (out_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        snapshot = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "state": state, "config": asdict(cfg)}
+        atomic_write(last, lambda tmp: torch.save(snapshot, tmp))
+        write_bytes(out_dir / "history.json", json.dumps(state["history"], indent=1))
         log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / max(seen, 1):.4f}, val top-1 {acc:.2%}")
     return {"best_accuracy": state["best"], "epochs": state["epoch"], "history": state["history"]}

@@ -12,7 +12,8 @@ from mambamerge.data import IDX_SETS, load_dataset
 from mambamerge.evaluate import check_fit, evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import make_method
-from mambamerge.results import check_writable, environment, json_text, write_files
+from mambamerge.atomic import write_files
+from mambamerge.results import check_writable, environment, json_text
 
 HELP = "evaluate a checkpoint with one token-reduction method: top-1, GFLOPs and measured throughput"
 SCHEDULE_KEYS = ("schedule", "r", "keep", "start", "every")

@@ -11,7 +11,8 @@ from mambamerge.evaluate import evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import patch, unpatch
 from mambamerge.plots import accuracy_png
-from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table, write_files
+from mambamerge.atomic import write_files
+from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table
 
 HELP = "evaluate methods x reductions beside the dense model; write a table, CSV, JSON and an accuracy plot"
 
