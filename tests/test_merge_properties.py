@@ -158,3 +158,15 @@ def test_bad_arguments_get_clear_errors(kwargs, message):
 def test_patching_something_else_is_a_clear_error():
     with pytest.raises(TypeError, match="not a model mambamerge can patch"):
         mambamerge.patch(torch.nn.Linear(3, 3), "mame", reduction=0.2)
+
+
+def test_default_schedule_steps_every_second_block_and_every_block_when_needed():
+    from mambamerge.merge.schedule import resolve
+    from mambamerge.merge.tome import bipartite_capacity
+
+    gentle = resolve(12, 197, bipartite_capacity, reduction=0.4)
+    assert [b for b, r in enumerate(gentle.removals) if r] == [1, 3, 5, 7, 9, 11]
+    steep = resolve(12, 197, bipartite_capacity, reduction=0.8)
+    assert abs(steep.average_reduction(197) - 0.8) < 0.02 and steep.removals[2] > 0
+    with pytest.raises(ValueError, match="the most it can reach 74"):
+        resolve(12, 197, bipartite_capacity, reduction=0.8, every=2)

@@ -128,7 +128,8 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
     - schedule="constant": r tokens before blocks start, start+every, ... (defaults 2, 2); r given, or
       derived from `reduction`.
     - schedule="geometric" (the default when only `reduction` is given): keep ratio per step from
-      block start (default 1) every `every` (default 2) blocks; keep given, or derived from `reduction`.
+      block start (default 1) every `every` blocks (default 2, or 1 when a target needs steps before
+      every block); keep given, or derived from `reduction`.
     - reduction=0 (or nothing at all): no reduction.
     Raises a ValueError naming the maximum reachable reduction when the target cannot be reached.
     """
@@ -152,11 +153,21 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
         best, most = _closest_constant(lambda x: constant(depth, initial, capacity, x, start, every), initial,
                                        reduction)
     else:
-        start, every = start if start is not None else 1, every if every is not None else DEFAULT_GEOMETRIC_EVERY
-        if keep is not None:
-            return geometric(depth, initial, capacity, keep, start, every)
-        best, most = _closest_geometric(lambda x: geometric(depth, initial, capacity, x, start, every), initial,
-                                        reduction)
+        start = start if start is not None else 1
+        if every is None and keep is None:
+            # the default spacing, or every block where the target needs it (shallow models, ToMe's limit)
+            for spacing in (DEFAULT_GEOMETRIC_EVERY, 1):
+                best, most = _closest_geometric(lambda x: geometric(depth, initial, capacity, x, start, spacing),
+                                                initial, reduction)
+                if abs(best.average_reduction(initial) - reduction) <= tolerance:
+                    return best
+            every = 1
+        else:
+            every = every if every is not None else DEFAULT_GEOMETRIC_EVERY
+            if keep is not None:
+                return geometric(depth, initial, capacity, keep, start, every)
+            best, most = _closest_geometric(lambda x: geometric(depth, initial, capacity, x, start, every), initial,
+                                            reduction)
     reached = best.average_reduction(initial)
     if abs(reached - reduction) > tolerance:
         raise ValueError(f"a {kind} schedule (start={start}, every={every}) cannot reach an average reduction of "
