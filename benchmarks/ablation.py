@@ -42,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.6, 0.8])
     parser.add_argument("--every", type=int, nargs="+", default=[2], help="schedule step spacing(s) to compare")
     args = parser.parse_args(argv)
-    model = mambamerge.load_checkpoint(args.checkpoint or demo_checkpoint(), img_size=56)
+    model = mambamerge.load_checkpoint(args.checkpoint or demo_checkpoint())
     data = load_dataset(args.data, "test", img_size=model.cfg.img_size[0], limit=args.limit)
     dense = accuracy(model, data)
     print(f"dense top-1 {dense:.2%} on {len(data)} {args.data} test images")

@@ -165,3 +165,12 @@ def test_save_is_atomic_and_round_trips_a_non_default_geometry(tmp_path, odd_mod
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(odd_model, tmp_path / "out" / "n.safetensors")
     assert sorted(os.listdir(tmp_path / "out")) == ["m.safetensors"]
+
+
+def test_default_resolution_is_the_one_the_file_records(tmp_path, odd_model):
+    ours = save_checkpoint(odd_model, tmp_path / "m.safetensors")
+    assert load_checkpoint(ours).cfg.img_size == (40, 40)
+    official = official_file(tmp_path / "o.pth", odd_model, input_size=40)
+    assert load_checkpoint(official).cfg.img_size == (40, 40)
+    torch.save(mambamerge.create_model("vim_tiny", depth=1).state_dict(), tmp_path / "plain.pth")
+    assert load_checkpoint(tmp_path / "plain.pth").cfg.img_size == (224, 224)

@@ -196,12 +196,13 @@ def _check_keys(model: torch.nn.Module, sd: Dict[str, torch.Tensor], path: Path)
         raise CheckpointError("; ".join(parts))
 
 
-def load_checkpoint(path: PathLike, img_size=224, *, stride=None, train_img_size=None, ema: bool = False,
+def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_size=None, ema: bool = False,
                     trust_pickle: bool = False) -> VisionMamba:
     """Build the model a checkpoint file describes and load its weights (strict), in eval mode.
 
     img_size: resolution to run at (int or (H, W)); the position embedding is interpolated when the
-        checkpoint was trained at another one.
+        checkpoint was trained at another one. Default: the resolution the file records (our
+        safetensors, official files' args.input_size, or train_img_size), else 224.
     stride, train_img_size: only needed when the file cannot tell (a plain state dict of a stride-8
         model run at a new size).
     ema: take the "model_ema" weights of an official training checkpoint instead of "model".
@@ -209,6 +210,8 @@ def load_checkpoint(path: PathLike, img_size=224, *, stride=None, train_img_size
     """
     path = Path(path)
     raw = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
+    if img_size is None:
+        img_size = train_img_size or raw.train_img_size or 224
     cfg, grid = infer_config(raw, img_size=img_size, stride=stride, train_img_size=train_img_size)
     model = VisionMamba(cfg)
     sd = dict(raw.state_dict)

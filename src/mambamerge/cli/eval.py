@@ -7,7 +7,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from mambamerge.checkpoint import load_checkpoint, read_checkpoint
+from mambamerge.checkpoint import load_checkpoint
 from mambamerge.data import IDX_SETS, load_dataset
 from mambamerge.evaluate import check_fit, evaluate
 from mambamerge.merge import METHODS
@@ -86,8 +86,7 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
                          f"split's own folder (e.g. imagenet/val) as --data")
     if args.threads:
         torch.set_num_threads(args.threads)
-    img_size = args.img_size or read_checkpoint(args.checkpoint).train_img_size or 224
-    model = load_checkpoint(args.checkpoint, img_size=img_size)
+    model = load_checkpoint(args.checkpoint, img_size=args.img_size)
     cfg = model.cfg
     (height, width), name = cfg.img_size, Path(args.checkpoint).name
     if height != width:

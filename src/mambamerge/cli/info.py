@@ -9,7 +9,8 @@ HELP = "list the known models, or show the architecture inferred from a checkpoi
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint to describe (.pth or .safetensors)")
-    p.add_argument("--img-size", type=int, default=224, help="resolution to infer the geometry for (default 224)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="resolution to infer the geometry for (default: the one the file records, else 224)")
     p.add_argument("--models", action="store_true", help="list the model names create_model accepts")
 
 
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
             print(name + alias)
         return 0
     raw = read_checkpoint(args.checkpoint)
-    cfg, grid = infer_config(raw, img_size=args.img_size)
+    cfg, grid = infer_config(raw, img_size=args.img_size or raw.train_img_size or 224)
     n = sum(t.numel() for t in raw.state_dict.values())
     print(f"{args.checkpoint}: {len(raw.state_dict)} tensors, {n / 1e6:.2f} M values")
     print(f"trained grid {grid[0]}x{grid[1]}; at {cfg.img_size[0]}x{cfg.img_size[1]}: grid "

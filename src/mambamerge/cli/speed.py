@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
-        model = load_checkpoint(args.checkpoint, img_size=args.img_size or 224)
+        model = load_checkpoint(args.checkpoint, img_size=args.img_size)
         name = args.checkpoint
     else:
         model = create_model(args.model, **({"img_size": args.img_size} if args.img_size else {})).eval()
