@@ -122,3 +122,23 @@ def test_learning_rate_warms_up_then_decays():
     lrs = [lr_at(s, 100, 10, cfg) for s in range(100)]
     assert lrs[0] < lrs[9] == pytest.approx(1e-3) and lrs[-1] < 2e-5
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_train_command_on_an_image_folder(tmp_path, capsys):
+    from mambamerge.cli.main import main
+
+    for split in ("train", "val"):
+        for cls in ("ant", "bee", "cow"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = np.full((36, 36, 3), 40 * i + 20 * len(cls), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / cls / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "data"), "--model", "vim_pico", "--out", str(out), "--epochs", "1",
+            "--batch-size", "4", "--eval-batch-size", "4"]
+    assert main(argv) == 0
+    assert "best val top-1" in capsys.readouterr().out
+    model = mambamerge.load_checkpoint(out / "model.safetensors")
+    assert model.cfg.num_classes == 3 and model.cfg.img_size == (32, 32)
+    assert main(["train", "--data", str(tmp_path / "data" / "train"), "--model", "vim_pico", "--out", str(out)]) == 2
+    assert "needs train/ and val/ sub-folders" in capsys.readouterr().err

@@ -7,12 +7,12 @@ from typing import Dict, Tuple
 
 import torch
 
+from mambamerge.atomic import write_files
 from mambamerge.checkpoint import load_checkpoint
 from mambamerge.data import IDX_SETS, load_dataset
 from mambamerge.evaluate import check_fit, evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import make_method
-from mambamerge.atomic import write_files
 from mambamerge.results import check_writable, environment, json_text
 
 HELP = "evaluate a checkpoint with one token-reduction method: top-1, GFLOPs and measured throughput"

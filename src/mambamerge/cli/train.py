@@ -50,20 +50,17 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if args.init:
-        model = load_checkpoint(args.init)
+    base = load_checkpoint(args.init) if args.init else None
+    arch = base.cfg if base is not None else create_model(args.model).cfg
+    train_set, val_set = _splits(args.data, args, arch.img_size[0], arch.in_chans)
+    info = train_set.info
+    if base is None:
+        model = create_model(args.model, in_chans=info.in_chans, num_classes=info.num_classes, img_size=info.img_size)
+    elif info.num_classes != base.cfg.num_classes:
+        raise ValueError(f"the checkpoint has {base.cfg.num_classes} classes but the data has {info.num_classes}; "
+                         f"fine-tune on data with {base.cfg.num_classes} classes")
     else:
-        probe = load_dataset(args.data, "test", limit=1) if not Path(args.data).is_dir() else None
-        overrides = {}
-        if probe is not None:
-            overrides = dict(in_chans=probe.info.in_chans, num_classes=probe.info.num_classes,
-                             img_size=probe.info.img_size)
-        model = create_model(args.model, **overrides)
-    img_size = model.cfg.img_size[0]
-    train_set, val_set = _splits(args.data, args, img_size, model.cfg.in_chans)
-    if train_set.info.num_classes != model.cfg.num_classes:
-        raise ValueError(f"the model has {model.cfg.num_classes} classes but the data has "
-                         f"{train_set.info.num_classes}")
+        model = base
     if args.method:
         patch(model, args.method, reduction=args.reduction)
     out = Path(args.out)
