@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mambamerge.atomic import write_bytes
 from mambamerge.checkpoint import load_checkpoint
 from mambamerge.data import load_dataset
 from mambamerge.models import create_model, list_models
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         patch(model, args.method, reduction=args.reduction)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.json").write_text(json.dumps({"data": args.data, "model": args.model, "init": args.init,
+    write_bytes(out / "command.json", json.dumps({"data": args.data, "model": args.model, "init": args.init,
                                                   "method": args.method, "reduction": args.reduction,
                                                   "limit": args.limit, "train": cfg.__dict__}, indent=1))
     result = train(model, train_set, val_set, out, cfg, resume=args.resume)
