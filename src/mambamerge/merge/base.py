@@ -48,6 +48,11 @@ def delta_importance(ssm: SSMStats) -> torch.Tensor:
     return ssm.delta_fwd.mean(dim=1) + ssm.delta_bwd.mean(dim=1)
 
 
+def least(score: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
+    """The k non-class tokens of lowest score, lowest first. score, cls: (B, L) -> (B, k) indices."""
+    return score.masked_fill(cls, float("inf")).topk(k, dim=1, largest=False).indices
+
+
 def check_feature(feature: str) -> None:
     if feature not in ("residual", "hidden"):
         raise ValueError(f"feature must be 'residual' or 'hidden', got {feature!r}")

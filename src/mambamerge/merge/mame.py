@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, normalized, stream
+from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, least, normalized, stream
 from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection, take_rows
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
 from mambamerge.models.blocks import SSMStats
@@ -75,7 +75,7 @@ class MaMe(ReductionMethod):
         if self.match == "bipartite":
             src, dst = self._bipartite(feat, score, cls, r)
         else:
-            src = score.masked_fill(cls, float("inf")).topk(r, dim=1, largest=False).indices  # (B, r)
+            src = least(score, cls, r)  # (B, r)
             dst = self._destinations(feat, src, cls)
         w = state.size * (score if self.weight == "size_delta" else 1.0)
         plan = plan_from_selection(state.length, src, dst, w)

@@ -8,14 +8,9 @@ from typing import Optional
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, delta_importance
+from mambamerge.merge.base import ReductionMethod, delta_importance, least
 from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
 from mambamerge.models.blocks import SSMStats
-
-
-def least(score: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
-    """The k non-class tokens of lowest score, lowest first. score, cls: (B, L) -> (B, k) indices."""
-    return score.masked_fill(cls, float("inf")).topk(k, dim=1, largest=False).indices
 
 
 @dataclass
