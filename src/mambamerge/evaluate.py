@@ -12,14 +12,16 @@ from mambamerge.timing import time_call, time_interleaved
 
 
 def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None) -> float:
-    """Top-1 accuracy of `model` (dense or patched) on `dataset`; the model is left in eval mode."""
+    """Top-1 accuracy of `model` (dense or patched, on the device of its parameters) on `dataset`; the model
+    is left in eval mode."""
     model.eval()
+    device = next(model.parameters()).device
     correct = total = 0
     steps = -(-len(dataset) // batch_size)
     with torch.inference_mode():
         for images, labels in tqdm(batches(dataset, batch_size), total=steps, desc=progress, unit="batch",
                                    leave=False, disable=progress is None):
-            correct += (model(images).argmax(dim=1) == labels).sum().item()
+            correct += (model(images.to(device)).argmax(dim=1).cpu() == labels).sum().item()
             total += len(labels)
     if total == 0:
         raise ValueError("the dataset is empty")

@@ -57,7 +57,9 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
 
 def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), resume: bool = False,
           log=print) -> dict:
-    """Train `model` in place; returns {"best_accuracy", "epochs", "history"}."""
+    """Train `model` in place, on the device its parameters are on; returns {"best_accuracy", "epochs",
+    "history"}."""
+    device = next(model.parameters()).device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -84,6 +86,7 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
         bar = tqdm(batches(train_set, cfg.batch_size, shuffle=True, generator=gen), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = lr_at(state["step"], total, warmup, cfg)
             loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)

@@ -30,6 +30,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="train with this token-reduction method active (fine-tuning for merging)")
     p.add_argument("--reduction", type=float, default=None, help="target average reduction for --method")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, ...")
     for f in fields(TrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"default {f.default}")
@@ -47,9 +48,20 @@ def _splits(spec: str, args, img_size, in_chans):
             load_dataset(spec, "test", img_size=img_size))
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name ({err}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no usable CUDA GPU; train with --device cpu")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = _device(args.device)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     base = load_checkpoint(args.init) if args.init else None
     arch = base.cfg if base is not None else create_model(args.model).cfg
@@ -62,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                          f"fine-tune on data with {base.cfg.num_classes} classes")
     else:
         model = base
+    model.to(device)
     if args.method:
         patch(model, args.method, reduction=args.reduction)
     out = Path(args.out)
