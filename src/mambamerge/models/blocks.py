@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamerge.ops import selective_scan
+from mambamerge.ops import selective_scan, softplus
 
 
 class SSMStats(NamedTuple):
@@ -118,7 +118,7 @@ class BiMambaMixer(nn.Module):
         u = F.silu(depthwise_conv_along_sequence(x, conv.weight, conv.bias, reverse))
         dt, B, C = torch.split(x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         scan_dtype = torch.promote_types(u.dtype, torch.float32)
-        delta = F.softplus(F.linear(dt, dt_proj.weight, dt_proj.bias.to(dt.dtype)).to(scan_dtype))
+        delta = softplus(F.linear(dt, dt_proj.weight, dt_proj.bias.to(dt.dtype)).to(scan_dtype))
         A = -torch.exp(a_log.to(scan_dtype))
         y = selective_scan(u.to(scan_dtype), delta.to(scan_dtype), A, B.to(scan_dtype),
                            C.to(scan_dtype), skip.to(scan_dtype), reverse=reverse, impl=self.scan_impl)

@@ -1,4 +1,4 @@
-"""Selective scan on CPU through the C++ kernel in ``_scan_cpu.cpp``.
+"""Selective scan (and softplus) on CPU through the C++ kernels in ``_scan_cpu.cpp``.
 
 The kernel is built with g++ on first use into a cache directory
 (``$MAMBAMERGE_CACHE/<hash>/`` or ``~/.cache/mambamerge/kernels/<hash>/``), the
@@ -46,6 +46,7 @@ _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 7 + [_I64] * 4 + [_INT] * 2 + [_P]
 _BACKWARD_ARGS = [_P] * 13 + [_I64] * 4 + [_INT] * 2 + [_P]
+_SOFTPLUS_ARGS = [_P, _P, _I64, _INT, _P]
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([-.].*)?\.so[.0-9]*$")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -102,6 +103,9 @@ def _load():
             fn = getattr(lib, f"mm_scan_{name}_{suffix}")
             fn.argtypes = args
             fn.restype = _INT
+        fn = getattr(lib, f"mm_softplus_{suffix}")
+        fn.argtypes = _SOFTPLUS_ARGS
+        fn.restype = _INT
     return lib
 
 
@@ -247,3 +251,32 @@ def selective_scan_compiled(u, delta, A, B, C, D, reverse=False):
         raise RuntimeError(f"compiled selective scan unavailable: {unavailable_reason()}")
     args = (t.contiguous() for t in (u, delta, A, B, C, D))
     return _SelectiveScan.apply(*args, bool(reverse))
+
+
+class _Softplus(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.empty_like(x)
+        fn = getattr(_library(), f"mm_softplus_{_SUFFIX[x.dtype]}")
+        if fn(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads(), _state["launcher"]) != 0:
+            raise MemoryError("softplus kernel failed")
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return dy * torch.sigmoid(x)
+
+
+def softplus_compiled(x):
+    """softplus(x) = log(1 + exp(x)) with the compiled CPU kernel, differentiable; x: a CPU float32 or
+    float64 tensor of any shape. About 10x faster than torch's CPU softplus, whose log1p is not
+    vectorised. Relative error in float32 under 2e-6 for |x| <= 20 and 5e-6 for |x| <= 80 (the argument
+    rounding of the float32 exp the scan also uses; CUDA Mamba's fast-math expf is of the same order);
+    float64 under 1e-14."""
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX:
+        raise ValueError(f"compiled softplus takes CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+    if not available():
+        raise RuntimeError(f"compiled kernels unavailable: {unavailable_reason()}")
+    return _Softplus.apply(x.contiguous())
