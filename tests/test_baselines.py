@@ -89,8 +89,8 @@ def test_class_token_value_moves_untouched(name, cls_index):
     new = state.apply(make(name).plan(state, ssm_with_importance(score), 4))
     rows = torch.arange(2)
     assert new.length == 7
-    assert torch.equal(new.hidden[rows, new.cls_index], state.hidden[rows, state.cls_index])
-    assert torch.equal(new.residual[rows, new.cls_index], state.residual[rows, state.cls_index])
+    tokens = state.residual + state.hidden  # the two streams, added for the next block
+    assert torch.equal(new.hidden[rows, new.cls_index], tokens[rows, state.cls_index]) and new.residual is None
     assert torch.equal(new.pos[rows, new.cls_index], state.cls_index)
 
 
@@ -122,7 +122,7 @@ def test_tome_merges_two_identical_tokens_into_that_token():
     for method in (ToMe(), RMeeTo(), ToMe(feature="hidden")):
         new = state.apply(method.plan(state, None, 1))
         assert new.pos[0].tolist() == [0, 1, 3, 4, 5, 6, 7, 8]
-        assert torch.equal(new.hidden[0, 2], x) and torch.equal(new.residual[0, 2], 2 * x)
+        assert torch.equal(new.hidden[0, 2], 3 * x) and new.residual is None
         assert new.size[0].tolist() == [1, 1, 2, 1, 1, 1, 1, 1]
 
 
@@ -135,7 +135,8 @@ def test_tome_merge_is_size_weighted():
     dst = [1, 3][int((state.residual[0, src] @ state.residual[0, 3]) / state.residual[0, 3].norm()
                      > (state.residual[0, src] @ state.residual[0, 1]) / state.residual[0, 1].norm())]
     w_src, w_dst = state.size[0, src], state.size[0, dst]
-    expected = (w_src * state.hidden[0, src] + w_dst * state.hidden[0, dst]) / (w_src + w_dst)
+    tokens = state.residual + state.hidden
+    expected = (w_src * tokens[0, src] + w_dst * tokens[0, dst]) / (w_src + w_dst)
     torch.testing.assert_close(new.hidden[0, new.pos[0].tolist().index(dst)], expected)
 
 
@@ -182,7 +183,7 @@ def test_evit_fuses_exactly_the_least_important(fused_slot):
     assert new.source[0, at].nonzero().flatten().tolist() == sorted(fused_members)
     assert new.size[0, at] == 4 and new.pos[0, at] == 0
     w = score[0, fused_members]
-    expected = (w[:, None] * state.hidden[0, fused_members]).sum(0) / w.sum()
+    expected = (w[:, None] * (state.residual + state.hidden)[0, fused_members]).sum(0) / w.sum()
     torch.testing.assert_close(new.hidden[0, at], expected)
     others = [p for i, p in enumerate(new.pos[0].tolist()) if i != at]
     assert others == kept

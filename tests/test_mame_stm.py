@@ -41,8 +41,10 @@ def test_mame_merges_the_least_important_tokens_into_their_most_similar_survivor
     assert new.pos[0, holder] == 8 and new.size[0, holder] == 2
     s = 2 * delta[0]  # forward + backward mean Δ
     w2, w8 = s[2], s[8]
-    expected = (w2 * feat[0, 2] + w8 * feat[0, 8]) / (w2 + w8)
-    torch.testing.assert_close(new.residual[0, holder], expected)
+    tokens = feat + state.hidden  # the sum of the two streams, which the next block takes
+    expected = (w2 * tokens[0, 2] + w8 * tokens[0, 8]) / (w2 + w8)
+    torch.testing.assert_close(new.hidden[0, holder], expected)
+    assert new.residual is None
     assert new.cls_index.item() == 4 and (new.pos.diff(dim=1) > 0).all()
 
 
@@ -100,8 +102,8 @@ def test_stm_weights_come_from_the_previous_layers_delta_and_B():
             w = (delta * b_norm)[0, members]
             dst = int(new.pos[0, j])
             denom = w.sum() if mode == "mean" else (delta * b_norm)[0, dst]
-            expected = (w[:, None] * state.residual[0, members]).sum(0) / denom
-            torch.testing.assert_close(new.residual[0, j], expected)
+            expected = (w[:, None] * (state.residual + state.hidden)[0, members]).sum(0) / denom
+            torch.testing.assert_close(new.hidden[0, j], expected)
 
 
 def test_stm_refuses_more_merges_than_adjacent_pairs_allow():

@@ -3,7 +3,6 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from mambamerge.merge.state import MergePlan, TokenState
 from mambamerge.models.blocks import SSMStats
@@ -37,15 +36,17 @@ class ReductionMethod:
         return {f.name: f.default for f in fields(cls)}
 
 
-def normalized(x: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) -> L2-normalised along D, in float32 or wider."""
-    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+def token_norms(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) -> (B, L) L2 norms, floored at 1e-12 (as F.normalize): cosine similarities are dot
+    products divided by these, which is cheaper than normalising the whole stream first."""
+    return x.norm(dim=-1).clamp(min=1e-12)
 
 
 def delta_importance(ssm: SSMStats) -> torch.Tensor:
     """MaMe's token importance: mean over channels of the forward plus the backward step size Δ.
     (B, d_inner, L) x2 -> (B, L). Large Δ: the token is written strongly into the state."""
-    return ssm.delta_fwd.mean(dim=1) + ssm.delta_bwd.mean(dim=1)
+    fwd, bwd = ssm.mean_delta()
+    return fwd + bwd
 
 
 def least(score: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,6 +60,7 @@ def check_feature(feature: str) -> None:
 
 
 def stream(state: TokenState, feature: str) -> torch.Tensor:
-    """The stream a method compares tokens on: "residual" (the running sum, what the next block sees
-    through its norm) or "hidden" (the last block's output)."""
-    return state.residual if feature == "residual" and state.residual is not None else state.hidden
+    """The stream a method compares tokens on, in float32 or wider: "residual" (the running sum the
+    block just run normalised) or "hidden" (that block's output)."""
+    x = state.residual if feature == "residual" and state.residual is not None else state.hidden
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, least, normalized, stream
+from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, least, stream, token_norms
 from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection, take_rows
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
 from mambamerge.models.blocks import SSMStats
@@ -71,7 +71,7 @@ class MaMe(ReductionMethod):
             raise ValueError("mame needs the SSM step sizes of the block just run")
         score = delta_importance(ssm).float()  # (B, L)
         cls = state.cls_mask()
-        feat = normalized(stream(state, self.feature))
+        feat = stream(state, self.feature)
         if self.match == "bipartite":
             src, dst = self._bipartite(feat, score, cls, r)
         else:
@@ -82,10 +82,11 @@ class MaMe(ReductionMethod):
         return plan.with_slots_at(score) if self.placement == "important" else plan
 
     def _destinations(self, feat, src, cls):
-        """Most similar surviving non-class token for each leaving token. feat (B, L, D), src (B, r)."""
+        """Most cosine-similar surviving non-class token for each leaving token. feat (B, L, D), src (B, r).
+        The leaving token's own norm does not change which token is most similar to it."""
         batch, length, _ = feat.shape
         leaving = torch.zeros(batch, length, dtype=torch.bool, device=feat.device).scatter_(1, src, True)
-        sim = take_rows(feat, src) @ feat.transpose(1, 2)  # (B, r, L)
+        sim = (take_rows(feat, src) @ feat.transpose(1, 2)) / token_norms(feat)[:, None, :]  # (B, r, L)
         blocked = (leaving | cls)[:, None, :]
         if self.match == "window":
             near = (torch.arange(length, device=feat.device)[None, None, :] - src[..., None]).abs() <= self.window

@@ -2,29 +2,38 @@
 
 A method looks at the tokens between two blocks and returns a `MergePlan`: which old token each new
 token takes its slot from, and where every old token goes (merged into a survivor, or dropped).
-`TokenState.apply` then carries that one plan through every stream — hidden, residual, sizes,
-original positions, the class-token index and, optionally, the source map — so the streams can never
+`TokenState.apply` then carries that one plan through every stream — the residual stream, sizes,
+original positions, the class-token index and, optionally, the source map — so they can never
 disagree.
+
+Between two blocks a Vim carries two streams, `residual` and the last block's output `hidden`, and
+the next block starts by adding them. A plan is a linear map of the tokens (each new token a fixed
+weighted combination of old ones), so applying it to both streams and letting the next block add
+them equals applying it once to their sum: `apply` merges the sum, half the work, and hands the next
+block a single stream (hidden = the merged sum, residual = None, as for the first block).
 """
-import functools
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
+
+from mambamerge.ops import compiled
 
 DROP = -1
 
 
-def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
+def _flat(index: torch.Tensor, length: int) -> torch.Tensor:
     """(B, K) row indices per batch element -> (B*K,) indices into the flattened (B*length) rows."""
-    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * length).reshape(-1)
+    batch = index.shape[0]
+    base = torch.arange(0, batch * length, length, device=index.device)
+    return (index + base[:, None]).reshape(-1)
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of each batch element: x (B, L, C), index (B, K) -> (B, K, C), x[b, index[b, k]].
     Row operations on the flattened batch are much faster than gather/scatter with expanded indices."""
     batch, length, channels = x.shape
-    return x.reshape(batch * length, channels).index_select(0, _flat_rows(index, length)).view(
+    return x.reshape(batch * length, channels).index_select(0, _flat(index, length)).view(
         batch, index.shape[1], channels)
 
 
@@ -32,21 +41,23 @@ def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class MergePlan:
     """One reduction step for a batch.
 
-    rep:    (B, L') long, the old index whose slot (position, and value if nothing merges into it) each
-            new token takes, in output order.
-    assign: (B, L) long, the new index each old token goes to, or DROP (-1) for pruned tokens.
-    weight: (B, L) float, the weight of each old token in the average of the new token it joins.
-    mode:   "mean" -> sum_j w_j x_j / sum_j w_j; "sum" -> sum_j w_j x_j / w_rep (a weighted sum
-            normalised by the token that keeps the slot).
-    movers: (B, m) the kept tokens that are not their new token's rep; derived from assign and rep
-            when not given.
+    rep:     (B, L') long, the old index whose slot (position, and value if nothing merges into it)
+             each new token takes, in output order.
+    assign:  (B, L) long, the new index each old token goes to, or DROP (-1) for pruned tokens.
+    weight:  (B, L) float, the weight of each old token in the average of the new token it joins.
+    movers:  (B, m) long, the kept tokens that are not their new token's rep (the same count m in
+             every row: each row removes the same number of tokens).
+    targets: (B, m) long, the rep (old index) of the token each mover joins.
+    mode:    "mean" -> sum_j w_j x_j / sum_j w_j; "sum" -> sum_j w_j x_j / w_rep (a weighted sum
+             normalised by the token that keeps the slot).
     """
 
     rep: torch.Tensor
     assign: torch.Tensor
     weight: torch.Tensor
+    movers: torch.Tensor
+    targets: torch.Tensor
     mode: str = "mean"
-    movers: Optional[torch.Tensor] = None
 
     @property
     def new_length(self) -> int:
@@ -54,74 +65,60 @@ class MergePlan:
 
     def with_slots_at(self, key: torch.Tensor) -> "MergePlan":
         """Move every new token to the slot of its member with the largest key, keeping slots in
-        ascending old-index order. key: (B, L). Values are unchanged; positions and order follow."""
+        ascending old-index order. key: (B, L). Values are unchanged; positions and order follow.
+        For plans that drop nothing (every old token joins a new one)."""
         batch, length = self.assign.shape
-        kept = self.assign != DROP
-        index = self.assign.clamp(min=0)
-        key = torch.where(kept, key.float(), torch.full_like(key, float("-inf"), dtype=torch.float32))
+        if bool((self.assign == DROP).any()):
+            raise ValueError("with_slots_at needs a plan that drops no token")
+        key = key.float()
         best = torch.full((batch, self.new_length), float("-inf"), device=key.device)
-        best = best.scatter_reduce(1, index, key, "amax")
-        is_best = kept & (key == best.gather(1, index))
+        best = best.scatter_reduce(1, self.assign, key, "amax")
+        is_best = key == best.gather(1, self.assign)
         old = torch.arange(length, device=key.device).expand(batch, -1)
         rep = torch.full((batch, self.new_length), length, dtype=torch.long, device=key.device)
-        rep = rep.scatter_reduce(1, index, torch.where(is_best, old, length), "amin")
+        rep = rep.scatter_reduce(1, self.assign, torch.where(is_best, old, length), "amin")
         order = rep.argsort(dim=1)
-        rank = order.argsort(dim=1)
-        assign = torch.where(kept, rank.gather(1, index), self.assign)
-        return MergePlan(rep=rep.gather(1, order), assign=assign, weight=self.weight, mode=self.mode)
+        assign = order.argsort(dim=1).gather(1, self.assign)
+        rep = rep.gather(1, order)
+        movers = old[old != rep.gather(1, assign)].view(batch, length - self.new_length)
+        return MergePlan(rep=rep, assign=assign, weight=self.weight, movers=movers,
+                         targets=rep.gather(1, assign.gather(1, movers)), mode=self.mode)
 
-    def __post_init__(self):
-        if self.movers is None:
-            object.__setattr__(self, "movers", self._find_movers())
-
-    def _find_movers(self) -> torch.Tensor:
-        """(B, m) old indices of tokens merged into another token's slot (kept, but not the rep of
-        their new token); rows with fewer movers are padded with their first rep, at weight zero."""
-        kept = self.assign != DROP
-        old = torch.arange(self.assign.shape[1], device=self.assign.device)
-        mask = kept & (old[None, :] != self.rep.gather(1, self.assign.clamp(min=0)))
-        width = int(mask.sum(dim=1).max()) if mask.numel() else 0
-        rank = torch.cumsum(mask, dim=1) - 1
-        slots = torch.where(mask, rank, width)  # unused slots go to a column that is cut off below
-        out = self.rep[:, :1].expand(-1, width + 1).clone()
-        out.scatter_(1, slots, old.expand_as(slots))
-        return out[:, :width]
-
-    def _merge_rows(self, dtype: torch.dtype):
-        """Everything `combine` needs that does not depend on the stream, for streams of `dtype`:
-        flat row indices of the reps, of the rows receiving merges (dst, one per mover) and of the
-        movers, and the scales: a receiving row becomes rep * w_rep / denom + sum of mover * w / denom."""
-        batch, length = self.assign.shape
-        movers = self.movers
-        kept = self.assign != DROP
-        w = torch.where(kept, self.weight, torch.zeros_like(self.weight)).to(dtype)
-        w_mov = w.gather(1, movers).masked_fill(movers == self.rep[:, :1], 0)  # (B, m); padding weighs 0
-        dst = self.assign.gather(1, movers)  # (B, m) new index each mover joins
-        w_rep = w.gather(1, self.rep)  # (B, L')
-        denom = w_rep.scatter_add(1, dst, w_mov) if self.mode == "mean" else w_rep
-        denom = denom.clamp(min=torch.finfo(dtype).tiny).gather(1, dst)
-        return (_flat_rows(self.rep, length), _flat_rows(dst, self.new_length),
-                _flat_rows(self.rep.gather(1, dst), length), _flat_rows(movers, length),
-                (w_rep.gather(1, dst) / denom).reshape(-1, 1), (w_mov / denom).reshape(-1, 1))
-
-    def combine(self, *streams: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Apply the plan to streams of shape (B, L, C_i) -> (B, L', C_i) each.
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the plan to a stream (B, L, C) -> (B, L', C).
 
         A new token with a single member is that member, bit for bit; only the rows that receive
-        merges are recomputed (weighted average, or weighted sum for mode "sum")."""
-        batch, length = self.assign.shape
-        dtype = functools.reduce(torch.promote_types, (x.dtype for x in streams), torch.float32)
-        rep, dst, rep_of_dst, movers, scale_rep, scale_mov = self._merge_rows(dtype)
-        outs = []
-        for x in streams:
-            flat = x.reshape(batch * length, x.shape[2])
-            out = flat.index_select(0, rep)
-            if movers.numel():
-                # rows receiving several movers are rescaled once per mover, to the same value
-                out.index_copy_(0, dst, flat.index_select(0, rep_of_dst) * scale_rep.to(x.dtype))
-                out.index_add_(0, dst, flat.index_select(0, movers) * scale_mov.to(x.dtype))
-            outs.append(out.view(batch, self.new_length, x.shape[2]))
-        return tuple(outs)
+        merges are recomputed: rep * w_rep / denom + sum of movers * w / denom, with denom the sum of
+        the members' weights ("mean") or w_rep ("sum")."""
+        batch, length, channels = x.shape
+        flat = x.reshape(batch * length, channels)
+        out = flat.index_select(0, _flat(self.rep, length))
+        if self.movers.shape[1] == 0:
+            return out.view(batch, self.new_length, channels)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        w = self.weight.to(dtype)
+        w_mov = w.gather(1, self.movers)  # (B, m)
+        w_dst = w.gather(1, self.targets)  # (B, m) the weight of the rep each mover joins
+        denom = w.scatter_add(1, self.targets, w_mov) if self.mode == "mean" else w
+        denom = denom.gather(1, self.targets).clamp(min=torch.finfo(dtype).tiny)
+        targets = _flat(self.targets, length)
+        receivers = _flat(self.assign.gather(1, self.targets), self.new_length)
+        # rows receiving several movers are rescaled once per mover, to the same value
+        out.index_copy_(0, receivers, flat.index_select(0, targets) * (w_dst / denom).to(x.dtype).view(-1, 1))
+        out.index_add_(0, receivers, flat.index_select(0, _flat(self.movers, length))
+                       * (w_mov / denom).to(x.dtype).view(-1, 1))
+        return out.view(batch, self.new_length, channels)
+
+    def merge_streams(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """The plan applied to residual + hidden (hidden alone when residual is None): (B, L, C) -> (B, L', C).
+        On CPU, in float32/float64 and where no gradient is needed, one call to the compiled kernel
+        (about 30 small torch operations fewer per step); elsewhere `combine` on the sum."""
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or (residual is not None and residual.requires_grad))
+        if (not needs_grad and hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
+                and (residual is None or residual.dtype == hidden.dtype) and compiled.available()):
+            return compiled.merge_apply_compiled(hidden, residual, self.rep, self.assign, self.movers, self.targets,
+                                                 self.weight, self.mode == "mean")
+        return self.combine(hidden if residual is None else residual + hidden)
 
     def add_up(self, x: torch.Tensor) -> torch.Tensor:
         """Sum members per new token (sizes, source maps). x: (B, L) or (B, L, K) -> (B, L', ...)."""
@@ -138,7 +135,9 @@ class MergePlan:
 class TokenState:
     """The token sequence between two blocks.
 
-    hidden, residual: (B, L, D) the two streams of the residual blocks.
+    hidden, residual: (B, L, D) the two streams between blocks (the last block's output and the
+               running sum it normalised); residual None: hidden is the whole stream (the embedded
+               tokens, or the merged sum after a reduction step).
     size:      (B, L) float, number of original tokens each token holds (the class token holds itself).
     pos:       (B, L) long, index in the embedded sequence of the slot each token sits in.
     cls_index: (B,) long, where the class token is now.
@@ -176,14 +175,11 @@ class TokenState:
         return replace(self, hidden=hidden, residual=residual)
 
     def apply(self, plan: MergePlan) -> "TokenState":
-        """The same plan on every stream."""
-        if self.residual is None:
-            (hidden,), residual = plan.combine(self.hidden), None
-        else:
-            hidden, residual = plan.combine(self.hidden, self.residual)
+        """The same plan on every stream; the two residual streams are merged as their sum (see the
+        module docstring), which the next block takes as its single input stream."""
         return TokenState(
-            hidden=hidden,
-            residual=residual,
+            hidden=plan.merge_streams(self.hidden, self.residual),
+            residual=None,
             size=plan.add_up(self.size),
             pos=self.pos.gather(1, plan.rep),
             cls_index=plan.assign.gather(1, self.cls_index[:, None])[:, 0],
@@ -201,14 +197,14 @@ def plan_from_selection(length: int, src: torch.Tensor, dst: Optional[torch.Tens
     """
     batch, r = src.shape
     device = src.device
-    keep = torch.ones(batch, length, dtype=torch.bool, device=device)
-    keep.scatter_(1, src, False)
-    survivors = torch.arange(length, device=device).expand(batch, -1)[keep].view(batch, length - r)
+    keep = torch.ones(batch, length, dtype=torch.bool, device=device).scatter_(1, src, False)
+    survivors = keep.nonzero()[:, 1].view(batch, length - r)
     if order is not None:
         survivors = survivors.gather(1, order)
     assign = torch.full((batch, length), DROP, dtype=torch.long, device=device)
     assign.scatter_(1, survivors, torch.arange(length - r, device=device).expand(batch, -1))
     if dst is None:
-        return MergePlan(rep=survivors, assign=assign, weight=weight, mode=mode, movers=src[:, :0])
+        return MergePlan(rep=survivors, assign=assign, weight=weight, movers=src[:, :0], targets=src[:, :0],
+                         mode=mode)
     assign.scatter_(1, src, assign.gather(1, dst))
-    return MergePlan(rep=survivors, assign=assign, weight=weight, mode=mode, movers=src)
+    return MergePlan(rep=survivors, assign=assign, weight=weight, movers=src, targets=dst, mode=mode)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mambamerge.merge.base import ReductionMethod, check_feature, normalized, stream
+from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
 from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
 from mambamerge.models.blocks import SSMStats
 
@@ -28,9 +28,8 @@ NEG = float("-inf")
 def injection_strength(ssm: SSMStats) -> torch.Tensor:
     """How strongly each token is written into the state: mean_d(Δ) * ||B||, both directions averaged.
     (B, d_inner, L), (B, N, L) -> (B, L)."""
-    fwd = ssm.delta_fwd.mean(dim=1) * ssm.B_fwd.norm(dim=1)
-    bwd = ssm.delta_bwd.mean(dim=1) * ssm.B_bwd.norm(dim=1)
-    return 0.5 * (fwd + bwd)
+    delta_fwd, delta_bwd = ssm.mean_delta()
+    return 0.5 * (delta_fwd * ssm.B_fwd.norm(dim=1) + delta_bwd * ssm.B_bwd.norm(dim=1))
 
 
 @dataclass
@@ -86,46 +85,48 @@ class STM(ReductionMethod):
         return length * dim
 
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
-        feat = normalized(stream(state, self.feature))  # (B, L, D)
+        feat = stream(state, self.feature)  # (B, L, D)
         batch, length, _ = feat.shape
         device = feat.device
-        pair = (feat[:, :-1] * feat[:, 1:]).sum(-1)  # (B, L-1): similarity of (t, t+1)
-        with_prev = F.pad(pair, (1, 0), value=NEG)  # at t: sim(t-1, t)
-        with_next = F.pad(pair, (0, 1), value=NEG)  # at t: sim(t, t+1)
+        norms = token_norms(feat)
+        pair = torch.linalg.vecdot(feat[:, :-1], feat[:, 1:]) / (norms[:, :-1] * norms[:, 1:])  # cos(t, t+1)
+        sims = F.pad(pair, (1, 1), value=NEG)  # (B, L + 1): cos(t - 1, t) at t, cos(t, t + 1) at t + 1
 
-        t = torch.arange(length, device=device)[None, :]
-        offset = t - state.cls_index[:, None]  # (B, L), negative left of the class token
-        k = offset.abs()
-        side = offset.sign()
-        source = (k % 2 == 0) & (k > self.w_protect)
-        inward_ok = (k - 1) > self.w_protect
-        outward_ok = (t + side >= 0) & (t + side < length)
-        # left of the class token inward is t+1, right of it inward is t-1
-        inward = torch.where(side < 0, with_next, with_prev).masked_fill(~inward_ok, NEG)
-        outward = torch.where(side < 0, with_prev, with_next).masked_fill(~outward_ok, NEG)
+        # candidate sources: even distances k > w_protect, left of the class token then right of it
+        k = torch.arange(self.w_protect + 1 + (self.w_protect + 1) % 2, length, 2, device=device)  # (K,)
+        n_k = k.numel()
+        left = torch.arange(2 * n_k, device=device) < n_k  # (2K,)
+        src_all = torch.cat((state.cls_index[:, None] - k, state.cls_index[:, None] + k), dim=1)  # (B, 2K)
+        t = src_all.clamp(0, length - 1)
+        before, after = sims.gather(1, t), sims.gather(1, t + 1)
+        # inward (towards the class token) is t + 1 on the left, t - 1 on the right; at k = w_protect + 1
+        # (odd w_protect) the inward neighbour is inside the protected window
+        inward = torch.where(left, after, before).masked_fill(torch.cat((k, k)) - 1 <= self.w_protect, NEG)
+        outward = torch.where(left, before, after)
         go_out = outward > inward
         score = torch.maximum(inward, outward)
         if self.fading:
-            score = score - self.fading * self.gamma ** k.float()
-        score = score.masked_fill(~source, NEG)
-        dst_all = torch.where(go_out, t + side, t - side)
+            score = score - self.fading * self.gamma ** torch.cat((k, k)).float()
+        score = score.masked_fill((src_all < 0) | (src_all >= length), NEG)
+        outward_step = torch.where(left, -1, 1)
+        dst_all = src_all + torch.where(go_out, outward_step, -outward_step)
 
         # an odd r gives its extra merge to the longer side, so the sides never drift apart
         left_len = int(state.cls_index.min())
         r_left = r // 2 + (r % 2 if left_len > length - 1 - left_len else 0)
         picks = []
-        for side_sign, count in ((-1, r_left), (1, r - r_left)):
+        for offset, count in ((0, r_left), (n_k, r - r_left)):
             if count == 0:
                 continue
-            side_score = score.masked_fill(side != side_sign, NEG)
+            side_score = score[:, offset:offset + n_k]
             available = int(torch.isfinite(side_score).sum(dim=1).min())
             if count > available:
                 raise ValueError(f"stm: {count} merges asked on one side of the class token but only {available} "
                                  f"adjacent pairs are available outside the protected window (w_protect="
                                  f"{self.w_protect}); lower the reduction or w_protect")
-            picks.append(side_score.topk(count, dim=1).indices)
-        src = torch.cat(picks, dim=1)
-        dst = dst_all.gather(1, src)
+            picks.append(side_score.topk(count, dim=1).indices + offset)
+        picks = torch.cat(picks, dim=1)
+        src, dst = src_all.gather(1, picks), dst_all.gather(1, picks)
         w = state.size
         if self.weight == "injection":
             w = w * injection_strength(ssm).float()

@@ -12,32 +12,31 @@ from typing import Optional, Tuple
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, normalized, stream
+from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
 from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
 from mambamerge.models.blocks import SSMStats
 
 NEG = float("-inf")
 
 
-def bipartite_match(feat: torch.Tensor, protected: torch.Tensor, r: int,
+def bipartite_match(x: torch.Tensor, protected: torch.Tensor, r: int,
                     penalty: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The r best A -> B edges.
+    """The r best A -> B edges by cosine similarity.
 
-    feat: (B, L, D) L2-normalised features. protected: (B, L) bool, tokens that neither leave nor
-    receive (the class token). penalty: optional (B, L), subtracted from the score of an edge whose
-    A token it belongs to. Returns src (B, r) even indices that leave and dst (B, r) the odd
-    index each merges into. Needs r <= the unprotected even tokens and an unprotected odd token.
+    x: (B, L, D) features. protected: (B, L) bool, tokens that neither leave nor receive (the class
+    token). penalty: optional (B, L), subtracted from the score of an edge whose A token it belongs
+    to. Returns src (B, r) even indices that leave and dst (B, r) the odd index each merges into.
+    Needs r <= the unprotected even tokens and an unprotected odd token.
     """
-    a_idx = torch.arange(0, feat.shape[1], 2, device=feat.device)
-    b_idx = torch.arange(1, feat.shape[1], 2, device=feat.device)
-    sim = feat[:, a_idx] @ feat[:, b_idx].transpose(1, 2)  # (B, La, Lb)
-    sim = sim.masked_fill(protected[:, b_idx][:, None, :], NEG)
-    best, partner = sim.max(dim=-1)  # (B, La)
+    norms = token_norms(x)
+    dots = x[:, 0::2] @ x[:, 1::2].transpose(1, 2)  # (B, La, Lb)
+    dots = (dots / norms[:, None, 1::2]).masked_fill(protected[:, None, 1::2], NEG)
+    best, partner = dots.max(dim=-1)  # (B, La); the A token's own norm does not change its partner
+    best = best / norms[:, 0::2]
     if penalty is not None:
-        best = best - penalty[:, a_idx]
-    best = best.masked_fill(protected[:, a_idx], NEG)
-    chosen = best.topk(r, dim=1).indices  # (B, r) among A
-    return a_idx[chosen], b_idx[partner.gather(1, chosen)]
+        best = best - penalty[:, 0::2]
+    chosen = best.masked_fill(protected[:, 0::2], NEG).topk(r, dim=1).indices  # (B, r) among A
+    return 2 * chosen, 2 * partner.gather(1, chosen) + 1
 
 
 def bipartite_capacity(length: int) -> int:
@@ -87,8 +86,7 @@ class ToMe(ReductionMethod):
         return bipartite_macs(length, dim)
 
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
-        feat = normalized(stream(state, self.feature))
-        src, dst = bipartite_match(feat, state.cls_mask(), r)
+        src, dst = bipartite_match(stream(state, self.feature), state.cls_mask(), r)
         order = None if self.ordered else even_then_odd(state.length, src)
         return plan_from_selection(state.length, src, dst, state.size, order=order)
 

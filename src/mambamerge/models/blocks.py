@@ -5,13 +5,13 @@ mixer scans in reverse instead of flipping the sequence twice, so its per-token 
 out already in sequence order.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamerge.ops import selective_scan, softplus
+from mambamerge.ops import selective_scan, softplus, softplus_with_row_mean
 
 
 class SSMStats(NamedTuple):
@@ -19,12 +19,22 @@ class SSMStats(NamedTuple):
 
     delta_fwd, delta_bwd: (batch, d_inner, L) step size after bias and softplus.
     B_fwd, B_bwd:         (batch, d_state, L) input projection of the scan.
+    delta_mean_fwd, delta_mean_bwd: optional (batch, L), the step size averaged over channels, when
+                          the mixer computed it alongside (see `mean_delta`).
     """
 
     delta_fwd: torch.Tensor
     delta_bwd: torch.Tensor
     B_fwd: torch.Tensor
     B_bwd: torch.Tensor
+    delta_mean_fwd: Optional[torch.Tensor] = None
+    delta_mean_bwd: Optional[torch.Tensor] = None
+
+    def mean_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each token's step size averaged over channels, forward and backward: (batch, L) x2."""
+        if self.delta_mean_fwd is not None and self.delta_mean_bwd is not None:
+            return self.delta_mean_fwd, self.delta_mean_bwd
+        return self.delta_fwd.mean(dim=1), self.delta_bwd.mean(dim=1)
 
 
 class RMSNorm(nn.Module):
@@ -106,9 +116,9 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
         dt_proj.bias._no_reinit = True
 
-    def _branch(self, x: torch.Tensor, suffix: str, reverse: bool):
+    def _branch(self, x: torch.Tensor, suffix: str, reverse: bool, mean_delta: bool = False):
         """One scan direction. x: (batch, L, d_inner) -> y (batch, L, d_inner), delta (batch, L, d_inner),
-        B (batch, L, d_state)."""
+        B (batch, L, d_state), and delta's mean over channels (batch, L) when mean_delta (else None)."""
         conv = getattr(self, "conv1d" + suffix)
         x_proj = getattr(self, "x_proj" + suffix)
         dt_proj = getattr(self, "dt_proj" + suffix)
@@ -118,24 +128,26 @@ class BiMambaMixer(nn.Module):
         u = F.silu(depthwise_conv_along_sequence(x, conv.weight, conv.bias, reverse))
         dt, B, C = torch.split(x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         scan_dtype = torch.promote_types(u.dtype, torch.float32)
-        delta = softplus(F.linear(dt, dt_proj.weight, dt_proj.bias.to(dt.dtype)).to(scan_dtype))
+        dt = F.linear(dt, dt_proj.weight, dt_proj.bias.to(dt.dtype)).to(scan_dtype)
+        delta, delta_mean = softplus_with_row_mean(dt) if mean_delta else (softplus(dt), None)
         A = -torch.exp(a_log.to(scan_dtype))
         y = selective_scan(u.to(scan_dtype), delta.to(scan_dtype), A, B.to(scan_dtype),
                            C.to(scan_dtype), skip.to(scan_dtype), reverse=reverse, impl=self.scan_impl)
-        return y, delta, B
+        return y, delta, B, delta_mean
 
     def forward(self, hidden: torch.Tensor, return_ssm: bool = False):
         """hidden: (batch, L, d_model) -> (batch, L, d_model), plus SSMStats when return_ssm."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        y_f, delta_f, B_f = self._branch(x, "", reverse=False)
-        y_b, delta_b, B_b = self._branch(x, "_b", reverse=True)
+        y_f, delta_f, B_f, mean_f = self._branch(x, "", reverse=False, mean_delta=return_ssm)
+        y_b, delta_b, B_b, mean_b = self._branch(x, "_b", reverse=True, mean_delta=return_ssm)
         y = (y_f + y_b).to(z.dtype) * F.silu(z)
         if self.divide_out:
             y = y * 0.5
         out = self.out_proj(y)
         if not return_ssm:
             return out
-        stats = SSMStats(delta_f.transpose(1, 2), delta_b.transpose(1, 2), B_f.transpose(1, 2), B_b.transpose(1, 2))
+        stats = SSMStats(delta_f.transpose(1, 2), delta_b.transpose(1, 2), B_f.transpose(1, 2), B_b.transpose(1, 2),
+                         mean_f, mean_b)
         return out, stats
 
 

@@ -183,6 +183,10 @@ class VisionMamba(nn.Module):
                 hidden, residual, ssm = block(state.hidden, state.residual, return_ssm=True)
             else:
                 (hidden, residual), ssm = block(state.hidden, state.residual), None
+            if reducer.removal_after(i):
+                # a merge adds the two streams for the next block (TokenState.apply): its stochastic
+                # depth applies now
+                hidden = self.layers[i + 1].drop_path(hidden)
             state = reducer.step(i, state.with_streams(hidden, residual), ssm)
         reducer.last_state = state
         out = self.final_norm(state.hidden, state.residual)

@@ -1,4 +1,4 @@
-"""Selective scan (and softplus) on CPU through the C++ kernels in ``_scan_cpu.cpp``.
+"""CPU kernels in ``_cpu_kernels.cpp``: the selective scan, softplus, and applying a token merge.
 
 The kernel is built with g++ on first use into a cache directory
 (``$MAMBAMERGE_CACHE/<hash>/`` or ``~/.cache/mambamerge/kernels/<hash>/``), the
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-_SOURCE = Path(__file__).with_name("_scan_cpu.cpp")
+_SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
 _CXX = "g++"
 _BLOCK = 16  # channels per task, kBlock in the C++ source
 _COMPILE_FLAGS = (
@@ -46,7 +46,8 @@ _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 7 + [_I64] * 4 + [_INT] * 2 + [_P]
 _BACKWARD_ARGS = [_P] * 13 + [_I64] * 4 + [_INT] * 2 + [_P]
-_SOFTPLUS_ARGS = [_P, _P, _I64, _INT, _P]
+_SOFTPLUS_ARGS = [_P] * 3 + [_I64] * 2 + [_INT, _P]
+_MERGE_ARGS = [_P] * 8 + [_I64] * 5 + [_INT] * 2 + [_P]
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([-.].*)?\.so[.0-9]*$")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -78,7 +79,7 @@ def _build(cxx):
         [source, _run([cxx, "--version"]), *_COMPILE_FLAGS, *_LINK_FLAGS, *_LIBS, _cpu_flags()]
     )
     out_dir = _cache_root() / hashlib.sha256(key.encode()).hexdigest()[:16]
-    lib = out_dir / "_scan_cpu.so"
+    lib = out_dir / "_cpu_kernels.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,9 +104,10 @@ def _load():
             fn = getattr(lib, f"mm_scan_{name}_{suffix}")
             fn.argtypes = args
             fn.restype = _INT
-        fn = getattr(lib, f"mm_softplus_{suffix}")
-        fn.argtypes = _SOFTPLUS_ARGS
-        fn.restype = _INT
+        for name, args in (("softplus", _SOFTPLUS_ARGS), ("merge_apply", _MERGE_ARGS)):
+            fn = getattr(lib, f"mm_{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = _INT
     return lib
 
 
@@ -253,20 +255,38 @@ def selective_scan_compiled(u, delta, A, B, C, D, reverse=False):
     return _SelectiveScan.apply(*args, bool(reverse))
 
 
+def _softplus_call(x, row_mean):
+    """softplus of a contiguous float32/float64 CPU tensor, and the mean over its last dimension of the
+    result when row_mean (else None)."""
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y, (y.mean(-1) if row_mean else None)
+    mean = x.new_empty(x.shape[:-1]) if row_mean else None
+    fn = getattr(_library(), f"mm_softplus_{_SUFFIX[x.dtype]}")
+    status = fn(x.data_ptr(), y.data_ptr(), None if mean is None else mean.data_ptr(), x.numel() // x.shape[-1],
+                x.shape[-1], torch.get_num_threads(), _state["launcher"])
+    if status != 0:
+        raise MemoryError("softplus kernel failed")
+    return y, mean
+
+
 class _Softplus(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        y = torch.empty_like(x)
-        fn = getattr(_library(), f"mm_softplus_{_SUFFIX[x.dtype]}")
-        if fn(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads(), _state["launcher"]) != 0:
-            raise MemoryError("softplus kernel failed")
         ctx.save_for_backward(x)
-        return y
+        return _softplus_call(x, False)[0]
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         return dy * torch.sigmoid(x)
+
+
+def _check_softplus_input(x):
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX:
+        raise ValueError(f"compiled softplus takes CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+    if not available():
+        raise RuntimeError(f"compiled kernels unavailable: {unavailable_reason()}")
 
 
 def softplus_compiled(x):
@@ -275,8 +295,31 @@ def softplus_compiled(x):
     vectorised. Relative error in float32 under 2e-6 for |x| <= 20 and 5e-6 for |x| <= 80 (the argument
     rounding of the float32 exp the scan also uses; CUDA Mamba's fast-math expf is of the same order);
     float64 under 1e-14."""
-    if x.device.type != "cpu" or x.dtype not in _SUFFIX:
-        raise ValueError(f"compiled softplus takes CPU float32/float64 tensors, got {x.dtype} on {x.device}")
-    if not available():
-        raise RuntimeError(f"compiled kernels unavailable: {unavailable_reason()}")
+    _check_softplus_input(x)
     return _Softplus.apply(x.contiguous())
+
+
+def softplus_with_row_mean_compiled(x):
+    """(softplus(x), its mean over the last dimension) from one pass over x, without autograd: the step
+    sizes of a block and each token's mean step size (x: (..., d_inner) -> (...), (...))."""
+    _check_softplus_input(x)
+    return _softplus_call(x.contiguous(), True)
+
+
+def merge_apply_compiled(hidden, residual, rep, assign, movers, targets, weight, mean: bool):
+    """One token-merge step on the sum of two streams, without autograd (mambamerge.merge.state.MergePlan
+    documents the arguments): (B, L, C) streams of one dtype, float32 or float64 (residual may be None)
+    -> (B, L', C). Untouched tokens are residual + hidden bit for bit."""
+    batch, length, channels = hidden.shape
+    new_length, m = rep.shape[1], movers.shape[1]
+    out = hidden.new_empty(batch, new_length, channels)
+    streams = [t.contiguous() for t in (hidden, residual) if t is not None]
+    index = [t.contiguous() for t in (rep, assign, movers, targets)]
+    weight = weight.to(hidden.dtype).contiguous()
+    fn = getattr(_library(), f"mm_merge_apply_{_SUFFIX[hidden.dtype]}")
+    status = fn(streams[1].data_ptr() if residual is not None else None, streams[0].data_ptr(),
+                *_ptrs(*index, weight, out), batch, length, new_length, m, channels, int(mean),
+                torch.get_num_threads(), _state["launcher"])
+    if status != 0:
+        raise MemoryError("merge kernel failed to allocate its buffers")
+    return out

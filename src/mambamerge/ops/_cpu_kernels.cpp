@@ -1,5 +1,5 @@
-// Selective scan on CPU, and the softplus that gives its step sizes: plain C++ (no torch headers),
-// built by compiled.py and loaded with ctypes.
+// CPU kernels: the selective scan, the softplus that gives its step sizes, and the application of a
+// token-merge step. Plain C++ (no torch headers), built by compiled.py and loaded with ctypes.
 //
 // Layouts (row-major, all contiguous):
 //   u, delta, y, dy, du, ddelta: (batch, L, d)
@@ -21,6 +21,7 @@
 #include <cmath>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <exception>
 #include <thread>
 #include <vector>
@@ -323,16 +324,102 @@ inline float softplus_one(float x) {
 }
 inline double softplus_one(double x) { return std::max(x, 0.0) + std::log1p(exp(-std::fabs(x))); }
 
-constexpr int64_t kSoftplusChunk = 16384;  // elements per task
+constexpr int64_t kSoftplusChunk = 16384;  // elements per task, in whole rows
+
+// y = softplus(x) for `rows` rows of `row_len` values; with row_mean, also the mean of each row of y
+// (the token's mean step size over channels), while the row is in cache.
+template <typename T>
+int softplus(const T* x, T* y, T* row_mean, int64_t rows, int64_t row_len, int num_threads,
+             ParallelLauncher launcher) {
+  const int64_t per_task = std::max<int64_t>(1, kSoftplusChunk / row_len);
+  const int64_t n_tasks = (rows + per_task - 1) / per_task;
+  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
+    const int64_t end = std::min(rows, (task + 1) * per_task);
+    for (int64_t row = task * per_task; row < end; ++row) {
+      const T* xr = x + row * row_len;
+      T* yr = y + row * row_len;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < row_len; ++i) {
+        yr[i] = softplus_one(xr[i]);
+        sum += yr[i];
+      }
+      if (row_mean) row_mean[row] = sum / static_cast<T>(row_len);
+    }
+  });
+}
+
+// One token-merge step on the two residual streams of a batch (mambamerge.merge.state.MergePlan):
+// out[b, j] = x[b, rep[b, j]] with x = residual + hidden (hidden alone when residual is null), then
+// every row receiving movers becomes (w_t x_t + sum_k w_k x_k) / denom, t its rep and k its movers,
+// denom = w_t + sum_k w_k ("mean") or w_t ("sum"). Layouts: streams (batch, L, C), out (batch, L', C),
+// rep (batch, L'), assign and weight (batch, L), movers and targets (batch, m). One task per image;
+// scratch: the L' denominators.
+template <typename T>
+struct MergeProblem {
+  const T* residual;
+  const T* hidden;
+  const int64_t* rep;
+  const int64_t* assign;
+  const int64_t* movers;
+  const int64_t* targets;
+  const T* weight;
+  int64_t batch, length, new_length, m, channels;
+  bool mean;
+};
 
 template <typename T>
-int softplus(const T* x, T* y, int64_t n, int num_threads, ParallelLauncher launcher) {
-  const int64_t n_tasks = (n + kSoftplusChunk - 1) / kSoftplusChunk;
-  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
-    const int64_t end = std::min(n, (task + 1) * kSoftplusChunk);
-#pragma omp simd
-    for (int64_t i = task * kSoftplusChunk; i < end; ++i) y[i] = softplus_one(x[i]);
-  });
+void merge_image(const MergeProblem<T>& p, int64_t b, T* out, T* denom) {
+  const int64_t C = p.channels;
+  const T* res = p.residual ? p.residual + b * p.length * C : nullptr;
+  const T* hid = p.hidden + b * p.length * C;
+  T* o = out + b * p.new_length * C;
+  // dst = scale * x[i] (scale 1: a plain copy of the sum, bit for bit as residual + hidden)
+  auto put = [&](int64_t i, T* dst, T scale) {
+    const T* h = hid + i * C;
+    if (res) {
+      const T* r = res + i * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = (r[c] + h[c]) * scale;
+    } else {
+      for (int64_t c = 0; c < C; ++c) dst[c] = h[c] * scale;
+    }
+  };
+  auto add = [&](int64_t i, T* dst, T scale) {
+    const T* h = hid + i * C;
+    if (res) {
+      const T* r = res + i * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] += (r[c] + h[c]) * scale;
+    } else {
+      for (int64_t c = 0; c < C; ++c) dst[c] += h[c] * scale;
+    }
+  };
+  const int64_t* rep = p.rep + b * p.new_length;
+  for (int64_t j = 0; j < p.new_length; ++j) put(rep[j], o + j * C, T(1));
+  if (p.m == 0) return;
+  const int64_t* assign = p.assign + b * p.length;
+  const int64_t* movers = p.movers + b * p.m;
+  const int64_t* targets = p.targets + b * p.m;
+  const T* w = p.weight + b * p.length;
+  for (int64_t k = 0; k < p.m; ++k) denom[assign[targets[k]]] = w[targets[k]];
+  if (p.mean) {
+    for (int64_t k = 0; k < p.m; ++k) denom[assign[targets[k]]] += w[movers[k]];
+  }
+  const T tiny = std::numeric_limits<T>::min();
+  // a row receiving several movers is rewritten once per mover, to the same value
+  for (int64_t k = 0; k < p.m; ++k) {
+    const int64_t j = assign[targets[k]];
+    put(targets[k], o + j * C, w[targets[k]] / std::max(denom[j], tiny));
+  }
+  for (int64_t k = 0; k < p.m; ++k) {
+    const int64_t j = assign[targets[k]];
+    add(movers[k], o + j * C, w[movers[k]] / std::max(denom[j], tiny));
+  }
+}
+
+template <typename T>
+int merge_apply(const MergeProblem<T>& p, T* out, int num_threads, ParallelLauncher launcher) {
+  return run_tasks<T>(p.batch, num_threads, launcher, p.new_length,
+                      [&](int64_t b, T* denom) { merge_image(p, b, out, denom); });
 }
 
 }  // namespace
@@ -354,9 +441,19 @@ int softplus(const T* x, T* y, int64_t n, int num_threads, ParallelLauncher laun
     const Grads<T> g{dy, du, ddelta, dA, dB, dC, dD};                                           \
     return scan_backward(p, g, num_threads, launcher);                                          \
   }                                                                                             \
-  extern "C" int mm_softplus_##SUFFIX(const T* x, T* y, int64_t n, int num_threads,             \
+  extern "C" int mm_softplus_##SUFFIX(const T* x, T* y, T* row_mean, int64_t rows,              \
+                                      int64_t row_len, int num_threads,                         \
                                       ParallelLauncher launcher) {                              \
-    return softplus(x, y, n, num_threads, launcher);                                            \
+    return softplus(x, y, row_mean, rows, row_len, num_threads, launcher);                      \
+  }                                                                                             \
+  extern "C" int mm_merge_apply_##SUFFIX(                                                       \
+      const T* residual, const T* hidden, const int64_t* rep, const int64_t* assign,            \
+      const int64_t* movers, const int64_t* targets, const T* weight, T* out, int64_t batch,    \
+      int64_t length, int64_t new_length, int64_t m, int64_t channels, int mean,                \
+      int num_threads, ParallelLauncher launcher) {                                             \
+    const MergeProblem<T> p{residual, hidden, rep,   assign,     movers, targets,  weight,      \
+                            batch,    length, new_length, m, channels, mean != 0};              \
+    return merge_apply(p, out, num_threads, launcher);                                          \
   }
 
 MM_SCAN_ENTRY_POINTS(float, f32)
