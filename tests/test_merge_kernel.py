@@ -1,0 +1,80 @@
+"""The compiled merge step and step-size means (inference) against the differentiable torch path."""
+import pytest
+import torch
+
+import mambamerge
+from mambamerge.merge import METHODS
+from mambamerge.merge.state import MergePlan, plan_from_selection
+from mambamerge.ops import compiled, softplus_with_row_mean
+from test_merge_properties import VARIANTS, small_model
+
+needs_compiled = pytest.mark.skipif(not compiled.available(), reason=f"{compiled.unavailable_reason()}")
+CASES = [(m, o) for m in sorted(METHODS) for o in VARIANTS.get(m, [{}])]
+
+
+def torch_path(plan: MergePlan, hidden, residual):
+    return plan.combine(hidden if residual is None else residual + hidden)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_kernel_equals_torch_path_with_several_movers_per_token(dtype, mode, with_residual):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 12, 7, generator=gen, dtype=dtype)
+    residual = torch.randn(2, 12, 7, generator=gen, dtype=dtype) if with_residual else None
+    weight = torch.rand(2, 12, generator=gen) + 0.1
+    src = torch.tensor([[1, 2, 3, 9], [0, 11, 5, 6]])
+    dst = torch.tensor([[4, 4, 4, 10], [7, 7, 7, 7]])  # three and four tokens merging into one
+    plan = plan_from_selection(12, src, dst, weight, mode=mode)
+    got = compiled.merge_apply_compiled(hidden, residual, plan.rep, plan.assign, plan.movers, plan.targets,
+                                        plan.weight, mode == "mean")
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got, torch_path(plan, hidden, residual), rtol=tol, atol=tol)
+    tokens = hidden if residual is None else residual + hidden
+    untouched = [j for j, old in enumerate(plan.rep[0].tolist()) if old not in (4, 10)]
+    assert torch.equal(got[0, untouched], tokens[0, plan.rep[0, untouched]])
+
+
+@needs_compiled
+def test_kernel_handles_pruning_and_empty_steps():
+    hidden, residual = torch.randn(3, 9, 5), torch.randn(3, 9, 5)
+    plan = plan_from_selection(9, torch.tensor([[0, 8], [1, 2], [3, 7]]), None, torch.ones(3, 9))
+    got = compiled.merge_apply_compiled(hidden, residual, plan.rep, plan.assign, plan.movers, plan.targets,
+                                        plan.weight, True)
+    assert torch.equal(got, torch_path(plan, hidden, residual))
+
+
+@needs_compiled
+@pytest.mark.parametrize("method,options", CASES)
+def test_inference_path_equals_the_differentiable_one(method, options):
+    """The same patched model with and without gradients: compiled merge kernel and step-size means
+    from the softplus pass against torch's operations."""
+    model = small_model(grid=6, depth=4, dim=16, seed=3)
+    images = torch.randn(2, 3, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = mambamerge.patch(model, method, schedule=[0, 9, 6, 4], **options)(images)
+    # patched afresh: random pruning draws the same tokens again
+    slow = mambamerge.patch(model, method, schedule=[0, 9, 6, 4], **options)(images.requires_grad_())
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-10, atol=1e-10)
+
+
+@needs_compiled
+def test_softplus_row_mean():
+    x = torch.randn(3, 50, 384) * 3 - 2
+    y, mean = softplus_with_row_mean(x)
+    torch.testing.assert_close(y, torch.nn.functional.softplus(x), rtol=2e-6, atol=0)
+    torch.testing.assert_close(mean, y.mean(dim=-1), rtol=1e-6, atol=0)
+    grad_x = x.clone().requires_grad_()
+    y, mean = softplus_with_row_mean(grad_x)  # needs a gradient: differentiable torch operations
+    mean.sum().backward()
+    torch.testing.assert_close(grad_x.grad, torch.sigmoid(x) / 384)
+
+
+def test_mixer_reports_the_mean_step_size(tiny_model):
+    tokens = tiny_model.embed(torch.randn(2, 3, *tiny_model.cfg.img_size))
+    with torch.no_grad():
+        _, _, ssm = tiny_model.layers[0](tokens, None, return_ssm=True)
+    for mean, delta in zip(ssm.mean_delta(), (ssm.delta_fwd, ssm.delta_bwd)):
+        torch.testing.assert_close(mean, delta.mean(dim=1), rtol=1e-6, atol=1e-7)
