@@ -20,6 +20,8 @@ VARIANTS = [
     ("mame", {"weight": "size"}),
     ("mame", {"placement": "important"}),
     ("mame", {"feature": "hidden"}),
+    ("mame", {"sources": "most_delta"}),
+    ("mame", {"sources": "random"}),
     ("stm", {}),
     ("stm", {"w_protect": 0}),
     ("stm", {"w_protect": 8}),

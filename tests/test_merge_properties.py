@@ -15,7 +15,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 # non-default options worth covering; every other method runs with its defaults
 VARIANTS = {
     "mame": [{}, {"match": "window", "window": 1}, {"match": "bipartite"}, {"placement": "important"},
-             {"weight": "size", "feature": "hidden"}],
+             {"weight": "size", "feature": "hidden"}, {"sources": "most_delta", "match": "window"}],
     "stm": [{}, {"mode": "sum"}, {"weight": "size"}, {"fading": 1.0, "w_protect": 0}],
 }
 

@@ -33,6 +33,10 @@ class MaMe(ReductionMethod):
     placement: "destination" (default; the merged token keeps the destination's slot) or "important"
         (the slot of its most important member).
     feature: "residual" (default; the stream the next block normalises) or "hidden".
+    sources: which tokens leave for match="global"/"window": "least_delta" (default, the paper's idea:
+        the r least important by s), or, to measure what the Δ ranking is worth, "most_delta" (the r
+        most important) or "random" (r drawn at random with `seed`; matching and weights unchanged).
+    seed: generator seed for sources="random" (default 0).
     """
 
     match: str = "global"
@@ -41,6 +45,8 @@ class MaMe(ReductionMethod):
     weight: str = "size_delta"
     placement: str = "destination"
     feature: str = "residual"
+    sources: str = "least_delta"
+    seed: int = 0
 
     name = "mame"
     needs_ssm = True
@@ -54,7 +60,10 @@ class MaMe(ReductionMethod):
             raise ValueError(f"mame: placement must be 'destination' or 'important', got {self.placement!r}")
         if self.window < 1:
             raise ValueError(f"mame: window must be >= 1, got {self.window}")
+        if self.sources not in ("least_delta", "most_delta", "random"):
+            raise ValueError(f"mame: sources must be 'least_delta', 'most_delta' or 'random', got {self.sources!r}")
         check_feature(self.feature)
+        self._generator = torch.Generator().manual_seed(self.seed)
 
     def capacity(self, length: int) -> int:
         if self.match == "bipartite":
@@ -75,11 +84,19 @@ class MaMe(ReductionMethod):
         if self.match == "bipartite":
             src, dst = self._bipartite(feat, score, cls, r)
         else:
-            src = least(score, cls, r)  # (B, r)
+            src = least(self._source_rank(score), cls, r)  # (B, r)
             dst = self._destinations(feat, src, cls)
         w = state.size * (score if self.weight == "size_delta" else 1.0)
         plan = plan_from_selection(state.length, src, dst, w)
         return plan.with_slots_at(score) if self.placement == "important" else plan
+
+    def _source_rank(self, score):
+        """(B, L) -> the key whose r smallest non-class entries leave."""
+        if self.sources == "most_delta":
+            return -score
+        if self.sources == "random":
+            return torch.rand(score.shape, generator=self._generator).to(score.device)
+        return score
 
     def _destinations(self, feat, src, cls):
         """Most cosine-similar surviving non-class token for each leaving token. feat (B, L, D), src (B, r).

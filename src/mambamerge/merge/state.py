@@ -113,9 +113,11 @@ class MergePlan:
         """The plan applied to residual + hidden (hidden alone when residual is None): (B, L, C) -> (B, L', C).
         On CPU, in float32/float64 and where no gradient is needed, one call to the compiled kernel
         (about 30 small torch operations fewer per step); elsewhere `combine` on the sum."""
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or (residual is not None and residual.requires_grad))
-        if (not needs_grad and hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
-                and (residual is None or residual.dtype == hidden.dtype) and compiled.available()):
+        streams = [t for t in (hidden, residual) if t is not None]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in streams)
+        one_dtype = all(t.dtype == hidden.dtype for t in streams)
+        if (not needs_grad and one_dtype and hidden.device.type == "cpu"
+                and hidden.dtype in (torch.float32, torch.float64) and compiled.available()):
             return compiled.merge_apply_compiled(hidden, residual, self.rep, self.assign, self.movers, self.targets,
                                                  self.weight, self.mode == "mean")
         return self.combine(hidden if residual is None else residual + hidden)
