@@ -28,10 +28,12 @@ def test_kernel_equals_torch_path_with_several_movers_per_token(dtype, mode, wit
     src = torch.tensor([[1, 2, 3, 9], [0, 11, 5, 6]])
     dst = torch.tensor([[4, 4, 4, 10], [7, 7, 7, 7]])  # three and four tokens merging into one
     plan = plan_from_selection(12, src, dst, weight, mode=mode)
-    got = compiled.merge_apply_compiled(hidden, residual, plan.rep, plan.assign, plan.movers, plan.targets,
-                                        plan.weight, mode == "mean")
+    size = torch.randint(1, 5, (2, 12), generator=gen).float()
+    got, new_size = compiled.merge_apply_compiled(hidden, residual, size, plan.rep, plan.assign, plan.movers,
+                                                  plan.targets, plan.weight, mode == "mean")
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(got, torch_path(plan, hidden, residual), rtol=tol, atol=tol)
+    assert torch.equal(new_size, plan.add_up(size))
     tokens = hidden if residual is None else residual + hidden
     untouched = [j for j, old in enumerate(plan.rep[0].tolist()) if old not in (4, 10)]
     assert torch.equal(got[0, untouched], tokens[0, plan.rep[0, untouched]])
@@ -41,9 +43,10 @@ def test_kernel_equals_torch_path_with_several_movers_per_token(dtype, mode, wit
 def test_kernel_handles_pruning_and_empty_steps():
     hidden, residual = torch.randn(3, 9, 5), torch.randn(3, 9, 5)
     plan = plan_from_selection(9, torch.tensor([[0, 8], [1, 2], [3, 7]]), None, torch.ones(3, 9))
-    got = compiled.merge_apply_compiled(hidden, residual, plan.rep, plan.assign, plan.movers, plan.targets,
-                                        plan.weight, True)
-    assert torch.equal(got, torch_path(plan, hidden, residual))
+    size = torch.arange(27.0).view(3, 9)
+    got, new_size = compiled.merge_apply_compiled(hidden, residual, size, plan.rep, plan.assign, plan.movers,
+                                                  plan.targets, plan.weight, True)
+    assert torch.equal(got, torch_path(plan, hidden, residual)) and torch.equal(new_size, plan.add_up(size))
 
 
 @needs_compiled

@@ -114,12 +114,12 @@ class STM(ReductionMethod):
         # an odd r gives its extra merge to the longer side, so the sides never drift apart
         left_len = int(state.cls_index.min())
         r_left = r // 2 + (r % 2 if left_len > length - 1 - left_len else 0)
+        sides = torch.isfinite(score).view(batch, 2, n_k).sum(dim=2).amin(dim=0).tolist()  # per side, worst image
         picks = []
-        for offset, count in ((0, r_left), (n_k, r - r_left)):
+        for offset, count, available in ((0, r_left, sides[0]), (n_k, r - r_left, sides[1])):
             if count == 0:
                 continue
             side_score = score[:, offset:offset + n_k]
-            available = int(torch.isfinite(side_score).sum(dim=1).min())
             if count > available:
                 raise ValueError(f"stm: {count} merges asked on one side of the class token but only {available} "
                                  f"adjacent pairs are available outside the protected window (w_protect="

@@ -352,9 +352,9 @@ int softplus(const T* x, T* y, T* row_mean, int64_t rows, int64_t row_len, int n
 // One token-merge step on the two residual streams of a batch (mambamerge.merge.state.MergePlan):
 // out[b, j] = x[b, rep[b, j]] with x = residual + hidden (hidden alone when residual is null), then
 // every row receiving movers becomes (w_t x_t + sum_k w_k x_k) / denom, t its rep and k its movers,
-// denom = w_t + sum_k w_k ("mean") or w_t ("sum"). Layouts: streams (batch, L, C), out (batch, L', C),
-// rep (batch, L'), assign and weight (batch, L), movers and targets (batch, m). One task per image;
-// scratch: the L' denominators.
+// denom = w_t + sum_k w_k ("mean") or w_t ("sum"); the token sizes of the members add up. Layouts:
+// streams (batch, L, C), out (batch, L', C), rep and size_out (batch, L'), assign, weight and size
+// (batch, L), movers and targets (batch, m). One task per image; scratch: the L' denominators.
 template <typename T>
 struct MergeProblem {
   const T* residual;
@@ -364,12 +364,13 @@ struct MergeProblem {
   const int64_t* movers;
   const int64_t* targets;
   const T* weight;
+  const float* size;
   int64_t batch, length, new_length, m, channels;
   bool mean;
 };
 
 template <typename T>
-void merge_image(const MergeProblem<T>& p, int64_t b, T* out, T* denom) {
+void merge_image(const MergeProblem<T>& p, int64_t b, T* out, float* size_out, T* denom) {
   const int64_t C = p.channels;
   const T* res = p.residual ? p.residual + b * p.length * C : nullptr;
   const T* hid = p.hidden + b * p.length * C;
@@ -394,11 +395,17 @@ void merge_image(const MergeProblem<T>& p, int64_t b, T* out, T* denom) {
     }
   };
   const int64_t* rep = p.rep + b * p.new_length;
-  for (int64_t j = 0; j < p.new_length; ++j) put(rep[j], o + j * C, T(1));
+  const float* size = p.size + b * p.length;
+  float* new_size = size_out + b * p.new_length;
+  for (int64_t j = 0; j < p.new_length; ++j) {
+    put(rep[j], o + j * C, T(1));
+    new_size[j] = size[rep[j]];
+  }
   if (p.m == 0) return;
   const int64_t* assign = p.assign + b * p.length;
   const int64_t* movers = p.movers + b * p.m;
   const int64_t* targets = p.targets + b * p.m;
+  for (int64_t k = 0; k < p.m; ++k) new_size[assign[targets[k]]] += size[movers[k]];
   const T* w = p.weight + b * p.length;
   for (int64_t k = 0; k < p.m; ++k) denom[assign[targets[k]]] = w[targets[k]];
   if (p.mean) {
@@ -417,9 +424,9 @@ void merge_image(const MergeProblem<T>& p, int64_t b, T* out, T* denom) {
 }
 
 template <typename T>
-int merge_apply(const MergeProblem<T>& p, T* out, int num_threads, ParallelLauncher launcher) {
+int merge_apply(const MergeProblem<T>& p, T* out, float* size_out, int num_threads, ParallelLauncher launcher) {
   return run_tasks<T>(p.batch, num_threads, launcher, p.new_length,
-                      [&](int64_t b, T* denom) { merge_image(p, b, out, denom); });
+                      [&](int64_t b, T* denom) { merge_image(p, b, out, size_out, denom); });
 }
 
 }  // namespace
@@ -448,12 +455,12 @@ int merge_apply(const MergeProblem<T>& p, T* out, int num_threads, ParallelLaunc
   }                                                                                             \
   extern "C" int mm_merge_apply_##SUFFIX(                                                       \
       const T* residual, const T* hidden, const int64_t* rep, const int64_t* assign,            \
-      const int64_t* movers, const int64_t* targets, const T* weight, T* out, int64_t batch,    \
-      int64_t length, int64_t new_length, int64_t m, int64_t channels, int mean,                \
-      int num_threads, ParallelLauncher launcher) {                                             \
-    const MergeProblem<T> p{residual, hidden, rep,   assign,     movers, targets,  weight,      \
-                            batch,    length, new_length, m, channels, mean != 0};              \
-    return merge_apply(p, out, num_threads, launcher);                                          \
+      const int64_t* movers, const int64_t* targets, const T* weight, const float* size, T* out, \
+      float* size_out, int64_t batch, int64_t length, int64_t new_length, int64_t m,           \
+      int64_t channels, int mean, int num_threads, ParallelLauncher launcher) {                 \
+    const MergeProblem<T> p{residual, hidden, rep,    assign, movers,     targets, weight,      \
+                            size,     batch,  length, new_length, m, channels, mean != 0};      \
+    return merge_apply(p, out, size_out, num_threads, launcher);                                \
   }
 
 MM_SCAN_ENTRY_POINTS(float, f32)

@@ -47,7 +47,7 @@ _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 7 + [_I64] * 4 + [_INT] * 2 + [_P]
 _BACKWARD_ARGS = [_P] * 13 + [_I64] * 4 + [_INT] * 2 + [_P]
 _SOFTPLUS_ARGS = [_P] * 3 + [_I64] * 2 + [_INT, _P]
-_MERGE_ARGS = [_P] * 8 + [_I64] * 5 + [_INT] * 2 + [_P]
+_MERGE_ARGS = [_P] * 10 + [_I64] * 5 + [_INT] * 2 + [_P]
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([-.].*)?\.so[.0-9]*$")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -306,20 +306,22 @@ def softplus_with_row_mean_compiled(x):
     return _softplus_call(x.contiguous(), True)
 
 
-def merge_apply_compiled(hidden, residual, rep, assign, movers, targets, weight, mean: bool):
-    """One token-merge step on the sum of two streams, without autograd (mambamerge.merge.state.MergePlan
-    documents the arguments): (B, L, C) streams of one dtype, float32 or float64 (residual may be None)
-    -> (B, L', C). Untouched tokens are residual + hidden bit for bit."""
+def merge_apply_compiled(hidden, residual, size, rep, assign, movers, targets, weight, mean: bool):
+    """One token-merge step on the sum of two streams and on the token sizes, without autograd
+    (mambamerge.merge.state.MergePlan documents the arguments): (B, L, C) streams of one dtype, float32
+    or float64 (residual may be None), float32 sizes (B, L) -> (B, L', C), (B, L'). Untouched tokens are
+    residual + hidden bit for bit."""
     batch, length, channels = hidden.shape
     new_length, m = rep.shape[1], movers.shape[1]
     out = hidden.new_empty(batch, new_length, channels)
+    size_out = size.new_empty(batch, new_length)
     streams = [t.contiguous() for t in (hidden, residual) if t is not None]
     index = [t.contiguous() for t in (rep, assign, movers, targets)]
     weight = weight.to(hidden.dtype).contiguous()
     fn = getattr(_library(), f"mm_merge_apply_{_SUFFIX[hidden.dtype]}")
     status = fn(streams[1].data_ptr() if residual is not None else None, streams[0].data_ptr(),
-                *_ptrs(*index, weight, out), batch, length, new_length, m, channels, int(mean),
-                torch.get_num_threads(), _state["launcher"])
+                *_ptrs(*index, weight, size.contiguous(), out, size_out), batch, length, new_length, m, channels,
+                int(mean), torch.get_num_threads(), _state["launcher"])
     if status != 0:
         raise MemoryError("merge kernel failed to allocate its buffers")
-    return out
+    return out, size_out
