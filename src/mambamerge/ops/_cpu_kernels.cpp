@@ -375,30 +375,20 @@ void merge_image(const MergeProblem<T>& p, int64_t b, T* out, float* size_out, T
   const T* res = p.residual ? p.residual + b * p.length * C : nullptr;
   const T* hid = p.hidden + b * p.length * C;
   T* o = out + b * p.new_length * C;
-  // dst = scale * x[i] (scale 1: a plain copy of the sum, bit for bit as residual + hidden)
-  auto put = [&](int64_t i, T* dst, T scale) {
+  // dst = scale * x[i], or dst += scale * x[i] (scale 1: a plain copy, bit for bit residual + hidden)
+  auto row = [&](int64_t i, T* dst, T scale, bool accumulate) {
     const T* h = hid + i * C;
-    if (res) {
-      const T* r = res + i * C;
-      for (int64_t c = 0; c < C; ++c) dst[c] = (r[c] + h[c]) * scale;
-    } else {
-      for (int64_t c = 0; c < C; ++c) dst[c] = h[c] * scale;
-    }
-  };
-  auto add = [&](int64_t i, T* dst, T scale) {
-    const T* h = hid + i * C;
-    if (res) {
-      const T* r = res + i * C;
-      for (int64_t c = 0; c < C; ++c) dst[c] += (r[c] + h[c]) * scale;
-    } else {
-      for (int64_t c = 0; c < C; ++c) dst[c] += h[c] * scale;
+    const T* r = res ? res + i * C : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = (r ? r[c] + h[c] : h[c]) * scale;
+      dst[c] = accumulate ? dst[c] + v : v;
     }
   };
   const int64_t* rep = p.rep + b * p.new_length;
   const float* size = p.size + b * p.length;
   float* new_size = size_out + b * p.new_length;
   for (int64_t j = 0; j < p.new_length; ++j) {
-    put(rep[j], o + j * C, T(1));
+    row(rep[j], o + j * C, T(1), false);
     new_size[j] = size[rep[j]];
   }
   if (p.m == 0) return;
@@ -415,11 +405,11 @@ void merge_image(const MergeProblem<T>& p, int64_t b, T* out, float* size_out, T
   // a row receiving several movers is rewritten once per mover, to the same value
   for (int64_t k = 0; k < p.m; ++k) {
     const int64_t j = assign[targets[k]];
-    put(targets[k], o + j * C, w[targets[k]] / std::max(denom[j], tiny));
+    row(targets[k], o + j * C, w[targets[k]] / std::max(denom[j], tiny), false);
   }
   for (int64_t k = 0; k < p.m; ++k) {
     const int64_t j = assign[targets[k]];
-    add(movers[k], o + j * C, w[movers[k]] / std::max(denom[j], tiny));
+    row(movers[k], o + j * C, w[movers[k]] / std::max(denom[j], tiny), true);
   }
 }
 
