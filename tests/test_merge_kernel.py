@@ -81,3 +81,28 @@ def test_mixer_reports_the_mean_step_size(tiny_model):
         _, _, ssm = tiny_model.layers[0](tokens, None, return_ssm=True)
     for mean, delta in zip(ssm.mean_delta(), (ssm.delta_fwd, ssm.delta_bwd)):
         torch.testing.assert_close(mean, delta.mean(dim=1), rtol=1e-6, atol=1e-7)
+
+
+@needs_compiled
+@pytest.mark.parametrize("merging", [True, False])
+def test_compiled_plan_equals_torch_plan(monkeypatch, merging):
+    gen = torch.Generator().manual_seed(5)
+    for length, r in [(2, 1), (9, 4), (197, 98), (50, 0)]:
+        src = torch.stack([torch.randperm(length, generator=gen)[:r] for _ in range(3)])
+        survivors = [sorted(set(range(length)) - set(row.tolist())) for row in src]
+        dst = torch.tensor([[s[int(i)] for i in torch.randint(len(s), (r,), generator=gen)] for s in survivors])
+        dst = dst.view(3, r) if merging else None
+        weight = torch.rand(3, length, generator=gen)
+        fast = plan_from_selection(length, src, dst, weight)
+        with monkeypatch.context() as m:
+            m.setattr(compiled, "available", lambda: False)
+            slow = plan_from_selection(length, src, dst, weight)
+        assert torch.equal(fast.rep, slow.rep) and torch.equal(fast.assign, slow.assign)
+
+
+@needs_compiled
+def test_compiled_plan_rejects_inconsistent_selections():
+    with pytest.raises(ValueError, match="distinct tokens"):
+        plan_from_selection(5, torch.tensor([[1, 1]]), None, torch.ones(1, 5))
+    with pytest.raises(ValueError, match="survivors"):
+        plan_from_selection(5, torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), torch.ones(1, 5))

@@ -201,14 +201,18 @@ def plan_from_selection(length: int, src: torch.Tensor, dst: Optional[torch.Tens
     """
     batch, r = src.shape
     device = src.device
-    keep = torch.ones(batch, length, dtype=torch.bool, device=device).scatter_(1, src, False)
-    survivors = keep.nonzero()[:, 1].view(batch, length - r)
-    if order is not None:
-        survivors = survivors.gather(1, order)
-    assign = torch.full((batch, length), DROP, dtype=torch.long, device=device)
-    assign.scatter_(1, survivors, torch.arange(length - r, device=device).expand(batch, -1))
+    if order is None and device.type == "cpu" and compiled.available():
+        survivors, assign = compiled.plan_from_selection_compiled(src, dst, length)
+    else:
+        keep = torch.ones(batch, length, dtype=torch.bool, device=device).scatter_(1, src, False)
+        survivors = keep.nonzero()[:, 1].view(batch, length - r)
+        if order is not None:
+            survivors = survivors.gather(1, order)
+        assign = torch.full((batch, length), DROP, dtype=torch.long, device=device)
+        assign.scatter_(1, survivors, torch.arange(length - r, device=device).expand(batch, -1))
+        if dst is not None:
+            assign.scatter_(1, src, assign.gather(1, dst))
     if dst is None:
         return MergePlan(rep=survivors, assign=assign, weight=weight, movers=src[:, :0], targets=src[:, :0],
                          mode=mode)
-    assign.scatter_(1, src, assign.gather(1, dst))
     return MergePlan(rep=survivors, assign=assign, weight=weight, movers=src, targets=dst, mode=mode)

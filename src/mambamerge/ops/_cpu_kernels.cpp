@@ -1,5 +1,5 @@
-// CPU kernels: the selective scan, the softplus that gives its step sizes, and the application of a
-// token-merge step. Plain C++ (no torch headers), built by compiled.py and loaded with ctypes.
+// CPU kernels: the selective scan, the softplus that gives its step sizes, and the planning and
+// application of a token-merge step. Plain C++ (no torch headers), built by compiled.py and loaded with ctypes.
 //
 // Layouts (row-major, all contiguous):
 //   u, delta, y, dy, du, ddelta: (batch, L, d)
@@ -419,7 +419,43 @@ int merge_apply(const MergeProblem<T>& p, T* out, float* size_out, int num_threa
                       [&](int64_t b, T* denom) { merge_image(p, b, out, size_out, denom); });
 }
 
+// The plan of a step from the tokens that leave (mambamerge.merge.state.plan_from_selection, survivors
+// in their current order): src (batch, r) leaving tokens, dst (batch, r) the survivor each joins or null
+// for pruning -> rep (batch, L - r) the survivors in ascending order, assign (batch, L) each token's new
+// index (-1: dropped). Returns 1 if src is not r distinct tokens of [0, L) or a dst is not a survivor.
+int plan_from_selection(const int64_t* src, const int64_t* dst, int64_t* rep, int64_t* assign,
+                        int64_t batch, int64_t length, int64_t r) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* s = src + b * r;
+    int64_t* a = assign + b * length;
+    int64_t* out = rep + b * (length - r);
+    std::fill(a, a + length, 0);
+    for (int64_t k = 0; k < r; ++k) {
+      if (s[k] < 0 || s[k] >= length || a[s[k]] != 0) return 1;
+      a[s[k]] = -1;
+    }
+    for (int64_t i = 0, j = 0; i < length; ++i) {
+      if (a[i] == 0) {
+        a[i] = j;
+        out[j++] = i;
+      }
+    }
+    if (!dst) continue;
+    const int64_t* d = dst + b * r;
+    for (int64_t k = 0; k < r; ++k) {
+      if (d[k] < 0 || d[k] >= length || a[d[k]] < 0) return 1;
+    }
+    for (int64_t k = 0; k < r; ++k) a[s[k]] = a[d[k]];
+  }
+  return 0;
+}
+
 }  // namespace
+
+extern "C" int mm_plan_from_selection(const int64_t* src, const int64_t* dst, int64_t* rep, int64_t* assign,
+                                      int64_t batch, int64_t length, int64_t r) {
+  return plan_from_selection(src, dst, rep, assign, batch, length, r);
+}
 
 #define MM_SCAN_ENTRY_POINTS(T, SUFFIX)                                                         \
   extern "C" int mm_scan_forward_##SUFFIX(const T* u, const T* delta, const T* At, const T* B,  \

@@ -108,6 +108,8 @@ def _load():
             fn = getattr(lib, f"mm_{name}_{suffix}")
             fn.argtypes = args
             fn.restype = _INT
+    lib.mm_plan_from_selection.argtypes = [_P] * 4 + [_I64] * 3
+    lib.mm_plan_from_selection.restype = _INT
     return lib
 
 
@@ -325,3 +327,18 @@ def merge_apply_compiled(hidden, residual, size, rep, assign, movers, targets, w
     if status != 0:
         raise MemoryError("merge kernel failed to allocate its buffers")
     return out, size_out
+
+
+def plan_from_selection_compiled(src, dst, length: int):
+    """rep (B, L - r), the survivors in ascending order, and assign (B, L), each token's new index or -1,
+    from src (B, r) the tokens that leave and dst (B, r) the survivor each joins (None: dropped); CPU
+    int64 tensors."""
+    batch, r = src.shape
+    rep = src.new_empty(batch, length - r)
+    assign = src.new_empty(batch, length)
+    index = [t.contiguous() for t in (src, dst) if t is not None]
+    status = _library().mm_plan_from_selection(index[0].data_ptr(), index[1].data_ptr() if dst is not None else None,
+                                               rep.data_ptr(), assign.data_ptr(), batch, length, r)
+    if status != 0:
+        raise ValueError("plan_from_selection: src must hold distinct tokens of the sequence and dst survivors")
+    return rep, assign
