@@ -63,4 +63,4 @@ def stream(state: TokenState, feature: str) -> torch.Tensor:
     """The stream a method compares tokens on, in float32 or wider: "residual" (the running sum the
     block just run normalised) or "hidden" (that block's output)."""
     x = state.residual if feature == "residual" and state.residual is not None else state.hidden
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
