@@ -1,4 +1,4 @@
-"""The accuracy plot of a sweep: top-1 vs GFLOPs and vs measured throughput, one curve per method.
+"""The accuracy plot of a sweep: top-1 vs GFLOPs and vs measured speed-up, one curve per method.
 
 Drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global backend change).
 """
@@ -14,11 +14,13 @@ MARKERS = "osD^v<>Ph"
 
 def accuracy_png(rows: List[dict], title: str, throughput_label: str) -> bytes:
     """PNG bytes of two panels sharing the top-1 axis: accuracy vs GFLOPs (one direction, merge
-    overhead included) and accuracy vs measured images/s. rows: result rows with status "ok" (method,
-    target_reduction, top1, gflops_total_one_direction, images_per_s); the "dense" row is drawn as a
-    star with a dotted line at its accuracy, every other method as one curve through its reductions.
-    The GFLOPs panel names the target reductions on a top axis, the throughput panel (where noise
-    moves points sideways) beside each point.
+    overhead included) and accuracy vs measured speed-up over the dense model. rows: result rows with
+    status "ok" (method, target_reduction, top1, gflops_total_one_direction, speedup); the "dense" row
+    is drawn as a star with a dotted line at its accuracy, every other method as one curve through its
+    reductions. The speed-up of each row is against the dense forward timed interleaved with it, so
+    it survives the drift of a shared machine that absolute images/s measured minutes apart do not.
+    The GFLOPs panel names the target reductions on a top axis, the speed-up panel (where noise moves
+    points sideways) beside each point.
     throughput_label: how the throughput was measured (batch, device), for the x axis."""
     dense = next(row for row in rows if row["method"] == "dense")
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
@@ -27,7 +29,7 @@ def accuracy_png(rows: List[dict], title: str, throughput_label: str) -> bytes:
     axes = fig.subplots(1, 2, sharey=True)
     panels = [(axes[0], "gflops_total_one_direction",
                "GFLOPs per image (GMACs, one scan direction, incl. merge): lower is cheaper"),
-              (axes[1], "images_per_s", f"measured throughput (images/s; {throughput_label}): higher is faster")]
+              (axes[1], "speedup", f"measured speed-up over dense (x; {throughput_label}): higher is faster")]
     for ax, key, xlabel in panels:
         for index, method in enumerate(methods):
             colour, marker = f"C{index % 10}", MARKERS[index % len(MARKERS)]
@@ -35,7 +37,7 @@ def accuracy_png(rows: List[dict], title: str, throughput_label: str) -> bytes:
                             if row["method"] == method)
             xs, ys, _ = zip(*points)
             ax.plot(xs, ys, marker=marker, color=colour, label=method, linewidth=1.5, markersize=6)
-            if key == "images_per_s":  # on the GFLOPs panel the top axis names the reductions
+            if key == "speedup":  # on the GFLOPs panel the top axis names the reductions
                 for x, y, target in points:
                     ax.annotate(f"{target:.0%}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7,
                                 color=colour)
