@@ -4,7 +4,7 @@ import torch
 
 import mambamerge
 from mambamerge.merge import METHODS
-from mambamerge.merge.state import MergePlan, plan_from_selection
+from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
 from mambamerge.ops import compiled, softplus_with_row_mean
 from test_merge_properties import VARIANTS, small_model
 
@@ -106,3 +106,33 @@ def test_compiled_plan_rejects_inconsistent_selections():
         plan_from_selection(5, torch.tensor([[1, 1]]), None, torch.ones(1, 5))
     with pytest.raises(ValueError, match="survivors"):
         plan_from_selection(5, torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), torch.ones(1, 5))
+
+
+def test_merging_the_stream_sum_keeps_stochastic_depth():
+    """Training with drop path: merging residual + drop_path(hidden) once (the model) equals merging
+    both streams apart and letting the next block add them under its drop path (the definition)."""
+    model = mambamerge.create_model("vim_pico", embed_dim=16, depth=4, img_size=24, patch_size=4, stride=4,
+                                    d_state=4, num_classes=5, drop_path_rate=0.6).to(torch.float64)
+    model.load_state_dict(small_model(grid=6, depth=4, dim=16, seed=5).state_dict())
+    model.train()
+    schedule = [0, 9, 6, 4]
+    method = METHODS["tome"]()
+    images = torch.randn(4, 3, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(7)
+    got = mambamerge.patch(model, "tome", schedule=schedule)(images)
+    mambamerge.unpatch(model)
+
+    torch.manual_seed(7)
+    tokens = model.embed(images)
+    state = TokenState.start(tokens, model.cls_index)
+    for i, block in enumerate(model.layers):
+        hidden, residual = block(state.hidden, state.residual)
+        state = state.with_streams(hidden, residual)
+        if i + 1 < len(schedule) and schedule[i + 1]:
+            plan = method.plan(state, None, schedule[i + 1])
+            state = TokenState(plan.combine(hidden), plan.combine(residual), plan.add_up(state.size),
+                               state.pos.gather(1, plan.rep), plan.assign.gather(1, state.cls_index[:, None])[:, 0])
+    features = model.final_norm(state.hidden, state.residual)[torch.arange(4), state.cls_index]
+    torch.testing.assert_close(got, model.head(features), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the drop path was active: without it the output differs
+        assert not torch.allclose(got, mambamerge.patch(model.eval(), "tome", schedule=schedule)(images))
