@@ -142,3 +142,15 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
     assert model.cfg.num_classes == 3 and model.cfg.img_size == (32, 32)
     assert main(["train", "--data", str(tmp_path / "data" / "train"), "--model", "vim_pico", "--out", str(out)]) == 2
     assert "needs train/ and val/ sub-folders" in capsys.readouterr().err
+
+
+def test_train_command_names_a_bad_device(tmp_path, capsys):
+    from mambamerge.cli.main import main
+
+    argv = ["train", "--model", "vim_pico", "--out", str(tmp_path / "run"), "--device"]
+    assert main(argv + ["banana"]) == 2
+    assert "--device 'banana' is not a device name" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(argv + ["cuda"]) == 2
+        assert "no usable CUDA GPU; train with --device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any work
