@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import mambamerge
+import mambamerge.ops as ops
 from mambamerge.merge import METHODS
 from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
 from mambamerge.ops import compiled, softplus_with_row_mean
@@ -136,3 +137,19 @@ def test_merging_the_stream_sum_keeps_stochastic_depth():
     torch.testing.assert_close(got, model.head(features), rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # the drop path was active: without it the output differs
         assert not torch.allclose(got, mambamerge.patch(model.eval(), "tome", schedule=schedule)(images))
+
+
+@needs_compiled
+@pytest.mark.parametrize("method", ["mame", "stm", "tome", "random"])
+def test_without_the_compiled_library_everything_falls_back_to_torch(monkeypatch, method):
+    """A machine without a compiler runs softplus, plans and merges as torch operations, with the same result."""
+    model = small_model(grid=6, depth=4, dim=16, seed=8)
+    images = torch.randn(2, 3, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        fast = mambamerge.patch(model, method, schedule=[0, 9, 6, 4])(images)
+        monkeypatch.setattr(compiled, "available", lambda: False)
+        monkeypatch.setattr(compiled, "unavailable_reason", lambda: "no compiler (test)")
+        monkeypatch.setattr(ops, "_warned_fallback", False)
+        with pytest.warns(RuntimeWarning, match="no compiler"):
+            slow = mambamerge.patch(model, method, schedule=[0, 9, 6, 4])(images)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
