@@ -295,9 +295,9 @@ def _check_softplus_input(x):
 def softplus_compiled(x):
     """softplus(x) = log(1 + exp(x)) with the compiled CPU kernel, differentiable; x: a CPU float32 or
     float64 tensor of any shape. About 28x faster than torch's CPU softplus on a Vim-Ti step-size
-    tensor (torch computes log1p one value at a time). Relative error in float32 under 2e-6 for |x| <= 20 and 5e-6 for |x| <= 80 (the argument
-    rounding of the float32 exp the scan also uses; CUDA Mamba's fast-math expf is of the same order);
-    float64 under 1e-14."""
+    tensor (torch computes log1p one value at a time). Relative error in float32 under 2e-6 for
+    |x| <= 20 and 5e-6 for |x| <= 80 (the argument rounding of the float32 exp the scan also uses;
+    CUDA Mamba's fast-math expf is of the same order); float64 under 1e-14."""
     _check_softplus_input(x)
     return _Softplus.apply(x.contiguous())
 
