@@ -117,8 +117,7 @@ class MergePlan:
         streams = [t for t in (hidden, residual) if t is not None]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in streams)
         one_dtype = all(t.dtype == hidden.dtype for t in streams)
-        if (not needs_grad and one_dtype and hidden.device.type == "cpu" and size.dtype == torch.float32
-                and hidden.dtype in (torch.float32, torch.float64) and compiled.available()):
+        if not needs_grad and one_dtype and size.dtype == torch.float32 and compiled.handles(hidden):
             return compiled.merge_apply_compiled(hidden, residual, size, self.rep, self.assign, self.movers,
                                                  self.targets, self.weight, self.mode == "mean")
         return self.combine(hidden if residual is None else residual + hidden), self.add_up(size)

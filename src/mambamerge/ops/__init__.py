@@ -127,21 +127,17 @@ def selective_scan(u, delta, A, B, C, D, reverse=False, impl="auto"):
     return _IMPL_FNS[impl](u, delta, A, B, C, D, reverse=reverse)
 
 
-def _compiled_softplus_applies(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and compiled.available()
-
-
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """The step-size activation log(1 + exp(x)): the compiled kernel for CPU float32/float64 tensors when
     it is available (torch's CPU softplus is the slowest op of a Vim forward), torch's otherwise."""
-    return softplus_compiled(x) if _compiled_softplus_applies(x) else F.softplus(x)
+    return softplus_compiled(x) if compiled.handles(x) else F.softplus(x)
 
 
 def softplus_with_row_mean(x: torch.Tensor):
     """(softplus(x), its mean over the last dimension). (..., d) -> (..., d), (...). One pass of the
     compiled kernel where no gradient is needed (the mean comes free while the row is in cache);
     differentiable torch operations otherwise."""
-    if _compiled_softplus_applies(x) and not (torch.is_grad_enabled() and x.requires_grad):
+    if compiled.handles(x) and not (torch.is_grad_enabled() and x.requires_grad):
         return softplus_with_row_mean_compiled(x)
     y = softplus(x)
     return y, y.mean(dim=-1)

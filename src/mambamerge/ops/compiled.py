@@ -154,6 +154,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def handles(x: torch.Tensor) -> bool:
+    """True if the kernels can take x: a CPU float32/float64 tensor, with the library built and loaded."""
+    return x.device.type == "cpu" and x.dtype in _SUFFIX and available()
+
+
 def unavailable_reason():
     """Why the kernel cannot be used (a string), or None if it can."""
     _library()
