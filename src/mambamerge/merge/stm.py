@@ -95,18 +95,19 @@ class STM(ReductionMethod):
         # candidate sources: even distances k > w_protect, left of the class token then right of it
         k = torch.arange(self.w_protect + 1 + (self.w_protect + 1) % 2, length, 2, device=device)  # (K,)
         n_k = k.numel()
+        k_all = torch.cat((k, k))  # (2K,) the distance of each candidate
         left = torch.arange(2 * n_k, device=device) < n_k  # (2K,)
         src_all = torch.cat((state.cls_index[:, None] - k, state.cls_index[:, None] + k), dim=1)  # (B, 2K)
         t = src_all.clamp(0, length - 1)
         before, after = sims.gather(1, t), sims.gather(1, t + 1)
         # inward (towards the class token) is t + 1 on the left, t - 1 on the right; at k = w_protect + 1
         # (odd w_protect) the inward neighbour is inside the protected window
-        inward = torch.where(left, after, before).masked_fill(torch.cat((k, k)) - 1 <= self.w_protect, NEG)
+        inward = torch.where(left, after, before).masked_fill(k_all - 1 <= self.w_protect, NEG)
         outward = torch.where(left, before, after)
         go_out = outward > inward
         score = torch.maximum(inward, outward)
         if self.fading:
-            score = score - self.fading * self.gamma ** torch.cat((k, k)).float()
+            score = score - self.fading * self.gamma ** k_all.float()
         score = score.masked_fill((src_all < 0) | (src_all >= length), NEG)
         outward_step = torch.where(left, -1, 1)
         dst_all = src_all + torch.where(go_out, outward_step, -outward_step)
