@@ -34,7 +34,7 @@ def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
           track_source: bool = False, **options) -> nn.Module:
     """Turn `model` into a token-reducing one in place and return it.
 
-    method: "mame", "stm", "tome", "tome_unordered", "rmeeto", "top", "evit", "random".
+    method: "mame", "mtr", "stm", "tome", "tome_unordered", "rmeeto", "top", "evit", "random".
     reduction: target average reduction in [0, 1) (fraction of token-layers removed, averaged over
         depth); the schedule's parameter is derived from it.
     schedule: None / "geometric" (keep ratio per step from block `start`=1 every `every`=2), "constant" (r tokens
