@@ -99,15 +99,18 @@ def most_similar(sim: torch.Tensor, allowed: torch.Tensor, cap: int = 0,
 
     sim: (B, r, L) similarities; allowed: (B, L) bool, the tokens that may receive (at least one per
     image). local: optional (B, r, L) bool, where each leaving token looks first; it looks anywhere
-    allowed when none of those is allowed (or, with a cap, has room left). With a cap, leaving tokens claim their best destination with room left; where more claim
-    one than it has room for, the most similar win and the others claim again among the rest. If an
-    image's allowed tokens cannot hold all r leaving tokens at `cap` each, its cap is raised to
+    allowed when none of those is allowed (or, with a cap, has room left).
+
+    With a cap (and no `local`) the result is the greedy matching: the most similar (leaving token, destination) pairs
+    are taken first, skipping leaving tokens already placed and destinations already full. Each round
+    accepts every pair that is the best left for its leaving token and among the best `room` left for
+    its destination, which is what the greedy order would take. If an image's allowed tokens cannot hold all r leaving tokens at `cap` each, its cap is raised to
     ceil(r / allowed tokens). Returns (B, r) indices.
     """
     batch, r, length = sim.shape
     sim = sim.masked_fill(~allowed[:, None, :], NEG)
     if cap <= 0 or r == 0:
-        return _best(sim, local)
+        return _preferred(sim, local).argmax(dim=-1)
     n_allowed = allowed.sum(dim=1)
     if bool((n_allowed == 0).any()):
         raise ValueError("no token may receive a merge")
@@ -115,19 +118,17 @@ def most_similar(sim: torch.Tensor, allowed: torch.Tensor, cap: int = 0,
     load = torch.zeros(batch, length, dtype=torch.long, device=sim.device)
     dst = torch.full((batch, r), -1, dtype=torch.long, device=sim.device)
     pending = torch.ones(batch, r, dtype=torch.bool, device=sim.device)
+    earlier = torch.arange(r, device=sim.device)[None, :] < torch.arange(r, device=sim.device)[:, None]  # [s, s'] s' < s
     for _ in range(r):
         if not bool(pending.any()):
             break
-        best = _best(sim, local)  # (B, r)
-        best_sim = sim.gather(2, best[..., None])[..., 0]
-        order = best_sim.masked_fill(~pending, NEG).argsort(dim=1, descending=True, stable=True)
-        claims = best.gather(1, order)
-        claiming = pending.gather(1, order)
-        hits = torch.nn.functional.one_hot(claims, length) * claiming[..., None]  # (B, r, L)
-        rank = (hits.cumsum(dim=1) * hits).sum(dim=-1) - 1  # among claimants of one destination, by similarity
-        room = (room_per[:, None] - load).gather(1, claims)
-        won_sorted = claiming & (rank < room)
-        won = torch.zeros_like(pending).scatter_(1, order, won_sorted)
+        pref = _preferred(sim, local)
+        best = pref.argmax(dim=-1)  # (B, r)
+        own = pref.gather(2, best[..., None])  # (B, r, 1)
+        # column of each claimed destination: every pending leaving token's similarity to it
+        rivals = pref.transpose(1, 2).gather(1, best[..., None].expand(-1, -1, r)).masked_fill(~pending[:, None, :], NEG)
+        ahead = ((rivals > own) | ((rivals == own) & earlier[None])).sum(dim=-1)  # (B, r)
+        won = pending & (ahead < (room_per[:, None] - load).gather(1, best))
         dst = torch.where(won, best, dst)
         load = load.scatter_add(1, best, won.long())
         pending &= ~won
@@ -135,9 +136,9 @@ def most_similar(sim: torch.Tensor, allowed: torch.Tensor, cap: int = 0,
     return dst
 
 
-def _best(sim: torch.Tensor, local: Optional[torch.Tensor]) -> torch.Tensor:
-    """argmax over the last axis of sim (B, r, L), within `local` where that holds a finite entry."""
+def _preferred(sim: torch.Tensor, local: Optional[torch.Tensor]) -> torch.Tensor:
+    """sim (B, r, L) restricted to `local` in the rows where that leaves a finite entry."""
     if local is None:
-        return sim.argmax(dim=-1)
+        return sim
     near = sim.masked_fill(~local, NEG)
-    return torch.where(torch.isfinite(near).any(dim=-1), near.argmax(dim=-1), sim.argmax(dim=-1))
+    return torch.where(torch.isfinite(near).any(dim=-1, keepdim=True), near, sim)
