@@ -117,7 +117,7 @@ def test_mame_pair_sources_never_take_both_tokens_of_a_pair():
     # pairs (0,1) (2,3) (4,6) (7,8) (9,10): candidates 0 .1, 3 .3, 6 .7, 7 .15, 10 .5
     plan = MaMe(sources="pairs").plan(state, make_ssm(delta), 3)
     assert leaving(plan, 11) == [0, 3, 7]
-    assert MaMe(sources="pairs").capacity(11) == 5
+    assert MaMe(sources="pairs").capacity(11, state.layout) == 5
 
 
 def test_mame_protected_window_neither_gives_nor_takes_and_narrows_when_it_must():

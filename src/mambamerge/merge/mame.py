@@ -17,10 +17,12 @@ import torch
 from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, stream
 from mambamerge.merge.matching import (most_similar, near_class_token, pair_capacity, pair_sources, similarities,
                                        spread_sources, top_band)
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
+from mambamerge.merge.plan import MergePlan, plan_from_selection
+from mambamerge.merge.registry import register
+from mambamerge.merge.state import TokenState
 from mambamerge.merge.stm import injection_strength
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
-from mambamerge.models.blocks import SSMStats
+from mambamerge.tokens import SSMStats, TokenLayout
 
 SOURCES = ("least_delta", "spread", "pairs", "most_delta", "random")
 # the reconstruction before the validation study (issue 9): patch(model, "mame", **PAPER_AS_READ)
@@ -36,6 +38,7 @@ def importance_score(ssm: SSMStats, kind: str) -> torch.Tensor:
     return delta_importance(ssm).float()
 
 
+@register
 @dataclass
 class MaMe(ReductionMethod):
     """Options (defaults chosen on validation images, docs/results.md; `PAPER_AS_READ` restores the
@@ -107,7 +110,7 @@ class MaMe(ReductionMethod):
         check_feature(self.feature)
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def capacity(self, length: int) -> int:
+    def capacity(self, length: int, layout: TokenLayout) -> int:
         if self.match == "bipartite":
             return bipartite_capacity(length)
         if self.sources == "pairs":
@@ -139,7 +142,9 @@ class MaMe(ReductionMethod):
             raise ValueError("mame needs the SSM step sizes of the block just run")
         score = importance_score(ssm, self.importance)  # (B, L)
         length = state.length
-        protected = near_class_token(state.cls_index, length, self.protected_width(length, r))  # (B, L), cls included
+        protected = state.cls_mask()  # (B, L), with the window around the class token, if there is one
+        if state.cls_index is not None:
+            protected = near_class_token(state.cls_index, length, self.protected_width(length, r))
         feat = stream(state, self.feature)
         if self.match == "bipartite":
             lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)

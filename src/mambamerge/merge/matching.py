@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import token_norms
-from mambamerge.merge.state import take_rows
+from mambamerge.merge.plan import take_rows
 
 NEG = float("-inf")
 

@@ -18,10 +18,13 @@ import torch
 
 from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, least, stream
 from mambamerge.merge.matching import most_similar, similarities, top_band
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan, plan_from_selection
+from mambamerge.merge.registry import register
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats
 
 
+@register
 @dataclass
 class MTR(ReductionMethod):
     """Options:
