@@ -196,7 +196,36 @@ def test_mame_plain_weights_and_injection_importance():
 @pytest.mark.parametrize("options,message", [({"sources": "middle"}, "sources must be one of"),
                                              ({"w_protect": -1}, "w_protect and cap must be >= 0"),
                                              ({"keep_top": 1.0}, r"keep_top must be in \[0, 1\)"),
-                                             ({"importance": "B"}, "importance must be")])
+                                             ({"importance": "B"}, "importance must be .delta., .delta_z. or .injection.")])
 def test_mame_bad_new_options(options, message):
     with pytest.raises(ValueError, match=message):
         MaMe(**options)
+
+
+def test_mame_delta_z_importance_matches_a_slow_reference():
+    from mambamerge.merge.mame import importance_score
+    from mambamerge.tokens import SSMStats
+
+    gen = torch.Generator().manual_seed(7)
+    fwd, bwd = (torch.rand(2, 5, 9, generator=gen, dtype=torch.float64) for _ in range(2))
+    ssm = SSMStats(fwd, bwd, torch.ones(2, 3, 9, dtype=torch.float64), torch.ones(2, 3, 9, dtype=torch.float64))
+    expected = torch.zeros(2, 9, dtype=torch.float64)
+    for delta in (fwd, bwd):
+        for b in range(2):
+            for t in range(9):
+                zs = []
+                for c in range(5):
+                    row = delta[b, c].tolist()
+                    mean = sum(row) / 9
+                    std = (sum((v - mean) ** 2 for v in row) / 9) ** 0.5
+                    zs.append((row[t] - mean) / std)
+                expected[b, t] += max(zs)
+    torch.testing.assert_close(importance_score(ssm, "delta_z").double(), expected, rtol=1e-5, atol=1e-5)
+    # the ranking follows the standardised channels; the merge weights stay the positive mean Δ
+    state = make_state(length=9, cls=4)
+    plan = MaMe(importance="delta_z").plan(state, ssm._replace(delta_fwd=fwd[:1], delta_bwd=bwd[:1],
+                                                                B_fwd=ssm.B_fwd[:1], B_bwd=ssm.B_bwd[:1]), 2)
+    z = expected[0].clone()
+    z[4] = float("inf")
+    assert leaving(plan, 9) == sorted(z.topk(2, largest=False).indices.tolist())
+    assert (plan.weight > 0).all()

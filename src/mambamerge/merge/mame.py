@@ -32,10 +32,23 @@ PAPER_AS_READ = dict(match="global", sources="least_delta", w_protect=0, keep_to
 
 def importance_score(ssm: SSMStats, kind: str) -> torch.Tensor:
     """(B, L) token importance from the SSM statistics of the block just run.
-    "delta": mean_d Δ^fwd + mean_d Δ^bwd; "injection": mean_d Δ x ||B||, averaged over the directions."""
+
+    "delta": mean_d Δ^fwd + mean_d Δ^bwd. "delta_z": each channel's Δ standardised over the image's
+    tokens (z-score), the largest over channels, forward + backward: a token counts as important when
+    some channel writes it much more strongly than that channel writes the other tokens.
+    "injection": mean_d Δ x ||B||, averaged over the directions (STM's injection strength)."""
     if kind == "injection":
         return injection_strength(ssm).float()
+    if kind == "delta_z":
+        return sum(channel_z(d.float()).amax(dim=1) for d in (ssm.delta_fwd, ssm.delta_bwd))
     return delta_importance(ssm).float()
+
+
+def channel_z(delta: torch.Tensor) -> torch.Tensor:
+    """(B, C, L) -> each channel standardised over its L tokens (a constant channel gives zeros)."""
+    mean = delta.mean(dim=2, keepdim=True)
+    std = delta.std(dim=2, keepdim=True, unbiased=False)
+    return (delta - mean) / std.clamp(min=1e-6)
 
 
 @register
@@ -69,8 +82,11 @@ class MaMe(ReductionMethod):
     placement: "destination" (the merged token keeps the destination's slot) or "important" (the
         slot of its most important member).
     feature: "residual" (the stream the next block normalises) or "hidden", for the similarity.
-    importance: the statistic s: "delta" (mean Δ forward + backward) or "injection" (mean Δ x ||B||,
-        STM's injection strength).
+    importance: the statistic that ranks tokens (sources, keep band, placement): "delta" (mean Δ
+        forward + backward), "delta_z" (per-channel standardised Δ, largest channel, both directions:
+        the Δ form that tracked leave-one-out importance best in the diag study, though weakly) or
+        "injection" (mean Δ x ||B||, STM's injection strength). Merge weights ("size_delta") always use
+        the mean Δ, which is positive.
     seed: generator seed for sources="random" (0).
     """
 
@@ -105,8 +121,8 @@ class MaMe(ReductionMethod):
             raise ValueError(f"mame: w_protect and cap must be >= 0, got {self.w_protect}, {self.cap}")
         if not 0.0 <= self.keep_top < 1.0:
             raise ValueError(f"mame: keep_top must be in [0, 1), got {self.keep_top}")
-        if self.importance not in ("delta", "injection"):
-            raise ValueError(f"mame: importance must be 'delta' or 'injection', got {self.importance!r}")
+        if self.importance not in ("delta", "delta_z", "injection"):
+            raise ValueError(f"mame: importance must be 'delta', 'delta_z' or 'injection', got {self.importance!r}")
         check_feature(self.feature)
         self._generator = torch.Generator().manual_seed(self.seed)
 
@@ -158,7 +174,7 @@ class MaMe(ReductionMethod):
             dst = self._destinations(feat, src, allowed)
         w = state.size
         if self.weight == "size_delta":
-            w = w * score
+            w = w * delta_importance(ssm).float()
         elif self.weight == "plain":
             w = torch.ones_like(w)
         plan = plan_from_selection(length, src, dst, w)
