@@ -41,7 +41,7 @@ GROUPS = {
     "refine": [("mame", {**SPREAD12, **change}) for change in (
         {"sources": "random"}, {"cap": 1}, {"keep_top": 0.3}, {"weight": "plain"}, {"w_protect": 16},
         {"match": "window"}, {"importance": "delta_z"})],
-    "mtr": [("mtr", {"keep": k}) for k in (0.1, 0.3, 0.5)],
+    "mtr": [("mtr", {"keep_top": k}) for k in (0.1, 0.3, 0.5)],
     # reported on the test split only, after the choice: the comparison of the central claim
     "claim": [("mame", {}), ("mame", PAPER), ("mtr", {}), ("tome", {}), ("stm", {}), ("random", {})],
     "baselines": [("tome", {}), ("stm", {}), ("stm", {"w_protect": 8}), ("random", {})],

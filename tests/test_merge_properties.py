@@ -20,7 +20,7 @@ VARIANTS = {
              {"sources": "spread", "w_protect": 2, "keep_top": 0.3, "cap": 1}, {"sources": "pairs", "weight": "plain"},
              {"sources": "spread", "match": "window", "window": 1, "cap": 2, "importance": "injection"},
              {"match": "bipartite", "w_protect": 3}, {"sources": "pairs", "w_protect": 2, "placement": "important"}],
-    "mtr": [{}, {"keep": 0.0, "weight": "size"}, {"keep": 0.9, "feature": "hidden"}],
+    "mtr": [{}, {"keep_top": 0.0, "weight": "size"}, {"keep_top": 0.9, "feature": "hidden"}],
     "stm": [{}, {"mode": "sum"}, {"weight": "size"}, {"fading": 1.0, "w_protect": 0}],
 }
 

@@ -31,7 +31,7 @@ def test_mtr_merges_each_source_into_its_most_similar_target_never_into_the_keep
     state = with_residual(state, feat)
     delta = torch.tensor([[0.1, 0.2, 1.0, 1.1, 1.2, 0.01, 1.3, 1.4, 2.0, 2.1, 2.2]], dtype=torch.float64)
     # non-class tokens: 10; keep 0.3 -> the 3 highest (8, 9, 10) are kept; r = 2 sources (0, 1)
-    plan = MTR(keep=0.3).plan(state, make_ssm(delta), 2)
+    plan = MTR(keep_top=0.3).plan(state, make_ssm(delta), 2)
     assert leaving(plan, 11) == [0, 1]
     new = state.apply(plan)
     for kept in (8, 9, 10):  # untouched: one member each
@@ -57,7 +57,7 @@ def test_mtr_size_weight_and_importance_is_delta_summed_over_directions():
     fwd = torch.tensor([[1.5, 0.1, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     bwd = torch.tensor([[0.0, 0.3, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.2]], dtype=torch.float64)
     ssm = make_ssm(fwd)._replace(delta_bwd=make_ssm(bwd).delta_bwd)
-    plan = MTR(keep=0.0, weight="size").plan(state, ssm, 2)
+    plan = MTR(keep_top=0.0, weight="size").plan(state, ssm, 2)
     assert leaving(plan, 9) == [1, 8]  # sums 0.4 and 1.2 are the lowest; token 0, lowest backward, stays
     new = state.apply(plan)
     tokens = (state.residual + state.hidden)[0]
@@ -71,14 +71,14 @@ def test_mtr_size_weight_and_importance_is_delta_summed_over_directions():
 def test_mtr_keep_band_shrinks_to_leave_a_target():
     state = make_state(length=11, cls=5)
     delta = torch.linspace(0.1, 1.0, 11, dtype=torch.float64)[None]
-    plan = MTR(keep=0.9).plan(state, make_ssm(delta), 8)  # 10 non-class tokens: 8 sources, 1 kept, 1 target
+    plan = MTR(keep_top=0.9).plan(state, make_ssm(delta), 8)  # 10 non-class tokens: 8 sources, 1 kept, 1 target
     new = state.apply(plan)
     sizes = sorted(new.size[0].tolist())
     assert new.length == 3 and sizes == [1.0, 1.0, 9.0]
     assert members(new, int((new.pos[0] == 10).nonzero())) == [10]  # the most important is kept alone
 
 
-@pytest.mark.parametrize("options,message", [({"keep": 1.0}, "keep must be in"), ({"weight": "delta"}, "weight must be"),
+@pytest.mark.parametrize("options,message", [({"keep_top": 1.0}, "keep_top must be in"), ({"weight": "delta"}, "weight must be"),
                                              ({"feature": "x"}, "feature must be")])
 def test_mtr_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -229,3 +229,14 @@ def test_mame_delta_z_importance_matches_a_slow_reference():
     z[4] = float("inf")
     assert leaving(plan, 9) == sorted(z.topk(2, largest=False).indices.tolist())
     assert (plan.weight > 0).all()
+
+
+def test_no_method_option_is_taken_by_patch_itself():
+    import inspect
+
+    from mambamerge.merge import METHODS
+    from mambamerge.patch import patch
+
+    taken = set(inspect.signature(patch).parameters) - {"options"}
+    for name, cls in METHODS.items():
+        assert not taken & set(cls.options()), name

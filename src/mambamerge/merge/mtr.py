@@ -8,8 +8,9 @@ source merges into its most cosine-similar target by a plain average, and the su
 original order (a merged token sits in its target's slot).
 
 Band sizes: the source band is the r tokens the schedule removes at the step; the keep band is a
-fraction `keep` of the non-class tokens; the target band is the rest. The notes give no keep fraction
-for the paper; our default is chosen on validation images (docs/results.md).
+fraction `keep_top` of the non-class tokens (named as MaMe's option; `keep` is the schedule's keep
+ratio); the target band is the rest. The notes give no keep fraction for the paper; our default is
+chosen on validation images (docs/results.md).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -28,7 +29,7 @@ from mambamerge.tokens import SSMStats
 @dataclass
 class MTR(ReductionMethod):
     """Options:
-    keep: fraction of the non-class tokens, the most important by s, in the keep band (no merge in
+    keep_top: fraction of the non-class tokens, the most important by s, in the keep band (no merge in
         or out). Default 0.5, the best of 0.1 / 0.3 / 0.5 on validation images of both trained
         models (docs/results.md). At a step that removes so many tokens that fewer than one target
         would remain, the keep band shrinks to leave one.
@@ -38,7 +39,7 @@ class MTR(ReductionMethod):
         similarity.
     """
 
-    keep: float = 0.5
+    keep_top: float = 0.5
     weight: str = "plain"
     feature: str = "residual"
 
@@ -46,8 +47,8 @@ class MTR(ReductionMethod):
     needs_ssm = True
 
     def __post_init__(self):
-        if not 0.0 <= self.keep < 1.0:
-            raise ValueError(f"mtr: keep must be in [0, 1), got {self.keep}")
+        if not 0.0 <= self.keep_top < 1.0:
+            raise ValueError(f"mtr: keep_top must be in [0, 1), got {self.keep_top}")
         if self.weight not in ("plain", "size"):
             raise ValueError(f"mtr: weight must be 'plain' or 'size', got {self.weight!r}")
         check_feature(self.feature)
@@ -62,7 +63,7 @@ class MTR(ReductionMethod):
         cls = state.cls_mask()
         src = least(score, cls, r)  # (B, r) the source band
         leaving = torch.zeros_like(cls).scatter_(1, src, True)
-        kept = top_band(score, ~cls, round(self.keep * (state.length - 1)), r)
+        kept = top_band(score, ~cls, round(self.keep_top * (state.length - 1)), r)
         dst = most_similar(similarities(stream(state, self.feature), src), ~(cls | leaving | kept))
         w = state.size if self.weight == "size" else torch.ones_like(state.size)
         return plan_from_selection(state.length, src, dst, w)
