@@ -49,6 +49,8 @@ GROUPS = {
                 ("mtr", {"keep_top": 0.1}), ("mtr", {"keep_top": 0.5})],
     # reported on the test split only: the baselines and the paper as read (fixed before the choice),
     # then the chosen defaults of MaMe and MTR
+    # evenly spaced sources (no score) with the window: is Δ worth anything inside the runs?
+    "uniform": [("mame", {**SPREAD12, "sources": "uniform"})],
     "claim_fixed": [("mame", PAPER), ("tome", {}), ("stm", {}), ("random", {})],
     "claim_new": [("mame", {}), ("mtr", {})],
     "baselines": [("tome", {}), ("stm", {}), ("stm", {"w_protect": 8}), ("random", {})],

@@ -109,6 +109,7 @@ def test_mame_spread_sources_take_the_least_important_of_each_run():
     # overall the two least important are 1 and 0 (same half); spread takes one from each half
     assert leaving(MaMe(sources="least_delta").plan(state, make_ssm(delta), 2), 11) == [0, 1]
     assert leaving(MaMe(sources="spread").plan(state, make_ssm(delta), 2), 11) == [1, 10]
+    assert leaving(MaMe(sources="uniform").plan(state, make_ssm(delta), 2), 11) == [0, 6]  # first of each run
 
 
 def test_mame_pair_sources_never_take_both_tokens_of_a_pair():

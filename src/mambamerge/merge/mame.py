@@ -24,7 +24,7 @@ from mambamerge.merge.stm import injection_strength
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
 from mambamerge.tokens import SSMStats, TokenLayout
 
-SOURCES = ("least_delta", "spread", "pairs", "most_delta", "random")
+SOURCES = ("least_delta", "spread", "pairs", "uniform", "most_delta", "random")
 # the reconstruction before the validation study (issue 9): patch(model, "mame", **PAPER_AS_READ)
 PAPER_AS_READ = dict(match="global", sources="least_delta", w_protect=0, keep_top=0.0, cap=0, weight="size_delta",
                      placement="destination", importance="delta")
@@ -62,8 +62,9 @@ class MaMe(ReductionMethod):
         tokens, the least important of each run leaves: removals spread over the sequence),
         "pairs" (the eligible tokens paired in order, the less important of each pair is a
         candidate and the r least important candidates leave: no two neighbours of one pair leave,
-        as in ToMe's alternating split), and, to measure what the Δ ranking is worth, "most_delta"
-        and "random" (drawn with `seed`).
+        as in ToMe's alternating split), and, to measure what the Δ ranking is worth, "uniform" (the
+        first token of each of the r runs: evenly spaced, no score), "most_delta" and "random" (drawn
+        with `seed`).
     match: "global" (each leaving token joins its most similar allowed token anywhere), "window"
         (the most similar within `window` sequence positions, anywhere if none is allowed there) or
         "bipartite" (ToMe's alternating split, edges scored by similarity minus `delta_penalty` x the
@@ -182,8 +183,8 @@ class MaMe(ReductionMethod):
 
     def _sources(self, score, eligible, r):
         """(B, L) score and eligibility -> (B, r) leaving tokens by the `sources` rule."""
-        if self.sources == "spread":
-            return spread_sources(score, eligible, r)
+        if self.sources in ("spread", "uniform"):
+            return spread_sources(score if self.sources == "spread" else torch.zeros_like(score), eligible, r)
         if self.sources == "pairs":
             return pair_sources(score, eligible, r)
         if self.sources == "most_delta":
