@@ -51,6 +51,10 @@ GROUPS = {
     # then the chosen defaults of MaMe and MTR
     # evenly spaced sources (no score) with the window: is Δ worth anything inside the runs?
     "uniform": [("mame", {**SPREAD12, "sources": "uniform"})],
+    # the best of the above on both models, with a wider window, and diag's Δ statistic
+    "final": [("mame", {**SPREAD12, "sources": "uniform", "w_protect": 16}), ("mame", {**SPREAD12, "w_protect": 16}),
+              ("mame", {**SPREAD12, "sources": "uniform", "w_protect": 24}),
+              ("mame", {**SPREAD12, "w_protect": 16, "importance": "delta_z"})],
     "claim_fixed": [("mame", PAPER), ("tome", {}), ("stm", {}), ("random", {})],
     "claim_new": [("mame", {}), ("mtr", {})],
     "baselines": [("tome", {}), ("stm", {}), ("stm", {"w_protect": 8}), ("random", {})],
