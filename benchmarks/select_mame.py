@@ -57,6 +57,8 @@ GROUPS = {
               ("mame", {**SPREAD12, "w_protect": 16, "importance": "delta_z"})],
     "claim_fixed": [("mame", PAPER), ("tome", {}), ("stm", {}), ("random", {})],
     "claim_new": [("mame", {}), ("mtr", {})],
+    # why: the defaults without their window, and with random instead of evenly spaced sources
+    "why": [("mame", {"w_protect": 0}), ("mame", {"sources": "random"})],
     "baselines": [("tome", {}), ("stm", {}), ("stm", {"w_protect": 8}), ("random", {})],
 }
 
@@ -93,16 +95,17 @@ def run(model_name, group, reductions, limit, out, checkpoint=None, split="train
 
 
 def table(out: Path):
-    """One markdown row per configuration: top-1 per model and reduction, options shown as their
-    difference from the paper as read."""
+    """One markdown row per configuration: top-1 per model and reduction; MaMe's options shown as their
+    difference from the paper as read ("defaults": the method's defaults)."""
     rows = [json.loads(line) for line in out.open()]
     models = sorted({r["model"] for r in rows})
     reductions = sorted({r["reduction"] for r in rows if r["method"] != "dense"})
     cells, order = {}, []
     for r in rows:
         opts = r["options"]
-        if r["method"] == "mame":
+        if r["method"] == "mame" and opts:
             opts = {k: v for k, v in opts.items() if PAPER.get(k) != v} or {"paper as read": ""}
+        opts = opts or {"defaults": ""}
         name = (r["method"], ", ".join(f"{k}={v}" if v != "" else k for k, v in opts.items()))
         if name not in cells:
             order.append(name)
