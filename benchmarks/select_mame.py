@@ -21,7 +21,7 @@ import mambamerge
 from mambamerge.cli.demo import demo_checkpoint
 from mambamerge.data import load_dataset
 from mambamerge.evaluate import accuracy
-from mambamerge.merge.mame import PAPER_AS_READ
+from mambamerge.merge.mame import PAPER_AS_READ, MaMe
 
 MODELS = {  # name -> (checkpoint, data spec, first validation image of the train split)
     "fmnist": (None, "fashion-mnist", 50_000),
@@ -104,7 +104,8 @@ def table(out: Path):
     for r in rows:
         opts = r["options"]
         if r["method"] == "mame" and opts:
-            opts = {k: v for k, v in opts.items() if PAPER.get(k) != v} or {"paper as read": ""}
+            full, paper = {**MaMe.options(), **opts}, {**MaMe.options(), **PAPER}
+            opts = {k: v for k, v in full.items() if paper[k] != v} or {"paper as read": ""}
         opts = opts or {"defaults": ""}
         name = (r["method"], ", ".join(f"{k}={v}" if v != "" else k for k, v in opts.items()))
         if name not in cells:
