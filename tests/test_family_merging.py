@@ -132,3 +132,29 @@ def test_flops_follow_the_layout_and_the_mixer():
     assert per_token["Fo-Bi"] == (shared + branch + scan, shared + branch + 2 * scan)
     assert per_token["Fo-Fo"] == (shared + branch + scan, shared + branch + scan)
     assert flops(aum, input_size=(512, 128)).tokens[0] == 1 + 8 * 32
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_layout_without_class_token_merges_every_token_or_says_why_not(method):
+    from mambamerge.merge.state import TokenState
+    from mambamerge.tokens import SSMStats, TokenLayout
+
+    layout = TokenLayout((3, 4), ("freq", "time"), "none")
+    m = METHODS[method]()
+    if method == "stm":
+        with pytest.raises(ValueError, match="stm merges around the class token, and this model has none"):
+            m.capacity(layout.length, layout)
+        return
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, layout.length, 8, generator=gen, dtype=torch.float64)
+    state = TokenState.start(tokens, layout, track_source=True).with_streams(tokens, 0.5 * tokens)
+    assert state.cls_index is None and not state.cls_mask().any()
+    delta = torch.rand(2, 4, layout.length, generator=gen, dtype=torch.float64)
+    ssm = SSMStats(delta, delta, torch.randn(2, 3, layout.length, generator=gen, dtype=torch.float64),
+                   torch.randn(2, 3, layout.length, generator=gen, dtype=torch.float64))
+    r = min(m.capacity(layout.length, layout), 5)
+    new = state.apply(m.plan(state, ssm, r))
+    assert new.length == layout.length - r and new.cls_index is None
+    assert (new.source.sum(dim=1) <= 1).all()
+    with pytest.raises(ValueError, match="fused_slot='cls_next' needs a class token"):
+        METHODS["evit"](fused_slot="cls_next").capacity(layout.length, layout)
