@@ -12,7 +12,7 @@ from mambamerge.checkpoint import load_checkpoint
 from mambamerge.data import load_dataset
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
-from mambamerge.train import TrainConfig, train
+from mambamerge.train import TrainConfig, load_resume, train
 
 HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
 
@@ -78,11 +78,12 @@ def run(args: argparse.Namespace) -> int:
     if args.method:
         patch(model, args.method, reduction=args.reduction)
     out = Path(args.out)
+    saved = load_resume(out / "last.pt", cfg) if args.resume else False
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(out / "command.json", json.dumps({"data": args.data, "model": args.model, "init": args.init,
                                                   "method": args.method, "reduction": args.reduction,
                                                   "limit": args.limit, "train": cfg.__dict__}, indent=1))
-    result = train(model, train_set, val_set, out, cfg, resume=args.resume)
+    result = train(model, train_set, val_set, out, cfg, resume=saved)
     print(f"best val top-1 {result['best_accuracy']:.2%} after {result['epochs']} epochs; "
           f"weights in {out / 'model.safetensors'}")
     return 0
