@@ -174,9 +174,9 @@ def read_checkpoint(path: PathLike, ema: bool = False, trust_pickle: bool = Fals
 
 # the tensors the architecture is read from, with the dimensions a Vim gives them
 _REQUIRED = {"patch_embed.proj.weight": ("embed_dim", "channels", "patch_h", "patch_w"),
-             "pos_embed": ("1", "tokens", "embed_dim"), "cls_token": ("1", "1", "embed_dim"), "norm_f.weight": ("embed_dim",),
-             "layers.0.mixer.in_proj.weight": ("2 x d_inner", "embed_dim"), "layers.0.mixer.A_log": ("d_inner", "d_state"),
-             "layers.0.mixer.conv1d.weight": ("d_inner", "1", "d_conv"),
+             "pos_embed": ("1", "tokens", "embed_dim"), "cls_token": ("1", "1", "embed_dim"),
+             "norm_f.weight": ("embed_dim",), "layers.0.mixer.in_proj.weight": ("2 x d_inner", "embed_dim"),
+             "layers.0.mixer.A_log": ("d_inner", "d_state"), "layers.0.mixer.conv1d.weight": ("d_inner", "1", "d_conv"),
              "layers.0.mixer.dt_proj.weight": ("d_inner", "dt_rank")}
 _OPTIONAL = {"head.weight": ("classes", "embed_dim")}
 _FALLBACK_SIZE = 224
