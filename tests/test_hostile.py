@@ -3,6 +3,8 @@ memory, a damaged cache or image or a kill at any moment gives a named error or 
 traceback or a half-written output."""
 import argparse
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +182,89 @@ def test_info_refuses_partial_and_misshaped_files(tmp_path, pico_sd, capsys):
     torch.save({**pico_sd, "head.weight": torch.zeros(10, 31)}, tmp_path / "bad.pth")
     assert main(["info", str(tmp_path / "bad.pth"), "--img-size", "32"]) == 2
     assert "mis-shaped 1: head.weight (10, 31) (expected (10, 32))" in capsys.readouterr().err
+
+
+# --- train checks its arguments before any work (item 8) ---
+
+@pytest.mark.parametrize("extra,message", [
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--limit", "-3"], "--limit must be at least 1, got -3"),
+    (["--epochs", "0"], "epochs (--epochs) must be at least 1, got 0"),
+    (["--batch-size", "0"], "batch_size (--batch-size) must be at least 1"),
+    (["--eval-batch-size", "0"], "eval_batch_size (--eval-batch-size) must be at least 1"),
+    (["--lr", "nan"], "lr (--lr) must be above 0"),
+    (["--label-smoothing", "1"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
+    (["--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["--method", "mame"], "--method mame needs --reduction R"),
+    (["--reduction", "0.4"], "--reduction needs --method"),
+    (["--method", "mame", "--reduction", "1.2"], "[0, 1)"),
+    (["--method", "mamee", "--reduction", "0.4"], "unknown method 'mamee'"),
+    (["--out", "{tmp}/a_file/run"], "cannot write results to"),
+])
+def test_train_refuses_bad_arguments_before_any_work(tmp_path, data, extra, message, monkeypatch, capsys):
+    import mambamerge.cli.train as train_command
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("data was read before the arguments were checked")
+
+    monkeypatch.setattr(train_command, "load_dataset", no_work)
+    (tmp_path / "a_file").write_text("")
+    argv = [a.format(tmp=tmp_path) for a in TRAIN + data + ["--out", str(tmp_path / "run")] + extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_output_folder_is_named(tmp_path, data, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    # as root every folder is writable: /sys refuses new entries to everyone
+    target = locked / "run" if not os.access(locked, os.W_OK) else Path("/sys/mambamerge-run")
+    assert main(TRAIN + data + ["--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write results to {target}" in err and "Traceback" not in err
+
+
+# --- errors that speak the command line's language (item 11) ---
+
+def test_a_data_root_given_where_a_split_is_expected_is_named(tmp_path, capsys):
+    root = image_folder(tmp_path / "data")
+    ckpt = mambamerge.save_checkpoint(mambamerge.create_model("vim_pico", num_classes=2), tmp_path / "m.safetensors")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--checkpoint", str(ckpt), "--data", str(root), "--out", str(out), "--threads", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds the split folders train, val, not class folders" in err and f"{root / 'val'}" in err
+    assert not out.exists()  # a failed sweep leaves no empty folder
+
+
+def test_a_misspelt_data_set_lists_the_known_ones(tmp_path, capsys):
+    ckpt = mambamerge.save_checkpoint(mambamerge.create_model("vim_pico"), tmp_path / "m.safetensors")
+    for spec in ("fashion-mnst", "mnsit:/some/folder"):
+        assert main(["eval", "--checkpoint", str(ckpt), "--data", spec, "--threads", "1"]) == 2
+        assert "known data sets: fashion-mnist, mnist" in capsys.readouterr().err
+
+
+# --- schedules: no silent truncation, no TypeError, advice that was not already tried (item 9) ---
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(schedule="constant", r=2.7), "r must be a whole number, got 2.7"),
+    (dict(schedule=[0, 2.7]), r"schedule counts must be whole numbers of tokens, got \[0, 2.7\]"),
+    (dict(reduction="0.3"), r"reduction must be a number, got '0.3' \(str\)"),
+    (dict(reduction=0.3, every=1.5), "every must be a whole number"),
+    (dict(schedule="geometric", keep="0.5"), "keep must be a number"),
+])
+def test_schedule_arguments_of_the_wrong_type_are_named(kwargs, message):
+    model = mambamerge.create_model("vim_pico", depth=4)
+    with pytest.raises(ValueError, match=message):
+        mambamerge.patch(model, "mame", **kwargs)
+
+
+def test_an_unreachable_target_does_not_advise_the_settings_that_failed():
+    model = mambamerge.create_model("vim_pico", depth=4)
+    with pytest.raises(ValueError, match="cannot reach") as failed:
+        mambamerge.patch(model, "tome", reduction=0.7)  # geometric from block 1, every block: tried already
+    assert "every=1" in str(failed.value).split(";")[0] and "every=1" not in str(failed.value).split(";")[1]
+    with pytest.raises(ValueError, match="--option every=1"):
+        mambamerge.patch(model, "tome", reduction=0.7, schedule="constant")

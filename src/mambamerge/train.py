@@ -38,6 +38,19 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 256
 
+    def __post_init__(self):
+        """A ValueError naming the field (and its command-line flag) for a setting that cannot train."""
+        rules = {"epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+                 "eval_batch_size": (lambda v: v >= 1, "at least 1"), "lr": (lambda v: v > 0, "above 0"),
+                 "min_lr": (lambda v: 0 <= v <= self.lr, "in [0, lr]"),
+                 "weight_decay": (lambda v: v >= 0, "at least 0"), "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+                 "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "grad_clip": (lambda v: v >= 0, "at least 0")}
+        for name, (ok, wanted) in rules.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and ok(value)):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {wanted}, got {value!r}")
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
     """AdamW groups: no decay for norms, biases, position/class embeddings and the SSM's A_log and D."""
@@ -93,6 +106,9 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
     """Train `model` in place, on the device its parameters are on; returns {"best_accuracy", "epochs",
     "history"}. resume: True to continue from out_dir/last.pt (which must exist), or the state
     load_resume already read from it."""
+    for name, data in (("training", train_set), ("validation", val_set)):
+        if len(data) == 0:
+            raise ValueError(f"the {name} set is empty: nothing to train on or evaluate")
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
