@@ -16,6 +16,7 @@ from mambamerge.models.videomamba import VideoMambaConfig
 
 FAMILY = "videomamba"
 MAX_FRAMES = 4096
+MAX_PIXELS = 16384  # the largest frame side an option or a file may give
 # the tensors the architecture is read from, and their number of axes
 _REQUIRED = {"patch_embed.proj.weight": 5, "pos_embed": 3, "temporal_pos_embedding": 3, "cls_token": 3,
              "norm_f.weight": 1, "layers.0.mixer.in_proj.weight": 2, "layers.0.mixer.A_log": 2,
@@ -56,10 +57,10 @@ def config_and_weights(sd: Dict[str, torch.Tensor], saved: Optional[dict] = None
     require(sd, _REQUIRED, "VideoMamba")
     embed_dim, in_chans, tubelet, ph, pw = sd["patch_embed.proj.weight"].shape
     slots = sd["pos_embed"].shape[1] - 1
-    img_size = pair(img_size, "img_size=") if img_size is not None else None
+    img_size = pair(img_size, "img_size=", MAX_PIXELS) if img_size is not None else None
     num_frames = whole(num_frames, "num_frames=", MAX_FRAMES) if num_frames is not None else None
     if saved is not None and "img_size" in saved:
-        train_size = pair(saved["img_size"], "the img_size of the file's saved config")
+        train_size = pair(saved["img_size"], "the img_size of the file's saved config", MAX_PIXELS)
         train_grid = (train_size[0] // ph, train_size[1] // pw)
     else:
         side = math.isqrt(slots)
