@@ -6,7 +6,7 @@ from mambamerge.merge import MTR, MaMe
 from mambamerge.merge.matching import least_per_group, most_similar, top_band
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.stm import injection_strength
-from test_mame_stm import make_ssm, make_state
+from test_mame_stm import as_read, make_ssm, make_state
 
 
 def leaving(plan, length):
@@ -107,25 +107,25 @@ def test_mame_spread_sources_take_the_least_important_of_each_run():
     state = make_state(length=11, cls=5)
     delta = torch.tensor([[0.2, 0.1, 0.3, 0.4, 0.5, 0.0, 0.9, 0.8, 0.7, 0.95, 0.6]], dtype=torch.float64)
     # overall the two least important are 1 and 0 (same half); spread takes one from each half
-    assert leaving(MaMe(sources="least_delta").plan(state, make_ssm(delta), 2), 11) == [0, 1]
-    assert leaving(MaMe(sources="spread").plan(state, make_ssm(delta), 2), 11) == [1, 10]
-    assert leaving(MaMe(sources="uniform").plan(state, make_ssm(delta), 2), 11) == [0, 6]  # first of each run
+    assert leaving(as_read(sources="least_delta").plan(state, make_ssm(delta), 2), 11) == [0, 1]
+    assert leaving(as_read(sources="spread").plan(state, make_ssm(delta), 2), 11) == [1, 10]
+    assert leaving(as_read(sources="uniform").plan(state, make_ssm(delta), 2), 11) == [0, 6]  # first of each run
 
 
 def test_mame_pair_sources_never_take_both_tokens_of_a_pair():
     state = make_state(length=11, cls=5)
     delta = torch.tensor([[0.1, 0.2, 0.9, 0.3, 0.8, 0.0, 0.7, 0.15, 0.25, 0.6, 0.5]], dtype=torch.float64)
     # pairs (0,1) (2,3) (4,6) (7,8) (9,10): candidates 0 .1, 3 .3, 6 .7, 7 .15, 10 .5
-    plan = MaMe(sources="pairs").plan(state, make_ssm(delta), 3)
+    plan = as_read(sources="pairs").plan(state, make_ssm(delta), 3)
     assert leaving(plan, 11) == [0, 3, 7]
-    assert MaMe(sources="pairs").capacity(11, state.layout) == 5
+    assert as_read(sources="pairs").capacity(11, state.layout) == 5
 
 
 def test_mame_protected_window_neither_gives_nor_takes_and_narrows_when_it_must():
     state = make_state(length=15, cls=7, seed=4)
     delta = torch.linspace(1.0, 2.0, 15, dtype=torch.float64)[None].clone()
     delta[0, 6:9] = 0.01  # the class token's neighbours are the least important
-    method = MaMe(w_protect=2)
+    method = as_read(w_protect=2)
     new = state.apply(method.plan(state, make_ssm(delta), 4))
     for original in range(5, 10):
         slot = int(new.source[0, :, original].argmax())
@@ -143,11 +143,11 @@ def test_mame_keep_top_and_cap_limit_the_destinations():
     state = with_residual(state, feat)
     delta = torch.tensor([[0.1, 0.2, 0.3, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 5.0]], dtype=torch.float64)
     ssm = make_ssm(delta)
-    free = state.apply(MaMe().plan(state, ssm, 3))
+    free = state.apply(as_read().plan(state, ssm, 3))
     assert sorted(members(free, int((free.pos[0] == 10).nonzero()))) == [0, 1, 2, 10]
-    banded = state.apply(MaMe(keep_top=0.1).plan(state, ssm, 3))  # 10 non-class tokens: token 10 keeps out
+    banded = state.apply(as_read(keep_top=0.1).plan(state, ssm, 3))  # 10 non-class tokens: token 10 keeps out
     assert members(banded, int((banded.pos[0] == 10).nonzero())) == [10]
-    capped = state.apply(MaMe(cap=1).plan(state, ssm, 3))
+    capped = state.apply(as_read(cap=1).plan(state, ssm, 3))
     assert (capped.size[0] <= 2).all()
     assert members(capped, int((capped.pos[0] == 10).nonzero())) == [0, 10]  # the most similar wins
 
@@ -185,7 +185,7 @@ def test_mame_plain_weights_and_injection_importance():
     b_norm = torch.tensor([[2.0, 0.1, 3.0, 3.0, 1.0, 3.0, 3.0, 3.0, 3.0]], dtype=torch.float64)
     ssm = make_ssm(delta, b_norm)
     torch.testing.assert_close(injection_strength(ssm), delta * b_norm)
-    plan = MaMe(importance="injection", weight="plain").plan(state, ssm, 2)
+    plan = as_read(importance="injection", weight="plain").plan(state, ssm, 2)
     assert leaving(plan, 9) == [0, 1]  # Δ alone ties them all; Δ x ||B|| ranks 1 then 0 lowest
     new = state.apply(plan)
     tokens = (state.residual + state.hidden)[0]
@@ -200,7 +200,7 @@ def test_mame_plain_weights_and_injection_importance():
                                              ({"importance": "B"}, "importance must be .delta., .delta_z. or .injection.")])
 def test_mame_bad_new_options(options, message):
     with pytest.raises(ValueError, match=message):
-        MaMe(**options)
+        as_read(**options)
 
 
 def test_mame_delta_z_importance_matches_a_slow_reference():
@@ -224,7 +224,7 @@ def test_mame_delta_z_importance_matches_a_slow_reference():
     torch.testing.assert_close(importance_score(ssm, "delta_z").double(), expected, rtol=1e-5, atol=1e-5)
     # the ranking follows the standardised channels; the merge weights stay the positive mean Δ
     state = make_state(length=9, cls=4)
-    plan = MaMe(importance="delta_z").plan(state, ssm._replace(delta_fwd=fwd[:1], delta_bwd=bwd[:1],
+    plan = as_read(importance="delta_z").plan(state, ssm._replace(delta_fwd=fwd[:1], delta_bwd=bwd[:1],
                                                                 B_fwd=ssm.B_fwd[:1], B_bwd=ssm.B_bwd[:1]), 2)
     z = expected[0].clone()
     z[4] = float("inf")
@@ -241,3 +241,14 @@ def test_no_method_option_is_taken_by_patch_itself():
     taken = set(inspect.signature(patch).parameters) - {"options"}
     for name, cls in METHODS.items():
         assert not taken & set(cls.options()), name
+
+
+def test_mame_defaults_protect_the_class_tokens_neighbours_and_space_the_sources_evenly():
+    state = make_state(length=61, cls=30, dim=8, seed=6)
+    delta = torch.rand(1, 61, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.1
+    assert MaMe().w_protect == 24 and MaMe().protected_width(61, 6) == 24
+    new = state.apply(MaMe().plan(state, make_ssm(delta), 6))
+    # outside the window: tokens 0-5 and 55-60, cut into 6 runs of 2; the first of each leaves
+    assert sorted(set(range(61)) - set(new.pos[0].tolist())) == [0, 2, 4, 55, 57, 59]
+    for original in range(6, 55):  # the window: never merged away, nothing merged in
+        assert members(new, int(new.source[0, :, original].argmax())) == [original]
