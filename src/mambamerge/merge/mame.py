@@ -58,23 +58,19 @@ class MaMe(ReductionMethod):
     """Options. The defaults are the best mean top-1 at 60% and 80% reduction over validation images
     of two trained models (docs/results.md, "Choosing MaMe's defaults"); `PAPER_AS_READ` restores the
     first reconstruction: patch(model, "mame", **PAPER_AS_READ).
-    sources: which tokens leave (match "global"/"window"). Default "uniform": the tokens outside the
-        protected window cut into r runs of consecutive tokens, the first of each run leaves (evenly
-        spaced, no score). On validation no Δ ranking beat it: with the same window the least
-        important of each run ("spread") and random sources scored within noise of it, the r least
-        important overall ("least_delta", the paper as read) lower, most at 80%. The choices:
-        "least_delta" (the r least important by s
-        overall, the paper as read: on our models they cluster in the flat background and accuracy
-        falls below random pruning), "spread" (the eligible tokens cut into r runs of consecutive
-        tokens, the least important of each run leaves: removals spread over the sequence),
-        "pairs" (the eligible tokens paired in order, the less important of each pair is a
-        candidate and the r least important candidates leave: no two neighbours of one pair leave,
-        as in ToMe's alternating split), and, to measure what the Δ ranking is worth, "uniform" (the
-        first token of each of the r runs: evenly spaced, no score), "most_delta" and "random" (drawn
-        with `seed`).
+    sources: which tokens leave (match "global"/"window"), from the tokens outside the protected
+        window. "uniform" (default): they are cut into r runs of consecutive tokens and the first of
+        each run leaves (evenly spaced, no score). "spread": the least important of each run.
+        "pairs": they are paired in order, the less important of each pair is a candidate and the
+        r least important candidates leave (as ToMe's alternating split, no pair loses both).
+        "least_delta": the r least important overall (the paper as read; they cluster in the flat
+        background of our images and accuracy fell below random pruning). "most_delta" and
+        "random" (drawn with `seed`) measure what the Δ ranking is worth. On validation, with the
+        same window, "uniform", "spread" and "random" scored within noise of each other and
+        "least_delta" lower (most at 80%): the simplest of the best is the default.
     match: "global" (default; each leaving token joins its most similar allowed token anywhere:
-        "window" scored within noise of it), "window"
-        (the most similar within `window` sequence positions, anywhere if none is allowed there) or
+        "window" scored within noise of it), "window" (the most similar within `window` sequence
+        positions, anywhere if none is allowed there) or
         "bipartite" (ToMe's alternating split, edges scored by similarity minus `delta_penalty` x the
         source's normalised importance; `sources`, `keep_top` and `cap` do not apply).
     window: neighbourhood for match="window" (default 4 tokens each side).
@@ -98,8 +94,7 @@ class MaMe(ReductionMethod):
         (the slot of its most important member; identical on the demo model in the first ablation).
     feature: "residual" (default; the stream the next block normalises) or "hidden", for the similarity.
     importance: the statistic that ranks tokens (sources, keep band, placement; unused by the default
-        sources): "delta" (default, mean Δ
-        forward + backward), "delta_z" (per-channel standardised Δ, largest channel, both directions:
+        sources): "delta" (default, mean Δ forward + backward), "delta_z" (per-channel standardised Δ, largest channel, both directions:
         the Δ form that tracked leave-one-out importance best in the diag study, though weakly) or
         "injection" (mean Δ x ||B||, STM's injection strength). Merge weights ("size_delta") always use
         the mean Δ, which is positive.
