@@ -50,8 +50,8 @@ def spread_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch
     consecutive tokens of (nearly) equal length, and the lowest-scoring token of each run leaves.
     score, eligible: (B, L); every image needs r eligible tokens. Returns (B, r)."""
     counts = eligible.sum(dim=1)
-    if r == 0:
-        return torch.zeros(score.shape[0], 0, dtype=torch.long, device=score.device)
+    if r == 0 or score.shape[0] == 0:
+        return torch.zeros(score.shape[0], r, dtype=torch.long, device=score.device)
     if int(counts.min()) < r:
         raise ValueError(f"{r} sources asked but an image has only {int(counts.min())} eligible tokens")
     return least_per_group(score, eligible, torch.full_like(counts, r))
@@ -63,6 +63,8 @@ def pair_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch.T
     a candidate, and the r lowest-scoring candidates leave, so no pair loses both tokens.
     score, eligible: (B, L); every image needs r pairs and one more eligible token. Returns (B, r)."""
     counts = eligible.sum(dim=1)
+    if score.shape[0] == 0:
+        return torch.zeros(0, r, dtype=torch.long, device=score.device)
     candidates = least_per_group(score, eligible, (counts // 2).clamp(min=1))  # (B, P)
     available = (candidates >= 0).sum(dim=1)
     if r and (int(available.min()) < r or int(counts.min()) <= r):
