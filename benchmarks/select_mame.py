@@ -26,7 +26,6 @@ from mambamerge.merge.mame import PAPER_AS_READ, MaMe
 MODELS = {  # name -> (checkpoint, data spec, first validation image of the train split)
     "fmnist": (None, "fashion-mnist", 50_000),
     "mnist": ("/work/runs/mnist2/model_last.safetensors", "mnist", 55_000),
-    "mnist_stage1": ("/work/runs/mnist/model_last.safetensors", "mnist", 55_000),  # before its last epoch
 }
 PAPER = dict(PAPER_AS_READ)
 SPREAD12 = {**PAPER, "sources": "spread", "w_protect": 12}
