@@ -7,8 +7,13 @@ import torch
 import mambamerge
 from mambamerge.diagnostics.attention import apply_attention, class_token_attention, implicit_attention
 from mambamerge.diagnostics.decay import decay_factors, effective_lengths
-from mambamerge.diagnostics.importance import average_ranks, leave_one_out, spearman, candidate_statistics
+from mambamerge.diagnostics.dependence import order_effect, perturbation_curve, token_orders
+from mambamerge.diagnostics.groups import merge_steps
+from mambamerge.diagnostics.importance import average_ranks, candidate_statistics, leave_one_out, spearman
 from mambamerge.diagnostics.probe import block_scans, mixer_input, mixer_output, scan_inputs, trace
+from mambamerge.diagnostics.prune_vs_merge import PruneInstead, prune_vs_merge
+from mambamerge.merge import MaMe
+from mambamerge.merge.state import TokenState
 from mambamerge.ops import selective_scan_reference
 from conftest import perturb_
 
@@ -120,3 +125,60 @@ def test_candidate_statistics_name_every_form(pico64):
     torch.testing.assert_close(stats["raw:max:fwd:this"], torch.log(torch.expm1(scans["fwd"].delta)).amax(-1))
     with pytest.raises(ValueError, match="before blocks 1..2"):
         candidate_statistics(pico64, tr, 0)
+
+
+def test_pruning_instead_drops_exactly_the_tokens_the_method_merges(pico64):
+    tokens = pico64.embed(images(pico64))
+    hidden, residual, ssm = pico64.layers[0](tokens, None, return_ssm=True)
+    state = TokenState.start(tokens, pico64.cls_index).with_streams(hidden, residual)
+    merged = MaMe().plan(state, ssm, 5)
+    pruned = PruneInstead(MaMe()).plan(state, ssm, 5)
+    assert torch.equal(pruned.rep, merged.rep)
+    assert (pruned.assign.gather(1, merged.movers) == -1).all() and pruned.movers.numel() == 0
+    new = state.apply(pruned)  # survivors untouched, bit for bit
+    torch.testing.assert_close(new.hidden, (hidden + residual).gather(1, merged.rep[..., None].expand(-1, -1, 32)),
+                               rtol=0, atol=0)
+
+
+def test_prune_vs_merge_differs_only_where_tokens_merge(pico64):
+    x, labels = images(pico64, batch=6), torch.arange(6)
+    configs = {"random": {"method": "random"}, "mame": {"method": "mame"}}
+    result = prune_vs_merge(pico64, x, labels, configs, [0.4], batch=4)
+    rows = {row["config"]: row for row in result["rows"]}
+    assert rows["random"]["merge"] == rows["random"]["prune"]  # random pruning merges nothing
+    assert rows["mame"]["merge"]["kl"] != rows["mame"]["prune"]["kl"]
+    assert pico64.token_reducer is None
+
+
+def test_merge_steps_partition_the_patches(pico64):
+    x = images(pico64, batch=2)
+    steps = merge_steps(pico64, x, "mame", 0.5)
+    patches = pico64.cfg.num_patches
+    assert [s["tokens"] for s in steps] == mambamerge.patch(pico64, "mame", 0.5).token_reducer.schedule.token_counts(
+        patches + 1)[1:len(steps) + 1]
+    mambamerge.unpatch(pico64)
+    for step in steps:
+        groups = step["groups"]
+        assert groups.shape == (2, patches) and (groups >= 0).all()
+        for b in range(2):  # one group per non-class token, each named by its smallest patch
+            ids = groups[b].unique()
+            assert len(ids) == step["tokens"] - 1
+            assert all(int((groups[b] == i).nonzero()[0]) == int(i) for i in ids)
+    pruned = merge_steps(pico64, x, "random", 0.5)
+    assert (pruned[-1]["groups"] == -1).sum(1).tolist() == [patches + 1 - pruned[-1]["tokens"]] * 2
+
+
+def test_reordering_and_nudging(pico64):
+    x, labels = images(pico64, batch=3), torch.tensor([0, 1, 2])
+    effect = order_effect(pico64, x, labels, block=1, orders=("identity", "reverse", "even_odd"))
+    assert effect["identity"]["agreement"] == 1.0 and abs(effect["identity"]["kl"]) < 1e-12
+    assert effect["even_odd"]["kl"] > 0
+    orders = token_orders(17, 8)
+    for name, perm in orders.items():
+        assert sorted(perm.tolist()) == list(range(17)), name
+    assert orders["random"][8] == 8 and orders["local"][8] == 8
+    curve = perturbation_curve(pico64, x[:2], block=1, scope="block")
+    assert curve["distance"].tolist() == [t - 8 for t in range(17) if t != 8]
+    assert curve["change"].shape == (2, 16) and (curve["change"] > 0).all()
+    still = perturbation_curve(pico64, x[:1], block=0, scope="model", eps=0.0)
+    assert still["change"].abs().max() == 0
