@@ -1,10 +1,12 @@
 """The diagnostics against independent slow computations on tiny float64 models."""
+import json
 import math
 
 import pytest
 import torch
 
 import mambamerge
+from mambamerge.cli.main import main
 from mambamerge.diagnostics.attention import apply_attention, class_token_attention, implicit_attention
 from mambamerge.diagnostics.decay import decay_factors, effective_lengths
 from mambamerge.diagnostics.dependence import order_effect, perturbation_curve, token_orders
@@ -14,6 +16,7 @@ from mambamerge.diagnostics.probe import block_scans, mixer_input, mixer_output,
 from mambamerge.diagnostics.prune_vs_merge import PruneInstead, prune_vs_merge
 from mambamerge.merge import MaMe
 from mambamerge.merge.state import TokenState
+from mambamerge.models.blocks import Block
 from mambamerge.ops import selective_scan_reference
 from conftest import perturb_
 
@@ -130,7 +133,7 @@ def test_candidate_statistics_name_every_form(pico64):
 def test_pruning_instead_drops_exactly_the_tokens_the_method_merges(pico64):
     tokens = pico64.embed(images(pico64))
     hidden, residual, ssm = pico64.layers[0](tokens, None, return_ssm=True)
-    state = TokenState.start(tokens, pico64.cls_index).with_streams(hidden, residual)
+    state = TokenState.start(tokens, pico64.layout).with_streams(hidden, residual)
     merged = MaMe().plan(state, ssm, 5)
     pruned = PruneInstead(MaMe()).plan(state, ssm, 5)
     assert torch.equal(pruned.rep, merged.rep)
@@ -182,3 +185,34 @@ def test_reordering_and_nudging(pico64):
     assert curve["change"].shape == (2, 16) and (curve["change"] > 0).all()
     still = perturbation_curve(pico64, x[:1], block=0, scope="model", eps=0.0)
     assert still["change"].abs().max() == 0
+
+
+@pytest.mark.parametrize("variant", ["bi", "bi_shared", "forward"])
+def test_implicit_attention_gives_every_mixer_variants_output(variant):
+    torch.manual_seed(0)
+    block = perturb_(Block(16, d_state=4, variant=variant, divide_out=variant == "bi")).double()
+    tokens = torch.randn(2, 9, 16, dtype=torch.float64)
+    hidden, _ = block(tokens, None)
+    x = mixer_input(block, tokens, None)
+    scans = scan_inputs(block.mixer, x)
+    ys = {d: apply_attention(implicit_attention(s), s) for d, s in scans.items()}
+    torch.testing.assert_close(mixer_output(block.mixer, x, ys), hidden, rtol=1e-10, atol=1e-12)
+
+
+def test_diagnose_and_visualize_commands(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = perturb_(mambamerge.create_model("vim_pico", in_chans=1, depth=3))
+    path = mambamerge.save_checkpoint(model, tmp_path / "pico.safetensors")
+    common = ["--checkpoint", str(path), "--data", "fashion-mnist", "--split", "test", "--threads", "1"]
+    assert main(["diagnose", *common, "--images", "8", "--parts", "decay", "order", "prune_vs_merge",
+                 "--reductions", "0.3", "--out", str(tmp_path / "d")]) == 0
+    numbers = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
+    assert set(numbers["order"]) == {"0", "1"} and len(numbers["decay"]["blocks"]) == 3
+    assert (tmp_path / "d" / "decay.png").read_bytes()[:4] == b"\x89PNG"
+    assert "prune vs merge (8 images" in (tmp_path / "d" / "summary.txt").read_text()
+    assert main(["visualize", *common, "--images", "2", "--reduction", "0.4", "--out", str(tmp_path / "v")]) == 0
+    assert (tmp_path / "v" / "merge_mame.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["diagnose", *common, "--loo-blocks", "0", "--out", str(tmp_path / "e")]) == 2
+    assert "leave-one-out blocks must be in [1, 2]" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "diagnostics.json").exists()

@@ -62,6 +62,9 @@ def load_images(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint, img_size=args.img_size).eval()
+    if len(model.layout.grid) != 2:
+        raise ValueError(f"{Path(args.checkpoint).name} is not an image model ({model.layout.describe()}); the "
+                         f"commands read image data so far: use the library functions in mambamerge.diagnostics")
     height, width = model.cfg.img_size
     if height != width:
         raise ValueError(f"{Path(args.checkpoint).name} runs at {height}x{width} images but datasets are loaded "

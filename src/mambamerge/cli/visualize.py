@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     check_reduction(args.reduction)
     out = check_writable(args.out)
     model, images, _, data = load_images(args)
+    if len(model.layout.grid) != 2:
+        raise ValueError(f"visualize draws models of images (a 2-D patch grid); this one has {model.layout.describe()}")
     steps = merge_steps(model, images, args.method, args.reduction, **options)
     if not steps:
         raise ValueError(f"{args.method} at {args.reduction:.0%} removes no token; raise --reduction")
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     title = (f"{Path(args.checkpoint).stem}: {args.method} at {args.reduction:.0%} average reduction"
              + (f" ({listed})" if listed else "") + f"; Δ map of block {steps[0]['block'] - 1}")
     name = f"merge_{args.method}.png"
-    write_files(out, {name: merge_groups_png(images, model.cfg.grid_size, steps, importance, title)})
+    write_files(out, {name: merge_groups_png(images, model.layout.grid, steps, importance, title)})
     print(f"{data}: {len(steps)} steps, tokens {' -> '.join(str(s['tokens']) for s in steps)}")
     print(f"wrote {Path(out) / name}")
     return 0

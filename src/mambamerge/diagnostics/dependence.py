@@ -10,7 +10,7 @@ from typing import Dict, Sequence
 import torch
 import torch.nn.functional as F
 
-from mambamerge.diagnostics.probe import class_feature_from, trace
+from mambamerge.diagnostics.probe import class_feature_from, class_index, trace
 
 
 def perturbed_copies(hidden: torch.Tensor, eps: float, generator: torch.Generator, cls_index: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def perturbation_curve(model, images: torch.Tensor, block: int = 0, scope: str =
     images (B, C, H, W). Returns {"distance": (L - 1,) signed t - cls, "change": (B, L - 1)}."""
     if scope not in ("model", "block"):
         raise ValueError(f"scope must be 'model' or 'block', got {scope!r}")
-    cls = model.cls_index
+    cls = class_index(model)
     generator = torch.Generator().manual_seed(seed)
     layer = model.layers[block]
     rows = []
@@ -83,7 +83,7 @@ def order_effect(model, images: torch.Tensor, labels: torch.Tensor, block: int =
                  batch: int = 64) -> Dict[str, Dict[str, float]]:
     """Top-1, agreement with the dense prediction and mean KL(dense || reordered) when the tokens
     entering `block` are reordered. images (B, C, H, W), labels (B,)."""
-    cls = model.cls_index
+    cls = class_index(model)
     perms = {}
     results: Dict[str, Dict[str, list]] = {}
     with torch.inference_mode():

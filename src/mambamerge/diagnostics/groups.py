@@ -12,8 +12,9 @@ from mambamerge.diagnostics.importance import step_size_statistics
 from mambamerge.diagnostics.probe import block_scans, trace
 from mambamerge.diagnostics.wrapper import MethodWrapper
 from mambamerge.merge.base import ReductionMethod
-from mambamerge.merge.state import MergePlan, TokenState
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats
 from mambamerge.patch import patch, unpatch
 
 
@@ -28,12 +29,6 @@ class StepRecorder(MethodWrapper):
         plan = self.method.plan(state, ssm, r)
         self.sources.append(plan.add_up(state.source))
         return plan
-
-
-def patch_tokens(model) -> torch.Tensor:
-    """Indices of the patch tokens in the embedded sequence, in patch order (every token but the class token)."""
-    length = model.cfg.num_patches + 1
-    return torch.tensor([t for t in range(length) if t != model.cls_index])
 
 
 def patch_groups(source: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -60,7 +55,7 @@ def merge_steps(model, images: torch.Tensor, method: str, reduction: float, **op
         blocks = [b for b, r in enumerate(model.token_reducer.schedule.removals) if r > 0]
     finally:
         unpatch(model)
-    patches = patch_tokens(model).to(images.device)
+    patches = model.layout.patch_slots().to(images.device)
     return [{"block": block, "tokens": source.shape[1], "groups": patch_groups(source, patches).cpu()}
             for block, source in zip(blocks, recorder.sources)]
 
@@ -70,4 +65,4 @@ def delta_map(model, images: torch.Tensor, block: int) -> torch.Tensor:
     model, per patch: (B, C, H, W) -> (B, M)."""
     with torch.inference_mode():
         stats = step_size_statistics(block_scans(model, trace(model, images), block))
-    return stats["delta:mean:sum"][:, patch_tokens(model).to(images.device)].cpu()
+    return stats["delta:mean:sum"][:, model.layout.patch_slots().to(images.device)].cpu()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.diagnostics.probe import DIRECTIONS, ScanInputs, Trace, block_scans, class_feature_from, \
-    inverse_softplus, trace
+    class_index, inverse_softplus, trace
 
 AGGREGATES = ("mean", "l2", "max")
 SOURCES = ("this", "next")  # the block just run before the removal (what a method can read), or the next one
@@ -78,7 +78,7 @@ def leave_one_out(model, images: torch.Tensor, labels: torch.Tensor, block: int,
     """Leave-one-out effects of every token before `block` for images (B, C, H, W) with labels (B,)."""
     with torch.inference_mode():
         tr = trace(model, images)
-        removed = leave_one_out_logits(model, tr.hidden[block], tr.residual[block], block, model.cls_index, chunk)
+        removed = leave_one_out_logits(model, tr.hidden[block], tr.residual[block], block, class_index(model), chunk)
     return loo_effects(tr.logits, removed, labels)
 
 
@@ -129,7 +129,7 @@ def candidate_statistics(model, tr: Trace, block: int) -> Dict[str, torch.Tensor
         out.update({f"{k}:{source}": v for k, v in step_size_statistics(block_scans(model, tr, b)).items()})
     hidden, residual = tr.hidden[block], tr.residual[block]
     length = hidden.shape[1]
-    proximity = -(torch.arange(length, device=hidden.device) - model.cls_index).abs().to(hidden.dtype)
+    proximity = -(torch.arange(length, device=hidden.device) - class_index(model)).abs().to(hidden.dtype)
     out["cls_proximity"] = proximity.expand(hidden.shape[0], -1)
     out["stream_norm"] = (hidden + residual).norm(dim=-1)
     return out
@@ -186,10 +186,10 @@ def importance_study(model, images: torch.Tensor, labels: torch.Tensor, blocks: 
         tr = trace(model, images)
         for block in blocks:
             stats = candidate_statistics(model, tr, block)
-            removed = leave_one_out_logits(model, tr.hidden[block], tr.residual[block], block, model.cls_index,
+            removed = leave_one_out_logits(model, tr.hidden[block], tr.residual[block], block, class_index(model),
                                            chunk)
             effects = loo_effects(tr.logits, removed, labels)
-            out[block] = {"loo": effects, "rho": correlations(effects, stats, model.cls_index)}
+            out[block] = {"loo": effects, "rho": correlations(effects, stats, class_index(model))}
     return out
 
 

@@ -1,8 +1,8 @@
 """Running a model piece by piece: the streams entering every block, and the scans inside a mixer.
 
-Only the model's public pieces are used (embed, layers, final_norm, head, cls_index, and the mixer's
-checkpoint parameters), so every diagnostic works on any family built from `Block` and
-`BiMambaMixer` whose class token sits at a fixed index.
+Only the model's public pieces are used (embed, layers, final_norm, head, layout, and the mixer's
+checkpoint parameters), so every diagnostic works on any family built from `Block` and `MambaMixer`
+that has a class token.
 """
 from typing import Dict, List, NamedTuple, Optional, Union
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.models.blocks import depthwise_conv_along_sequence
+from mambamerge.runner import class_feature
 
 DIRECTIONS = ("fwd", "bwd")
 _SUFFIX = {"fwd": "", "bwd": "_b"}
@@ -43,6 +44,14 @@ class ScanInputs(NamedTuple):
     reverse: bool
 
 
+def class_index(model) -> int:
+    """Index of the model's class token in the embedded sequence; a ValueError for a model without one."""
+    index = model.layout.cls_index
+    if index is None:
+        raise ValueError("the diagnostics measure what reaches the class token, and this model has none")
+    return index
+
+
 def trace(model, images: torch.Tensor) -> Trace:
     """Dense forward of images (B, C, H, W) keeping the streams entering every block."""
     hidden, residual = model.embed(images), None
@@ -51,7 +60,7 @@ def trace(model, images: torch.Tensor) -> Trace:
         hidden, residual = block(hidden, residual)
         hiddens.append(hidden)
         residuals.append(residual)
-    logits = model.head(model.final_norm(hidden, residual)[:, model.cls_index])
+    logits = model.head(model.final_norm(hidden, residual)[:, class_index(model)])
     return Trace(hiddens, residuals, logits)
 
 
@@ -61,10 +70,7 @@ def class_feature_from(model, hidden: torch.Tensor, residual: Optional[torch.Ten
     class token at cls_index (an int, or (B,) one per sequence). Logits: model.head of it."""
     for block in model.layers[start:]:
         hidden, residual = block(hidden, residual)
-    out = model.final_norm(hidden, residual)
-    if isinstance(cls_index, int):
-        return out[:, cls_index]
-    return out[torch.arange(out.shape[0], device=out.device), cls_index]
+    return class_feature(model.final_norm(hidden, residual), cls_index)
 
 
 def mixer_input(block, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
@@ -73,26 +79,35 @@ def mixer_input(block, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -
     return block.norm(summed.to(torch.promote_types(summed.dtype, torch.float32)))
 
 
+def _branch(mixer, xs: torch.Tensor, suffix: str, reverse: bool):
+    """u, Δ, B, C of one convolution + projection branch, in the dtype of xs (B, L, d_inner)."""
+    dtype = xs.dtype
+    conv = getattr(mixer, "conv1d" + suffix)
+    u = F.silu(depthwise_conv_along_sequence(xs, conv.weight.to(dtype), conv.bias.to(dtype), reverse))
+    proj = F.linear(u, getattr(mixer, "x_proj" + suffix).weight.to(dtype))
+    dt, B, C = torch.split(proj, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    dt_proj = getattr(mixer, "dt_proj" + suffix)
+    return u, F.softplus(F.linear(dt, dt_proj.weight.to(dtype), dt_proj.bias.to(dtype))), B, C
+
+
 def scan_inputs(mixer, x: torch.Tensor) -> Dict[str, ScanInputs]:
-    """The selective-scan inputs of both directions of a bidirectional mixer, recomputed from its
-    parameters (in_proj, conv1d(_b), x_proj(_b), dt_proj(_b), A_log / A_b_log, D(_b)), in the dtype of x.
+    """The selective-scan inputs of both directions of a mixer, recomputed from its parameters (in_proj,
+    conv1d(_b), x_proj(_b), dt_proj(_b), A_log / A_b_log, D(_b)), in the dtype of x. Variants: "bi"
+    (a branch per direction), "bi_shared" (one forward branch scanned both ways, A_b_log backward),
+    "forward" (one scan; reported as both directions, as its SSMStats are).
 
     x: (B, L, D) the mixer's input. Returns {"fwd": ScanInputs, "bwd": ScanInputs}."""
     dtype = x.dtype
     xs, _ = F.linear(x, mixer.in_proj.weight.to(dtype)).chunk(2, dim=-1)
-    out = {}
-    for direction in DIRECTIONS:
-        suffix, reverse = _SUFFIX[direction], direction == "bwd"
-        conv = getattr(mixer, "conv1d" + suffix)
-        u = F.silu(depthwise_conv_along_sequence(xs, conv.weight.to(dtype), conv.bias.to(dtype), reverse))
-        proj = F.linear(u, getattr(mixer, "x_proj" + suffix).weight.to(dtype))
-        dt, B, C = torch.split(proj, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-        dt_proj = getattr(mixer, "dt_proj" + suffix)
-        delta = F.softplus(F.linear(dt, dt_proj.weight.to(dtype), dt_proj.bias.to(dtype)))
-        a_log = mixer.A_log if direction == "fwd" else mixer.A_b_log
-        out[direction] = ScanInputs(u, delta, -torch.exp(a_log.to(dtype)), B, C,
-                                    getattr(mixer, "D" + suffix).to(dtype), reverse)
-    return out
+    u, delta, B, C = _branch(mixer, xs, "", reverse=False)
+    fwd = ScanInputs(u, delta, -torch.exp(mixer.A_log.to(dtype)), B, C, mixer.D.to(dtype), False)
+    if mixer.variant == "forward":
+        return {"fwd": fwd, "bwd": fwd}
+    if mixer.variant == "bi_shared":
+        return {"fwd": fwd, "bwd": fwd._replace(A=-torch.exp(mixer.A_b_log.to(dtype)), reverse=True)}
+    u, delta, B, C = _branch(mixer, xs, "_b", reverse=True)
+    return {"fwd": fwd, "bwd": ScanInputs(u, delta, -torch.exp(mixer.A_b_log.to(dtype)), B, C,
+                                          mixer.D_b.to(dtype), True)}
 
 
 def block_scans(model, tr: Trace, block: int) -> Dict[str, ScanInputs]:
@@ -102,10 +117,13 @@ def block_scans(model, tr: Trace, block: int) -> Dict[str, ScanInputs]:
 
 
 def mixer_output(mixer, x: torch.Tensor, scans: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mixer's output from its two scan outputs: gate by SiLU(z), combine, out_proj.
-    x: (B, L, D) the mixer's input; scans: {"fwd": y_f, "bwd": y_b}, each (B, L, d_inner) in sequence order."""
+    """The mixer's output from its scan outputs: combine, gate by SiLU(z), out_proj.
+    x: (B, L, D) the mixer's input; scans: {"fwd": y_f, "bwd": y_b}, each (B, L, d_inner) in sequence
+    order (a one-direction mixer reads "fwd" only)."""
     dtype = x.dtype
     _, z = F.linear(x, mixer.in_proj.weight.to(dtype)).chunk(2, dim=-1)
+    if mixer.variant == "forward":
+        return F.linear(scans["fwd"] * F.silu(z), mixer.out_proj.weight.to(dtype))
     y = (scans["fwd"] + scans["bwd"]) * F.silu(z)
     if mixer.divide_out:
         y = y * 0.5

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.diagnostics.wrapper import MethodWrapper
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan, plan_from_selection
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats
 from mambamerge.patch import patch, unpatch
 
 

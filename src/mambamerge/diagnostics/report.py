@@ -10,7 +10,7 @@ from mambamerge.diagnostics.attention import implicit_attention
 from mambamerge.diagnostics.decay import decay_summary
 from mambamerge.diagnostics.dependence import order_effect, perturbation_curve, side_summary
 from mambamerge.diagnostics.importance import importance_study, summarise
-from mambamerge.diagnostics.probe import DIRECTIONS, block_scans, trace
+from mambamerge.diagnostics.probe import DIRECTIONS, block_scans, class_index, trace
 from mambamerge.diagnostics.prune_vs_merge import prune_vs_merge
 
 PARTS = ("decay", "attention", "dependence", "order", "importance", "prune_vs_merge")
@@ -92,7 +92,7 @@ def _attention(model, images, settings, report: Report, title: str) -> None:
             scans = block_scans(model, tr, block)
             maps[block] = {d: implicit_attention(scans[d])[0].abs().mean(0).float() for d in DIRECTIONS}
     model.float()
-    cls = model.cls_index
+    cls = class_index(model)
     report.numbers["attention"] = {
         str(block): {d: {"class_row_share_within_8": _share_near(m[d][cls], cls, 8)} for d in DIRECTIONS}
         for block, m in maps.items()}
@@ -141,7 +141,7 @@ def _importance(model, images, labels, settings, report: Report, title: str) -> 
     blocks = list(settings.loo_blocks)
     study = importance_study(model, images[:settings.loo_images], labels[:settings.loo_images], blocks)
     tables = {target: summarise(study, target) for target in ("kl", "logit_drop", "low_cost")}
-    cls = model.cls_index
+    cls = class_index(model)
     spread = {}
     for block in blocks:
         rho = study[block]["rho"]

@@ -2,8 +2,9 @@
 from typing import Optional
 
 from mambamerge.merge.base import ReductionMethod
-from mambamerge.merge.state import MergePlan, TokenState
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats, TokenLayout
 
 
 class MethodWrapper:
@@ -17,8 +18,8 @@ class MethodWrapper:
     def needs_ssm(self) -> bool:
         return self.method.needs_ssm
 
-    def capacity(self, length: int) -> int:
-        return self.method.capacity(length)
+    def capacity(self, length: int, layout: TokenLayout) -> int:
+        return self.method.capacity(length, layout)
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         return self.method.overhead_macs(length, r, dim)
