@@ -104,14 +104,15 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
     label = f"{args.data} {split}" if is_idx else args.data
     if len(dataset) == 0:
         raise ValueError(f"{label} holds no images")
-    check_fit(cfg, dataset.info, label)
+    check_fit(model, dataset.info, label)
     return model, dataset, label
 
 
 def describe(model, checkpoint: str) -> str:
     cfg = model.cfg
-    return (f"{Path(checkpoint).name}: {cfg.depth} blocks, width {cfg.embed_dim}, {cfg.num_patches + 1} tokens "
-            f"({cfg.in_chans}x{cfg.img_size[0]}x{cfg.img_size[1]} images), {cfg.num_classes} classes")
+    shape = "x".join(str(n) for n in model.input_shape)
+    return (f"{Path(checkpoint).name}: {cfg.depth} blocks, width {cfg.embed_dim}, {model.layout.length} tokens "
+            f"({shape} inputs), {cfg.num_classes} classes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
-        check_writable(Path(args.json).resolve().parent)
+        check_writable(Path(args.json).resolve().parent, create=False)
     model, dataset, label = load_inputs(args)
     timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs)
     result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label,
                    "environment": environment(next(model.parameters()).device), "result": result}
         path = Path(args.json)
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
         write_files(path.resolve().parent, {path.name: json_text(payload)})
         print(f"json        {path}")
     return 0
