@@ -73,7 +73,7 @@ def load_images(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor
     dataset = load_dataset(args.data, args.split, img_size=height, in_chans=model.cfg.in_chans,
                            limit=args.first + args.images)
     label = f"{args.data} {args.split}" if is_idx else args.data
-    check_fit(model.cfg, dataset.info, label)
+    check_fit(model, dataset.info, label)
     if len(dataset) <= args.first:
         raise ValueError(f"{label} holds {len(dataset)} images; --first {args.first} is past its end")
     index = list(range(args.first, len(dataset)))

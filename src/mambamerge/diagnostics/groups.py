@@ -31,6 +31,11 @@ class StepRecorder(MethodWrapper):
         return plan
 
 
+def patch_slots(layout) -> torch.Tensor:
+    """(M,) long: the sequence index of each patch, patches in grid order (every slot but the class token's)."""
+    return torch.tensor([t for t in range(layout.length) if t != layout.cls_index])
+
+
 def patch_groups(source: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """Group id of every patch: the smallest patch index held by the token holding it, -1 if dropped.
     source (B, L', L0), patches (M,) embedded index of each patch -> (B, M) long."""
@@ -55,7 +60,7 @@ def merge_steps(model, images: torch.Tensor, method: str, reduction: float, **op
         blocks = [b for b, r in enumerate(model.token_reducer.schedule.removals) if r > 0]
     finally:
         unpatch(model)
-    patches = model.layout.patch_slots().to(images.device)
+    patches = patch_slots(model.layout).to(images.device)
     return [{"block": block, "tokens": source.shape[1], "groups": patch_groups(source, patches).cpu()}
             for block, source in zip(blocks, recorder.sources)]
 
@@ -65,4 +70,4 @@ def delta_map(model, images: torch.Tensor, block: int) -> torch.Tensor:
     model, per patch: (B, C, H, W) -> (B, M)."""
     with torch.inference_mode():
         stats = step_size_statistics(block_scans(model, trace(model, images), block))
-    return stats["delta:mean:sum"][:, model.layout.patch_slots().to(images.device)].cpu()
+    return stats["delta:mean:sum"][:, patch_slots(model.layout).to(images.device)].cpu()
