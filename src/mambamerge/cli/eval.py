@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = model.cfg
     print(f"model       {describe(model, args.checkpoint)}")
     print(f"data        {label}: {result['images']} images")
+    if result["unreadable_images"]:
+        print(f"skipped     {len(result['unreadable_images'])} unreadable images (named in the warnings above)")
     if args.method:
         target = f"target reduction {args.reduction:.0%}" if args.reduction is not None else "schedule from options"
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
