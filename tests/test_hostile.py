@@ -369,3 +369,59 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert {stat.S_IMODE(p.stat().st_mode) for p in paths} == {mode}
+
+
+# --- a corrupt or truncated image is skipped with a warning and counted (item 5) ---
+
+def damage(folder):
+    """Two real damaged files among the images: random bytes named .png, and a JPEG cut in half."""
+    (folder / "ant" / "garbage.png").write_bytes(np.random.default_rng(1).bytes(300))
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(
+        folder / "bee" / "whole.jpg", quality=95)
+    data = (folder / "bee" / "whole.jpg").read_bytes()
+    (folder / "bee" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "bee" / "whole.jpg").unlink()
+
+
+@pytest.fixture
+def pico_ckpt(tmp_path):
+    torch.manual_seed(0)
+    return str(mambamerge.save_checkpoint(mambamerge.create_model("vim_pico", num_classes=2), tmp_path / "m.safetensors"))
+
+
+def test_eval_and_sweep_skip_unreadable_images_and_say_so(tmp_path, pico_ckpt, capsys):
+    root = image_folder(tmp_path / "data", splits=("val",))
+    common = ["--checkpoint", pico_ckpt, "--runs", "1", "--throughput-batch", "2", "--threads", "1"]
+    assert main(["eval", *common, "--data", str(root / "val"), "--json", str(tmp_path / "clean.json")]) == 0
+    damage(root / "val")
+    capsys.readouterr()
+    assert main(["eval", *common, "--data", str(root / "val"), "--json", str(tmp_path / "damaged.json")]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "skipped     2 unreadable images" in captured.out
+    assert "warning: skipped an unreadable image" in captured.err and "garbage.png" in captured.err
+    clean, damaged = (json.loads((tmp_path / f"{n}.json").read_text())["result"] for n in ("clean", "damaged"))
+    assert damaged["images"] == clean["images"] == 4 and damaged["top1"] == clean["top1"]
+    assert [Path(p.split(" (")[0]).name for p in damaged["unreadable_images"]] == ["garbage.png", "cut.jpg"]
+    out = tmp_path / "sweep"
+    assert main(["sweep", *common, "--data", str(root / "val"), "--out", str(out), "--methods", "mame",
+                 "--reductions", "0.2"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["data"]["unreadable_images"]) == 2
+
+
+def test_training_goes_on_past_an_unreadable_image(tmp_path, data, capsys):
+    damage(tmp_path / "data" / "train")
+    out = tmp_path / "run"
+    assert main(TRAIN + data + ["--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "cut.jpg" in captured.err
+    assert (out / "model.safetensors").is_file() and (out / "last.pt").is_file()
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path, pico_sd):
+    """`mambamerge info x.pth | head -1`: the pipe closes before the output is written."""
+    torch.save(pico_sd, tmp_path / "m.pth")
+    child = subprocess.Popen([sys.executable, "-m", "mambamerge", "info", str(tmp_path / "m.pth"), "--img-size", "32"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # as head does once it has its lines; the command is still importing torch
+    err = child.stderr.read().decode()
+    assert child.wait() == 128 + signal.SIGPIPE and err == ""
