@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Set, Tuple
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from mambamerge.data.datasets import ImageSet
@@ -57,8 +58,6 @@ class ReadableImages(Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         try:
             return self.folder[index]
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
