@@ -50,8 +50,8 @@ def spread_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch
     consecutive tokens of (nearly) equal length, and the lowest-scoring token of each run leaves.
     score, eligible: (B, L); every image needs r eligible tokens. Returns (B, r)."""
     counts = eligible.sum(dim=1)
-    if r == 0:
-        return torch.zeros(score.shape[0], 0, dtype=torch.long, device=score.device)
+    if r == 0 or score.shape[0] == 0:  # nothing leaves, or no image
+        return torch.zeros(score.shape[0], r, dtype=torch.long, device=score.device)
     if int(counts.min()) < r:
         raise ValueError(f"{r} sources asked but an image has only {int(counts.min())} eligible tokens")
     return least_per_group(score, eligible, torch.full_like(counts, r))
