@@ -1,32 +1,59 @@
-"""Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders."""
-from typing import Iterator, Optional, Tuple
+"""Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders;
+moving Fashion-MNIST / MNIST clips and video folders; FSDD spoken digits and sound-file folders."""
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
+from mambamerge.data.audio_sets import DEMO_FRAMES, AudioClips, AudioInfo, audio_folder, fsdd
 from mambamerge.data.datasets import IDX_SETS, IdxDataset, ImageSet, locate_idx
 from mambamerge.data.folders import image_folder
 from mambamerge.data.idx import read_idx
+from mambamerge.data.video_sets import MOVING_SETS, MovingItems, VideoFolder, VideoInfo
+
+# named data sets with a validation split held out of their training data (train / val / test)
+VAL_SPLIT_SETS = ("fsdd", *MOVING_SETS)
 
 
 def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None, in_chans: int = 3,
-                 limit: Optional[int] = None, augment: bool = False):
-    """A dataset by name ("fashion-mnist", "mnist", optionally "name:/folder/with/idx/files") or an
-    image folder path (ImageNet layout). The result has `.info` (classes, channels, size)."""
+                 limit: Optional[int] = None, augment: bool = False, input_shape: Optional[Sequence[int]] = None):
+    """A dataset by name, optionally "name:/folder/with/its/files": "fashion-mnist", "mnist" (images),
+    "moving-fashion-mnist", "moving-mnist" (clips), "fsdd" (spoken digits); or a folder with one
+    sub-folder per class. The result has `.info` (classes and the shape of one input).
+
+    input_shape: the model's per-sample input (model.input_shape); it says what a folder holds:
+    (C, H, W) images (img_size and in_chans are then taken from it), (C, T, H, W) video clips (files or
+    frame folders), (T, F) sound files; for fsdd, T is the number of feature frames (default 96)."""
     name, _, root = spec.partition(":")
+    shape = tuple(input_shape) if input_shape is not None else None
     if name in IDX_SETS:
-        return IdxDataset(name, split, root=root or None, img_size=img_size or 56, limit=limit, augment=augment)
-    ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
+        size = img_size or (shape[-1] if shape and len(shape) == 3 else 56)
+        return IdxDataset(name, split, root=root or None, img_size=size, limit=limit, augment=augment)
+    if name in MOVING_SETS:
+        return MovingItems(MOVING_SETS[name], split, root=root or None, limit=limit, augment=augment)
+    if name == "fsdd":
+        frames = shape[0] if shape and len(shape) == 2 else DEMO_FRAMES
+        return fsdd(split, root or None, frames=frames, limit=limit, augment=augment)
+    if shape is not None and len(shape) == 4:
+        ds = VideoFolder(spec, frames=shape[1], size=shape[-1], in_chans=shape[0])
+    elif shape is not None and len(shape) == 2:
+        return audio_folder(spec, frames=shape[0], limit=limit, augment=augment)
+    else:
+        if shape is not None:
+            in_chans, img_size = shape[0], shape[-1]
+        ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
     if limit is not None and limit < len(ds):
+        info = ds.info
         ds = torch.utils.data.Subset(ds, range(limit))
-        ds.info = ds.dataset.info
+        ds.info = info
     return ds
 
 
 def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
             workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches; IDX sets are sliced in memory, folders go through a DataLoader."""
-    if isinstance(dataset, IdxDataset):
+    """(inputs, labels) batches; in-memory sets (with a vectorised `batch(index, generator)`: IDX images,
+    moving items, audio features) are sliced directly, others go through a DataLoader."""
+    if hasattr(dataset, "batch"):
         order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
         for start in range(0, len(dataset), batch_size):
             yield dataset.batch(order[start:start + batch_size], generator)
@@ -34,4 +61,6 @@ def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)
 
 
-__all__ = ["IDX_SETS", "IdxDataset", "ImageSet", "batches", "image_folder", "load_dataset", "locate_idx", "read_idx"]
+__all__ = ["IDX_SETS", "MOVING_SETS", "VAL_SPLIT_SETS", "AudioClips", "AudioInfo", "IdxDataset", "ImageSet",
+           "MovingItems", "VideoFolder", "VideoInfo", "audio_folder", "batches", "fsdd", "image_folder",
+           "load_dataset", "locate_idx", "read_idx"]

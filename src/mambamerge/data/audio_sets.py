@@ -91,8 +91,9 @@ def _mask(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor
     return x * keep
 
 
-def audio_folder(root, frames: int = DEMO_FRAMES, augment: bool = False) -> AudioClips:
-    """A folder `<root>/<class name>/<sound files>` (label = sub-folder name, classes sorted)."""
+def audio_folder(root, frames: int = DEMO_FRAMES, limit: Optional[int] = None, augment: bool = False) -> AudioClips:
+    """A folder `<root>/<class name>/<sound files>` (label = sub-folder name, classes sorted; files in
+    class then name order, the first `limit` of them)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
@@ -108,7 +109,7 @@ def audio_folder(root, frames: int = DEMO_FRAMES, augment: bool = False) -> Audi
     if not files:
         raise ValueError(f"{root}: no sound files found in its class folders; supported extensions: "
                          f"{', '.join(AUDIO_EXTENSIONS)}")
-    return AudioClips(files, labels, classes, frames, augment, desc=root.name)
+    return AudioClips(files[:limit], labels[:limit], classes, frames, augment, desc=root.name)
 
 
 def shipped_fsdd() -> Path:
