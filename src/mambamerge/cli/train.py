@@ -9,7 +9,7 @@ import torch
 
 from mambamerge.atomic import write_bytes
 from mambamerge.checkpoint import load_checkpoint
-from mambamerge.data import load_dataset
+from mambamerge.data import VAL_SPLIT_SETS, load_dataset
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
 from mambamerge.train import TrainConfig, train
@@ -44,8 +44,10 @@ def _splits(spec: str, args, img_size, in_chans):
                 raise FileNotFoundError(f"{folder} needs train/ and val/ sub-folders in the ImageNet layout")
         return (load_dataset(str(folder / "train"), img_size=img_size, in_chans=in_chans, limit=args.limit),
                 load_dataset(str(folder / "val"), img_size=img_size, in_chans=in_chans))
+    # named sets with a validation split held out of their training data select on it, never on test
+    val_split = "val" if spec.partition(":")[0] in VAL_SPLIT_SETS else "test"
     return (load_dataset(spec, "train", img_size=img_size, limit=args.limit, augment=True),
-            load_dataset(spec, "test", img_size=img_size))
+            load_dataset(spec, val_split, img_size=img_size))
 
 
 def _device(name: str) -> torch.device:
