@@ -105,11 +105,11 @@ def test_fixed_length_and_normalisation():
 
 def test_shipped_fsdd_test_split():
     ds = load_dataset("fsdd", "test")
-    assert len(ds) == 300 and ds.info.num_classes == 10 and ds.info.input_shape == (96, 128)
+    assert len(ds) == 300 and ds.info.num_classes == 10 and ds.info.input_shape == (128, 128)
     assert torch.bincount(ds.labels, minlength=10).tolist() == [30] * 10
     assert ds.features.isfinite().all() and abs(ds.features.mean().item()) < 0.3
     x, y = next(batches(ds, 20))
-    assert x.shape == (20, 96, 128) and y.tolist() == list(range(10)) * 2  # ordered take, speaker, digit
+    assert x.shape == (20, 128, 128) and y.tolist() == list(range(10)) * 2  # ordered take, speaker, digit
     short = load_dataset("fsdd", "test", limit=10, input_shape=(64, 128))
     assert short.features.shape == (10, 64, 128) and torch.equal(short.features, ds.features[:10, :64])
     assert sum(p.stat().st_size for p in shipped_fsdd().iterdir()) < 1.5e6

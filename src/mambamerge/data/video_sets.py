@@ -5,8 +5,8 @@ Moving items (`moving-fashion-mnist`, `moving-mnist`): each clip shows one Fashi
 item, shrunk to 16x16, crossing a black 32x32 canvas in a straight line at 2 pixels a frame for 8
 frames, to the right, left, down or up. The label is (item class, direction): 40 classes, so a model
 needs both the appearance and the motion. The start lies on the canvas so that the whole path does
-(2 or 3 positions along the motion, 17 across it). Items: train = the first 55,000 of the IDX train
-split, val = the last 5,000 (held out, for choosing settings), test = the IDX test split (shipped
+(3 positions along the motion, 17 across it). Items: train = the first 58,000 of the IDX train
+split, val = the last 2,000 (held out, for choosing settings), test = the IDX test split (shipped
 with the package for Fashion-MNIST). Each split's directions and starts are drawn from a generator
 seeded with `seed` and the split, so clips are the same on every machine; with `augment` every batch
 draws new ones (an endless stream of training clips).
@@ -90,7 +90,7 @@ class MovingItems(Dataset):
         images_path, labels_path = locate_idx(name, "test" if split == "test" else "train", root)
         images, labels = read_idx(images_path), read_idx(labels_path).long()
         if split != "test":
-            part = slice(0, 55000) if split == "train" else slice(55000, None)
+            part = slice(0, 58000) if split == "train" else slice(58000, None)
             images, labels = images[part], labels[part]
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
