@@ -38,10 +38,10 @@ def test_data_of_another_kind_is_a_clear_error(tmp_path, capsys):
     path = mambamerge.save_checkpoint(tiny_aum(), tmp_path / "aum.safetensors")
     assert main(["eval", "--checkpoint", str(path), "--data", "fashion-mnist", "--limit", "4"]) == 2
     err = capsys.readouterr().err
-    assert "the model takes spectrograms of 32 frames x 128 mel bins but fashion-mnist test gives 1x56x56 images" in err
+    assert "the model (aum) takes spectrograms of 32 frames x 128 mel bins but fashion-mnist test gives 1x56x56 images" in err
     path = mambamerge.save_checkpoint(tiny_videomamba(), tmp_path / "video.safetensors")
     assert main(["eval", "--checkpoint", str(path), "--data", "fsdd", "--limit", "4"]) == 2
-    assert "the model takes clips of 8 frames of 1x32x32 but fsdd test gives spectrograms" in capsys.readouterr().err
+    assert "the model (videomamba) takes clips of 8 frames of 1x32x32 but fsdd test gives spectrograms" in capsys.readouterr().err
 
 
 def test_audio_folder_of_other_rates_and_channels(tmp_path, capsys):

@@ -29,23 +29,25 @@ def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = No
 
 
 def check_fit(model, info, data_name: str = "the dataset") -> None:
-    """Raise a ValueError naming both sides when `model` cannot be evaluated on a dataset (its `info`):
-    number of classes, shape of one input (images: channels and size)."""
+    """Raise a ValueError naming both sides when `model` cannot be evaluated on a dataset (its info:
+    classes and input_shape, the shape of one sample): number of classes, then for images the
+    channels and the size, for other inputs the sample shape."""
     if model.num_classes != info.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but {data_name} has {info.num_classes}; "
                          f"evaluate it on data with {model.num_classes} classes (or fine-tune its head first)")
-    shape, data_shape = tuple(model.input_shape), tuple(info.input_shape)
-    if shape == data_shape:
+    want, got = tuple(model.input_shape), tuple(info.input_shape)
+    if want == got:
         return
-    if len(shape) == len(data_shape) == 3 and shape[0] != data_shape[0]:
-        raise ValueError(f"the model takes {shape[0]}-channel images but {data_name} gives {data_shape[0]}-channel "
-                         f"ones; use data with {shape[0]} channels")
-    if len(shape) == len(data_shape) == 3:
-        raise ValueError(f"the model runs at {shape[1]}x{shape[2]} but {data_name} is loaded at {data_shape[1]}x"
-                         f"{data_shape[2]}; load the data at the model's size or build the model for the data's "
+    if model.family == "vim" and len(got) == 3:
+        if want[0] != got[0]:
+            raise ValueError(f"the model takes {want[0]}-channel images but {data_name} gives {got[0]}-channel "
+                             f"ones; use data with {want[0]} channels")
+        raise ValueError(f"the model runs at {want[1]}x{want[2]} but {data_name} is loaded at {got[1]}x{got[2]}; load "
+                         f"the data at the model's size or build the model for the data's "
                          f"(load_checkpoint(img_size=...))")
-    raise ValueError(f"the model takes {describe_input(shape)} but {data_name} gives {describe_input(data_shape)}; "
-                     f"use data of the model's kind and shape, or a model built for this data")
+    raise ValueError(f"the model ({model.family}) takes {describe_input(want)} but {data_name} gives "
+                     f"{describe_input(got)}; load the data for this model (its input_shape) or pick a model built "
+                     f"for the data")
 
 
 def describe_input(shape) -> str:

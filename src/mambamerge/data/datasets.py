@@ -78,7 +78,7 @@ class ImageSet:
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:
-        """Shape of one input: (channels, height, width)."""
+        """One sample's shape, (C, H, W), as a model's input_shape."""
         return (self.in_chans, *self.img_size)
 
 
