@@ -29,7 +29,8 @@ def test_eval_audio_and_video_checkpoints(tmp_path, capsys, make, data):
             "--reduction", "0.4", "--runs", "1", "--throughput-batch", "2", "--threads", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    expected = accuracy(model.eval(), load_dataset(data, "test", limit=12, input_shape=model.input_shape))
+    mambamerge.patch(model, "tome", reduction=0.4)
+    expected = accuracy(model, load_dataset(data, "test", limit=12, input_shape=model.input_shape))
     assert f"top-1       {expected:.2%}" in out and f"{model.family} model" in out
     assert "reduction   4" in out  # about 40% of token-layers
 
@@ -39,7 +40,8 @@ def test_data_of_another_kind_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(path), "--data", "fashion-mnist", "--limit", "4"]) == 2
     err = capsys.readouterr().err
     assert "the model (aum) takes spectrograms of 32 frames x 128 mel bins but fashion-mnist test gives 1x56x56 images" in err
-    path = mambamerge.save_checkpoint(tiny_videomamba(), tmp_path / "video.safetensors")
+    video = mambamerge.create_model("videomamba_nano", embed_dim=16, depth=3, num_classes=10)
+    path = mambamerge.save_checkpoint(video, tmp_path / "video.safetensors")
     assert main(["eval", "--checkpoint", str(path), "--data", "fsdd", "--limit", "4"]) == 2
     assert "the model (videomamba) takes clips of 8 frames of 1x32x32 but fsdd test gives spectrograms" in capsys.readouterr().err
 
