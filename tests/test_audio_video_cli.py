@@ -32,7 +32,7 @@ def test_eval_audio_and_video_checkpoints(tmp_path, capsys, make, data):
     mambamerge.patch(model, "tome", reduction=0.4)
     expected = accuracy(model, load_dataset(data, "test", limit=12, input_shape=model.input_shape))
     assert f"top-1       {expected:.2%}" in out and f"{model.family} model" in out
-    assert "reduction   4" in out  # about 40% of token-layers
+    assert f"reduction   {mambamerge.reduction_summary(model)['average_reduction']:.1%}" in out
 
 
 def test_data_of_another_kind_is_a_clear_error(tmp_path, capsys):
