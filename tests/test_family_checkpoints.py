@@ -117,3 +117,34 @@ def test_unsupported_aum_variants_are_named(tmp_path):
     torch.save(sd, tmp_path / "double.pth")
     with pytest.raises(CheckpointError, match="two class tokens or RoPE"):
         load_checkpoint(tmp_path / "double.pth")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda sd: sd.update({"layers.7.norm.weight": sd["layers.0.norm.weight"]}), "numbered from 0 to 7"),
+    (lambda sd: sd.update({"temporal_pos_embedding": torch.zeros(2, 16)}), "temporal_pos_embedding has shape"),
+    (lambda sd: sd.update({"head.weight": torch.zeros(7)}), "head.weight has shape"),
+    (lambda sd: sd.update({"layers.0.mixer.D_b": torch.zeros(5)}), "mis-shaped 1: layers.0.mixer.D_b"),
+])
+def test_damaged_videomamba_files_are_named_before_any_model_is_built(tmp_path, damage, message):
+    sd = video_model().state_dict()
+    damage(sd)
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(num_frames=10**9), r"num_frames= is 1000000000: expected a whole number from 1 to 4096"),
+    (dict(num_frames=3), "num_frames=3 is not a multiple of the tubelet size 2"),
+    (dict(img_size=(32, -1)), "img_size= is"),
+])
+def test_bad_video_options_are_named(tmp_path, options, message):
+    torch.save({"model": video_model().state_dict()}, tmp_path / "v.pth")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "v.pth", **options)
+
+
+def test_bad_audio_options_are_named(tmp_path):
+    torch.save(audio_model().state_dict(), tmp_path / "a.pth")
+    with pytest.raises(CheckpointError, match=r"spec_size= is \(128, 0\)"):
+        load_checkpoint(tmp_path / "a.pth", spec_size=(128, 0))

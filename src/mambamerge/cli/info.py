@@ -1,8 +1,8 @@
 """`mambamerge info`: list the models, or describe what a checkpoint file holds."""
 import argparse
 
-from mambamerge.checkpoint import CheckpointError, infer_config, read_checkpoint
-from mambamerge.loaders import FAMILY_NAMES, LOADERS, detect_family
+from mambamerge.checkpoint import check_tensors, family_config, infer_config, read_checkpoint
+from mambamerge.loaders import FAMILY_NAMES, detect_family
 from mambamerge.models import OFFICIAL_NAMES, list_models
 
 HELP = "list the known models, or show the architecture inferred from a checkpoint file"
@@ -26,13 +26,11 @@ def run(args: argparse.Namespace) -> int:
     n = sum(t.numel() for t in raw.state_dict.values())
     print(f"{args.checkpoint}: {FAMILY_NAMES.get(family, family)}, {len(raw.state_dict)} tensors, "
           f"{n / 1e6:.2f} M values")
-    if family in LOADERS:
-        try:
-            cfg, _ = LOADERS[family].config_and_weights(raw.state_dict, raw.config)
-        except ValueError as err:
-            raise CheckpointError(f"{args.checkpoint}: {err}") from None
+    if family != "vim":
+        cfg, _ = family_config(raw, args.checkpoint, family)
     else:
-        cfg, grid = infer_config(raw, img_size=args.img_size or raw.train_img_size or 224)
+        cfg, grid = infer_config(raw, img_size=args.img_size)
+        check_tensors(raw, cfg, grid, args.checkpoint)
         print(f"trained grid {grid[0]}x{grid[1]}; at {cfg.img_size[0]}x{cfg.img_size[1]}: grid "
               f"{cfg.grid_size[0]}x{cfg.grid_size[1]}")
     for key, value in cfg.to_dict().items():

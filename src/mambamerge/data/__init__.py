@@ -1,5 +1,6 @@
 """Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders;
 moving Fashion-MNIST / MNIST clips and video folders; FSDD spoken digits and sound-file folders."""
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -23,8 +24,10 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
 
     input_shape: the model's per-sample input (model.input_shape); it says what a folder holds:
     (C, H, W) images (img_size and in_chans are then taken from it), (C, T, H, W) video clips (files or
-    frame folders), (T, F) sound files; for fsdd, T is the number of feature frames (default 96)."""
-    name, _, root = spec.partition(":")
+    frame folders), (T, F) sound files; for fsdd, T is the number of feature frames (default 128)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 input, got {limit}")
+    name, colon, root = spec.partition(":")
     shape = tuple(input_shape) if input_shape is not None else None
     if name in IDX_SETS:
         size = img_size or (shape[-1] if shape and len(shape) == 3 else 56)
@@ -34,6 +37,10 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
     if name == "fsdd":
         frames = shape[0] if shape and len(shape) == 2 else DEMO_FRAMES
         return fsdd(split, root or None, frames=frames, limit=limit, augment=augment)
+    if not Path(spec).exists() and (colon or "/" not in spec):
+        raise ValueError(f"{spec!r} is neither a known data set nor an existing folder; known data sets: "
+                         f"{', '.join((*IDX_SETS, *VAL_SPLIT_SETS))} (optionally NAME:/folder/with/its/files), or give "
+                         f"the path of a folder with one sub-folder per class")
     if shape is not None and len(shape) == 4:
         ds = VideoFolder(spec, frames=shape[1], size=shape[-1], in_chans=shape[0])
     elif shape is not None and len(shape) == 2:

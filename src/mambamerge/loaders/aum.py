@@ -11,14 +11,15 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mambamerge.loaders.common import depth_of, mixer_config, require
+from mambamerge.loaders.common import depth_of, mixer_config, pair, require
 from mambamerge.models.aum import AuMConfig
 
 FAMILY = "aum"
 AUM_MEL_BINS = 128
-_REQUIRED = ("patch_embed.proj.weight", "pos_embed.pos_embed", "cls_token", "norm_f.weight",
-             "layers.0.mixer.in_proj.weight", "layers.0.mixer.A_log", "layers.0.mixer.conv1d.weight",
-             "layers.0.mixer.dt_proj.weight")
+# the tensors the architecture is read from, and their number of axes
+_REQUIRED = {"patch_embed.proj.weight": 4, "pos_embed.pos_embed": 3, "cls_token": 3, "norm_f.weight": 1,
+             "layers.0.mixer.in_proj.weight": 2, "layers.0.mixer.A_log": 2, "layers.0.mixer.conv1d.weight": 3,
+             "layers.0.mixer.dt_proj.weight": 2}
 
 
 def matches(sd: Dict[str, torch.Tensor]) -> bool:
@@ -44,10 +45,6 @@ def interpolate_table(table: torch.Tensor, old_grid: Tuple[int, int], new_grid: 
     grid = patches.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", antialias=True)
     return torch.cat((cls, grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(table.dtype)), dim=1)
-
-
-def _pair(v):
-    return None if v is None else ((v, v) if isinstance(v, int) else (int(v[0]), int(v[1])))
 
 
 def _train_spec_size(slots: int, patch, stride, train_spec_size) -> Tuple[int, int]:
@@ -76,18 +73,22 @@ def config_and_weights(sd: Dict[str, torch.Tensor], saved: Optional[dict] = None
         raise ValueError(f"the patch embedding takes {in_chans} channels; AuM spectrograms have one")
     patch = (pf, pt)
     slots = sd["pos_embed.pos_embed"].shape[1] - 1
-    if saved is not None:
-        trained = AuMConfig(**saved)
-        stride = _pair(stride) or trained.stride
-        train_spec_size = _pair(train_spec_size) or trained.spec_size
-    stride = _pair(stride) or patch
-    train_size = _train_spec_size(slots, patch, stride, _pair(train_spec_size))
+    saved = saved or {}
+    stride = pair(stride, "stride=") if stride is not None else None
+    train_spec_size = pair(train_spec_size, "train_spec_size=") if train_spec_size is not None else None
+    spec_size = pair(spec_size, "spec_size=") if spec_size is not None else None
+    if stride is None and "stride" in saved:
+        stride = pair(saved["stride"], "the stride of the file's saved config")
+    if train_spec_size is None and "spec_size" in saved:
+        train_spec_size = pair(saved["spec_size"], "the spec_size of the file's saved config")
+    stride = stride or patch
+    train_size = _train_spec_size(slots, patch, stride, train_spec_size)
     train_grid = _grid(train_size, patch, stride)
     if train_grid[0] * train_grid[1] != slots:
         raise ValueError(f"the position table holds {slots} patches but a {train_size[0]}x{train_size[1]} (F x T) "
                          f"spectrogram with stride {stride} gives {train_grid[0]}x{train_grid[1]}; check "
                          f"train_spec_size and stride")
-    cfg = AuMConfig(embed_dim=embed_dim, depth=depth_of(sd), spec_size=_pair(spec_size) or train_size,
+    cfg = AuMConfig(embed_dim=embed_dim, depth=depth_of(sd), spec_size=spec_size or train_size,
                     patch_size=patch, stride=stride, variant=variant_of(sd),
                     num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
                     **mixer_config(sd, embed_dim))

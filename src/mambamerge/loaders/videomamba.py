@@ -11,13 +11,17 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mambamerge.loaders.common import depth_of, mixer_config, require
+from mambamerge.loaders.common import depth_of, mixer_config, pair, require, whole
 from mambamerge.models.videomamba import VideoMambaConfig
 
 FAMILY = "videomamba"
-_REQUIRED = ("patch_embed.proj.weight", "pos_embed", "temporal_pos_embedding", "cls_token", "norm_f.weight",
-             "layers.0.mixer.in_proj.weight", "layers.0.mixer.A_log", "layers.0.mixer.conv1d.weight",
-             "layers.0.mixer.dt_proj.weight", "layers.0.mixer.conv1d_b.weight")
+MAX_FRAMES = 4096
+MAX_PIXELS = 16384  # the largest frame side an option or a file may give
+# the tensors the architecture is read from, and their number of axes
+_REQUIRED = {"patch_embed.proj.weight": 5, "pos_embed": 3, "temporal_pos_embedding": 3, "cls_token": 3,
+             "norm_f.weight": 1, "layers.0.mixer.in_proj.weight": 2, "layers.0.mixer.A_log": 2,
+             "layers.0.mixer.conv1d.weight": 3, "layers.0.mixer.dt_proj.weight": 2,
+             "layers.0.mixer.conv1d_b.weight": 3}
 
 
 def matches(sd: Dict[str, torch.Tensor]) -> bool:
@@ -53,9 +57,11 @@ def config_and_weights(sd: Dict[str, torch.Tensor], saved: Optional[dict] = None
     require(sd, _REQUIRED, "VideoMamba")
     embed_dim, in_chans, tubelet, ph, pw = sd["patch_embed.proj.weight"].shape
     slots = sd["pos_embed"].shape[1] - 1
-    if saved is not None:
-        trained = VideoMambaConfig(**saved)
-        train_size, train_grid = trained.img_size, trained.grid_size[1:]
+    img_size = pair(img_size, "img_size=", MAX_PIXELS) if img_size is not None else None
+    num_frames = whole(num_frames, "num_frames=", MAX_FRAMES) if num_frames is not None else None
+    if saved is not None and "img_size" in saved:
+        train_size = pair(saved["img_size"], "the img_size of the file's saved config", MAX_PIXELS)
+        train_grid = (train_size[0] // ph, train_size[1] // pw)
     else:
         side = math.isqrt(slots)
         if side * side != slots:
