@@ -29,7 +29,6 @@ DEMOS = {
     "video": Demo("videomamba_nano_mfmnist.safetensors", "moving-fashion-mnist", 2000,
                   "test clips (default: 2000 of the 10,000)"),
 }
-DEMO_CHECKPOINT = DEMOS["image"].checkpoint
 
 
 def demo_checkpoint(task: str = "image") -> Path:
