@@ -45,8 +45,21 @@ def check_fit(model, info, data_name: str = "the dataset") -> None:
         raise ValueError(f"the model runs at {want[1]}x{want[2]} but {data_name} is loaded at {got[1]}x{got[2]}; load "
                          f"the data at the model's size or build the model for the data's "
                          f"(load_checkpoint(img_size=...))")
-    raise ValueError(f"the model ({model.family}) takes inputs of shape {want} per sample but {data_name} gives "
-                     f"{got}; load the data for this model (its input_shape) or pick a model built for the data")
+    raise ValueError(f"the model ({model.family}) takes {describe_input(want)} but {data_name} gives "
+                     f"{describe_input(got)}; load the data for this model (its input_shape) or pick a model built "
+                     f"for the data")
+
+
+def describe_input(shape) -> str:
+    """A per-sample input shape in words: (C, H, W) images, (C, T, H, W) clips, (T, F) spectrograms."""
+    shape = tuple(shape)
+    if len(shape) == 3:
+        return f"{shape[0]}x{shape[1]}x{shape[2]} images"
+    if len(shape) == 4:
+        return f"clips of {shape[1]} frames of {shape[0]}x{shape[2]}x{shape[3]}"
+    if len(shape) == 2:
+        return f"spectrograms of {shape[0]} frames x {shape[1]} mel bins"
+    return f"inputs of shape {shape}"
 
 
 def _random_inputs(model, batch_size: int) -> torch.Tensor:

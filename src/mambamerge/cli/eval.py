@@ -9,8 +9,8 @@ import torch
 
 from mambamerge.atomic import write_files
 from mambamerge.checkpoint import load_checkpoint
-from mambamerge.data import IDX_SETS, load_dataset
-from mambamerge.evaluate import check_fit, evaluate
+from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
+from mambamerge.evaluate import check_fit, describe_input, evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import make_method
 from mambamerge.threads import default_threads
@@ -24,11 +24,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     """Arguments shared by eval and sweep: what to load and how to measure."""
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model checkpoint (.safetensors or .pth)")
     p.add_argument("--data", required=True, metavar="SPEC",
-                   help="fashion-mnist or mnist (optionally NAME:/folder/with/idx/files), or an image folder "
-                        "in ImageNet layout (<folder>/<class name>/<images>)")
-    p.add_argument("--split", help="train or test, for fashion-mnist and mnist (default: test); an image folder "
-                                   "is one split already")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N images only")
+                   help="fashion-mnist or mnist (optionally NAME:/folder/with/idx/files), fsdd, moving-fashion-mnist, "
+                        "moving-mnist, or a folder <folder>/<class name>/<inputs> of images, clips or sound files "
+                        "(as the model takes)")
+    p.add_argument("--split", help="train or test (default: test), also val for fsdd and moving-*; a folder is one "
+                                   "split already")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N inputs only")
     p.add_argument("--img-size", type=int, metavar="PIXELS",
                    help="resolution to evaluate at (default: the checkpoint's training resolution, else 224)")
     p.add_argument("--batch", type=int, default=64, help="batch size of the accuracy pass (default: 64)")
@@ -86,33 +87,31 @@ def check_reduction(reduction: float) -> None:
 def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]:
     """(model, dataset, data label) from --checkpoint, --data, --split, --limit, --img-size (and torch
     set to --threads); every way they do not fit each other is a ValueError naming both sides."""
-    is_idx = args.data.partition(":")[0] in IDX_SETS
-    if args.split and not is_idx:
-        raise ValueError(f"--split applies to {' and '.join(IDX_SETS)}; an image folder is one split: pass the "
-                         f"split's own folder (e.g. imagenet/val) as --data")
+    named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)
+    if args.split and not named:
+        raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
+                         f"folder is one split: pass the split's own folder (e.g. imagenet/val) as --data")
     torch.set_num_threads(default_threads(args.threads))
     model = load_checkpoint(args.checkpoint, img_size=args.img_size)
-    cfg = model.cfg
-    (height, width), name = cfg.img_size, Path(args.checkpoint).name
-    if height != width:
-        raise ValueError(f"{name} runs at {height}x{width} images but datasets are loaded square; pass "
+    shape, name = tuple(model.input_shape), Path(args.checkpoint).name
+    if len(shape) == 3 and shape[1] != shape[2]:
+        raise ValueError(f"{name} runs at {shape[1]}x{shape[2]} images but datasets are loaded square; pass "
                          f"--img-size N to evaluate at NxN")
-    if not is_idx and cfg.in_chans not in (1, 3):
-        raise ValueError(f"{name} takes {cfg.in_chans}-channel images but image folders give 1 (grey) or 3 (RGB)")
+    if len(shape) == 3 and not named and shape[0] not in (1, 3):
+        raise ValueError(f"{name} takes {shape[0]}-channel images but image folders give 1 (grey) or 3 (RGB)")
     split = args.split or "test"
-    dataset = load_dataset(args.data, split, img_size=height, in_chans=cfg.in_chans, limit=args.limit)
-    label = f"{args.data} {split}" if is_idx else args.data
+    dataset = load_dataset(args.data, split, input_shape=shape, limit=args.limit)
+    label = f"{args.data} {split}" if named else args.data
     if len(dataset) == 0:
-        raise ValueError(f"{label} holds no images")
+        raise ValueError(f"{label} holds no inputs")
     check_fit(model, dataset.info, label)
     return model, dataset, label
 
 
 def describe(model, checkpoint: str) -> str:
     cfg = model.cfg
-    shape = "x".join(str(n) for n in model.input_shape)
-    return (f"{Path(checkpoint).name}: {cfg.depth} blocks, width {cfg.embed_dim}, {model.layout.length} tokens "
-            f"({shape} inputs), {cfg.num_classes} classes")
+    return (f"{Path(checkpoint).name}: {model.family} model, {cfg.depth} blocks, width {cfg.embed_dim}, "
+            f"{model.layout.length} tokens ({describe_input(model.input_shape)}), {cfg.num_classes} classes")
 
 
 def run(args: argparse.Namespace) -> int:

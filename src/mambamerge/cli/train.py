@@ -10,7 +10,7 @@ import torch
 from mambamerge.atomic import write_bytes
 from mambamerge.checkpoint import load_checkpoint
 from mambamerge.cli.eval import check_method, check_reduction
-from mambamerge.data import load_dataset
+from mambamerge.data import VAL_SPLIT_SETS, ImageSet, load_dataset
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
 from mambamerge.results import check_writable
@@ -39,16 +39,19 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                        help=f"default {f.default}")
 
 
-def _splits(spec: str, args, img_size, in_chans):
+def _splits(spec: str, args, input_shape):
+    """(train, validation) sets for a model taking inputs of `input_shape` (model.input_shape)."""
     folder = Path(spec)
     if folder.is_dir():
         for name in ("train", "val"):
             if not (folder / name).is_dir():
-                raise FileNotFoundError(f"{folder} needs train/ and val/ sub-folders in the ImageNet layout")
-        return (load_dataset(str(folder / "train"), img_size=img_size, in_chans=in_chans, limit=args.limit),
-                load_dataset(str(folder / "val"), img_size=img_size, in_chans=in_chans))
-    return (load_dataset(spec, "train", img_size=img_size, limit=args.limit, augment=True),
-            load_dataset(spec, "test", img_size=img_size))
+                raise FileNotFoundError(f"{folder} needs train/ and val/ sub-folders, one class folder in each")
+        return (load_dataset(str(folder / "train"), input_shape=input_shape, limit=args.limit),
+                load_dataset(str(folder / "val"), input_shape=input_shape))
+    # named sets with a validation split held out of their training data select on it, never on test
+    val_split = "val" if spec.partition(":")[0] in VAL_SPLIT_SETS else "test"
+    return (load_dataset(spec, "train", input_shape=input_shape, limit=args.limit, augment=True),
+            load_dataset(spec, val_split, input_shape=input_shape))
 
 
 def _device(name: str) -> torch.device:
@@ -86,11 +89,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     saved = load_resume(out / "last.pt", cfg) if args.resume else False
     base = load_checkpoint(args.init) if args.init else None
-    arch = base.cfg if base is not None else create_model(args.model).cfg
-    train_set, val_set = _splits(args.data, args, arch.img_size[0], arch.in_chans)
+    shape = (base if base is not None else create_model(args.model)).input_shape
+    train_set, val_set = _splits(args.data, args, shape)
     info = train_set.info
     if base is None:
-        model = create_model(args.model, in_chans=info.in_chans, num_classes=info.num_classes, img_size=info.img_size)
+        # an image model takes the data's channels and size; other families are built as named
+        fit = {"in_chans": info.in_chans, "img_size": info.img_size} if isinstance(info, ImageSet) else {}
+        model = create_model(args.model, num_classes=info.num_classes, **fit)
+        if tuple(model.input_shape) != tuple(info.input_shape):
+            raise ValueError(f"{args.model} takes inputs of shape {tuple(model.input_shape)} but {args.data} gives "
+                             f"{tuple(info.input_shape)}; pick a model built for this data")
     elif info.num_classes != base.cfg.num_classes:
         raise ValueError(f"the checkpoint has {base.cfg.num_classes} classes but the data has {info.num_classes}; "
                          f"fine-tune on data with {base.cfg.num_classes} classes")

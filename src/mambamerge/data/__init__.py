@@ -1,50 +1,78 @@
-"""Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders."""
+"""Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders;
+moving Fashion-MNIST / MNIST clips and video folders; FSDD spoken digits and sound-file folders."""
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
+from mambamerge.data.audio_sets import DEMO_FRAMES, AudioClips, AudioInfo, audio_folder, fsdd
 from mambamerge.data.datasets import IDX_SETS, IdxDataset, ImageSet, locate_idx
 from mambamerge.data.folders import ReadableImages, collate_readable, image_folder
 from mambamerge.data.idx import read_idx
+from mambamerge.data.video_sets import MOVING_SETS, MovingItems, VideoFolder, VideoInfo
+
+# named data sets with a validation split held out of their training data (train / val / test)
+VAL_SPLIT_SETS = ("fsdd", *MOVING_SETS)
 
 
 def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None, in_chans: int = 3,
-                 limit: Optional[int] = None, augment: bool = False, start: int = 0):
-    """A dataset by name ("fashion-mnist", "mnist", optionally "name:/folder/with/idx/files") or an
-    image folder path (ImageNet layout). The result has `.info` (classes, channels, size).
-    start, limit: images start .. start + limit - 1 only (IDX sets; folders take the first `limit`)."""
+                 limit: Optional[int] = None, augment: bool = False, input_shape: Optional[Sequence[int]] = None,
+                 start: int = 0):
+    """A dataset by name, optionally "name:/folder/with/its/files": "fashion-mnist", "mnist" (images),
+    "moving-fashion-mnist", "moving-mnist" (clips), "fsdd" (spoken digits); or a folder with one
+    sub-folder per class. The result has `.info` (classes and the shape of one input).
+
+    input_shape: the model's per-sample input (model.input_shape); it says what a folder holds:
+    (C, H, W) images (img_size and in_chans are then taken from it), (C, T, H, W) video clips (files or
+    frame folders), (T, F) sound files; for fsdd, T is the number of feature frames (default 128).
+    start, limit: inputs start .. start + limit - 1 only (IDX sets; other sets take the first `limit`)."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 image, got {limit}")
+        raise ValueError(f"limit must be at least 1 input, got {limit}")
     name, colon, root = spec.partition(":")
+    shape = tuple(input_shape) if input_shape is not None else None
     if name in IDX_SETS:
-        return IdxDataset(name, split, root=root or None, img_size=img_size or 56, limit=limit, augment=augment,
+        size = img_size or (shape[-1] if shape and len(shape) == 3 else 56)
+        return IdxDataset(name, split, root=root or None, img_size=size, limit=limit, augment=augment,
                           start=start)
     if start:
-        raise ValueError(f"start= is for the IDX sets ({', '.join(IDX_SETS)}), not image folders like {spec}")
+        raise ValueError(f"start= is for the IDX sets ({', '.join(IDX_SETS)}), not {spec}")
+    if name in MOVING_SETS:
+        return MovingItems(MOVING_SETS[name], split, root=root or None, limit=limit, augment=augment)
+    if name == "fsdd":
+        frames = shape[0] if shape and len(shape) == 2 else DEMO_FRAMES
+        return fsdd(split, root or None, frames=frames, limit=limit, augment=augment)
     if not Path(spec).exists() and (colon or "/" not in spec):
         raise ValueError(f"{spec!r} is neither a known data set nor an existing folder; known data sets: "
-                         f"{', '.join(IDX_SETS)} (optionally NAME:/folder/with/idx/files), or give the path of an "
-                         f"image folder")
-    ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
+                         f"{', '.join((*IDX_SETS, *VAL_SPLIT_SETS))} (optionally NAME:/folder/with/its/files), or give "
+                         f"the path of a folder with one sub-folder per class")
+    if shape is not None and len(shape) == 4:
+        ds = VideoFolder(spec, frames=shape[1], size=shape[-1], in_chans=shape[0])
+    elif shape is not None and len(shape) == 2:
+        return audio_folder(spec, frames=shape[0], limit=limit, augment=augment)
+    else:
+        if shape is not None:
+            in_chans, img_size = shape[0], shape[-1]
+        ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
     if limit is not None and limit < len(ds):
+        info = ds.info
         ds = torch.utils.data.Subset(ds, range(limit))
-        ds.info, ds.unreadable = ds.dataset.info, ds.dataset.unreadable
+        ds.info, ds.unreadable = info, getattr(ds.dataset, "unreadable", None)
     return ds
 
 
 def unreadable(dataset) -> List[str]:
     """The images of an image folder skipped so far because they could not be decoded ("path (reason)")."""
-    return sorted(getattr(dataset, "unreadable", ()))
+    return sorted(getattr(dataset, "unreadable", None) or ())
 
 
 def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
             workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches; IDX sets are sliced in memory, folders go through a DataLoader, which
-    leaves out the images that cannot be decoded (a warning names each once; see unreadable())."""
-    if isinstance(dataset, IdxDataset):
+    """(inputs, labels) batches; in-memory sets (with a vectorised `batch(index, generator)`: IDX images,
+    moving items, audio features) are sliced directly, others go through a DataLoader, which leaves out
+    the images that cannot be decoded (a warning names each once; see unreadable())."""
+    if hasattr(dataset, "batch"):
         order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
         for start in range(0, len(dataset), batch_size):
             yield dataset.batch(order[start:start + batch_size], generator)
@@ -64,5 +92,6 @@ def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional
             yield images, labels
 
 
-__all__ = ["IDX_SETS", "IdxDataset", "ImageSet", "ReadableImages", "batches", "image_folder", "load_dataset",
-           "locate_idx", "read_idx", "unreadable"]
+__all__ = ["IDX_SETS", "MOVING_SETS", "VAL_SPLIT_SETS", "AudioClips", "AudioInfo", "IdxDataset", "ImageSet",
+           "MovingItems", "ReadableImages", "VideoFolder", "VideoInfo", "audio_folder", "batches", "fsdd",
+           "image_folder", "load_dataset", "locate_idx", "read_idx", "unreadable"]

@@ -34,6 +34,13 @@ MODEL_CONFIGS: Dict[str, Tuple[str, dict]] = {
     "aum_tiny": ("aum", dict(embed_dim=192, depth=24)),
     "aum_small": ("aum", dict(embed_dim=384, depth=24)),
     "aum_base": ("aum", dict(embed_dim=768, depth=24)),
+    # the audio and video demo models, small enough to train in minutes on a CPU: 64 patch tokens + the
+    # class token, 12 blocks so that 80% average reduction stays reachable
+    # audio: 128 mel bins x 128 frames (1.28 s: FSDD's spoken digits), 16x16 patches -> 8 x 8
+    "aum_nano": ("aum", dict(embed_dim=32, depth=12, d_state=8, spec_size=(128, 128), num_classes=10)),
+    # video: 8 grey 32x32 frames (moving Fashion-MNIST), 8x8 patches, tubelets of 2 frames -> 4 x 4 x 4
+    "videomamba_nano": ("videomamba", dict(embed_dim=32, depth=12, d_state=8, num_frames=8, tubelet=2, img_size=32,
+                                           patch_size=8, in_chans=1, num_classes=40)),
 }
 
 # the official entry-point names of hustvl/Vim, registered with timm as aliases
