@@ -15,7 +15,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,7 @@ from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed,
 
 PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "mambamerge_config"
+CLASSES_METADATA_KEY = "mambamerge_classes"
 _MAX_LISTED = 8
 
 
@@ -40,6 +41,7 @@ class RawCheckpoint:
     state_dict: Dict[str, torch.Tensor]
     train_img_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
+    classes: Optional[List[str]] = None
 
 
 def _listing(keys, shapes=None) -> str:
@@ -62,6 +64,8 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
         cfg = json.loads(metadata[CONFIG_METADATA_KEY])
         raw.train_img_size = to_2tuple(cfg["img_size"])
         raw.stride = to_2tuple(cfg["stride"])
+    if CLASSES_METADATA_KEY in metadata:
+        raw.classes = list(json.loads(metadata[CLASSES_METADATA_KEY]))
     return raw
 
 
@@ -218,13 +222,20 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid, cfg.grid_size)
     _check_keys(model, sd, path)
     model.load_state_dict(sd, strict=True)
+    model.classes = raw.classes
     return model.eval()
 
 
-def save_checkpoint(model: VisionMamba, path: PathLike) -> Path:
-    """Write the weights as safetensors, with the config in the metadata; atomic (no half-written file)."""
+def save_checkpoint(model: VisionMamba, path: PathLike, classes: Optional[Sequence[str]] = None) -> Path:
+    """Write the weights as safetensors, with the config and the class names (`classes`, else the
+    model's own `classes` attribute when it has one) in the metadata; atomic (no half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict())}
+    classes = classes if classes is not None else getattr(model, "classes", None)
+    if classes is not None:
+        if len(classes) != model.cfg.num_classes:
+            raise ValueError(f"{len(classes)} class names for a model with {model.cfg.num_classes} classes")
+        metadata[CLASSES_METADATA_KEY] = json.dumps(list(classes))
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

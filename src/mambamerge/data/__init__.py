@@ -24,14 +24,16 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
 
 
 def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
-            workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches; IDX sets are sliced in memory, folders go through a DataLoader."""
+            workers: int = 0, pin_memory: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches; IDX sets are sliced in memory, folders go through a DataLoader
+    (`workers` decoding processes, pinned memory for fast copies to a GPU)."""
     if isinstance(dataset, IdxDataset):
         order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
         for start in range(0, len(dataset), batch_size):
             yield dataset.batch(order[start:start + batch_size], generator)
         return
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                          pin_memory=pin_memory)
 
 
 __all__ = ["IDX_SETS", "IdxDataset", "ImageSet", "batches", "image_folder", "load_dataset", "locate_idx", "read_idx"]
