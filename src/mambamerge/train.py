@@ -66,6 +66,22 @@ class TrainConfig:
     cutmix: float = 0.0  # cutmix alpha (0: off)
     amp: str = "none"  # autocast: none, bf16, fp16 (CUDA)
 
+    def __post_init__(self):
+        """A ValueError naming the field (and its command-line flag) for a setting that cannot train."""
+        rules = {"epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+                 "eval_batch_size": (lambda v: v >= 1, "at least 1"), "lr": (lambda v: v > 0, "above 0"),
+                 "min_lr": (lambda v: 0 <= v <= self.lr, "in [0, lr]"),
+                 "weight_decay": (lambda v: v >= 0, "at least 0"), "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+                 "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "grad_clip": (lambda v: v >= 0, "at least 0"),
+                 "distill_weight": (lambda v: v >= 0, "at least 0"),
+                 "distill_temperature": (lambda v: v > 0, "above 0"), "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                 "mixup": (lambda v: v >= 0, "at least 0"), "cutmix": (lambda v: v >= 0, "at least 0")}
+        for name, (ok, wanted) in rules.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and ok(value)):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {wanted}, got {value!r}")
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
     """AdamW groups: no decay for norms, biases, position/class embeddings and the SSM's A_log and D."""
@@ -164,11 +180,11 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
     Returns {"best_accuracy", "best_epoch", "epochs", "history", "test_accuracy" (None without a test set)}.
     """
     here = world()
+    for name, data in (("training", train_set), ("validation", val_set)):
+        if len(data) == 0:
+            raise ValueError(f"the {name} set is empty: nothing to train on or evaluate")
     device = next(model.parameters()).device
     check_amp(cfg.amp, device)
-    if cfg.mixup < 0 or cfg.cutmix < 0 or not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"mixup / cutmix must be >= 0 and ema_decay in [0, 1); got {cfg.mixup}, {cfg.cutmix}, "
-                         f"{cfg.ema_decay}")
     out_dir = Path(out_dir)
     run = run_record(run, train_set, val_set, teacher is not None)
     steps_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 0, here.rank, here.size))

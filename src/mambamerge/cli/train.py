@@ -11,7 +11,7 @@ import torch
 from mambamerge import distributed
 from mambamerge.atomic import write_bytes
 from mambamerge.checkpoint import load_checkpoint
-from mambamerge.cli.eval import add_device_options, default_workers, setup_device
+from mambamerge.cli.eval import add_device_options, check_method, check_reduction, default_workers, setup_device
 from mambamerge.data import IDX_SETS, load_dataset
 from mambamerge.data.folders import Augment, image_folder, probe_folder
 from mambamerge.data.loading import holdout_split, subset
@@ -19,6 +19,7 @@ from mambamerge.distributed import world
 from mambamerge.evaluate import check_classes, check_fit
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
+from mambamerge.results import check_writable
 from mambamerge.train import TrainConfig, load_resume, run_record, train
 
 HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
@@ -70,8 +71,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default, help=note)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("limit", "img_size", "threads", "epochs", "batch_size", "eval_batch_size"):
+def _check_args(args: argparse.Namespace) -> TrainConfig:
+    """Every setting checked before any data is read or file written; returns the training config."""
+    for name in ("limit", "img_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -81,6 +83,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--teacher dense distils from the --init checkpoint: give --init, or a teacher checkpoint")
     if args.init and args.in_chans is not None:
         raise ValueError("--in-chans applies to a new model; a fine-tuned checkpoint keeps its own channels")
+    if args.method is None and args.reduction is not None:
+        raise ValueError("--reduction needs --method NAME")
+    if args.method is not None:
+        check_method(args.method, {})
+        if args.reduction is None:
+            raise ValueError(f"--method {args.method} needs --reduction R (e.g. 0.4): without it the model would "
+                             f"train dense")
+        check_reduction(args.reduction)
+    check_writable(args.out, create=False)
+    is_idx = args.data.partition(":")[0] in IDX_SETS
+    recipe = {k: getattr(args, k) if getattr(args, k) is not None else 0.0 if is_idx else v
+              for k, v in FOLDER_RECIPE.items()}
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in recipe
+                          and f.name not in SKIPPED}, **recipe, amp=args.amp)
 
 
 def _idx_splits(args, img_size: int):
@@ -134,15 +150,11 @@ def _data(args, base):
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
+    cfg = _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = setup_device(args)
     is_idx = args.data.partition(":")[0] in IDX_SETS
-    recipe = {k: getattr(args, k) if getattr(args, k) is not None else 0.0 if is_idx else v
-              for k, v in FOLDER_RECIPE.items()}
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in recipe
-                         and f.name not in SKIPPED}, **recipe, amp=args.amp)
     torch.manual_seed(cfg.seed)  # before any model is built: the same seed gives the same initial weights
     base = load_checkpoint(args.init, img_size=args.img_size) if args.init else None
     train_set, val_set, test_set, model = _data(args, base)

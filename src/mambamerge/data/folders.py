@@ -8,6 +8,7 @@ from mambamerge.data.datasets import ImageSet
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+SPLIT_NAMES = {"train", "val", "test"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{root} has no class sub-folders: expected <root>/<class name>/<images> (ImageNet layout)")
+    if set(classes) <= SPLIT_NAMES:
+        raise ValueError(f"{root} holds the split folders {', '.join(classes)}, not class folders: give one split's "
+                         f"folder, e.g. {root / classes[-1]}")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
     steps = [transforms.Grayscale(1)] if in_chans == 1 else []
     if augment is None:
