@@ -205,3 +205,22 @@ def test_a_users_own_folder_trains_at_its_size_and_channels(tmp_path, capsys, mo
     renamed = folder(tmp_path / "renamed", size=size, mode=mode, classes=("cat", "dog"), per_class=(1, 1))
     assert main(fashion[:4] + [str(renamed / "val")] + fashion[5:]) == 2
     assert "trained on the classes ['ant', 'bee']" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_and_evaluates_on_cpu_and_fp16_asks_for_a_gpu(tmp_path):
+    from mambamerge.data import load_dataset
+    from mambamerge.train import TrainConfig, train
+
+    data = load_dataset("fashion-mnist", "test", img_size=32, limit=16)
+    torch.manual_seed(0)
+    model = mambamerge.create_model("vim_pico", in_chans=1)
+    dense = accuracy(model, data, 16)
+    assert abs(accuracy(model, data, 16, amp="bf16") - dense) <= 2 / 16  # bf16 rounding flips at most a couple
+    cfg = TrainConfig(epochs=1, batch_size=8, eval_batch_size=16, amp="bf16")
+    result = train(model, data, data, tmp_path / "bf16", cfg, log=lambda *_: None)
+    assert np.isfinite(result["history"][0]["train_loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a bf16 model
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device"):
+            train(model, data, data, tmp_path / "fp16", TrainConfig(epochs=1, amp="fp16"), log=lambda *_: None)
+        assert not (tmp_path / "fp16").exists()
