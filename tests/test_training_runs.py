@@ -224,3 +224,16 @@ def test_bf16_autocast_trains_and_evaluates_on_cpu_and_fp16_asks_for_a_gpu(tmp_p
         with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device"):
             train(model, data, data, tmp_path / "fp16", TrainConfig(epochs=1, amp="fp16"), log=lambda *_: None)
         assert not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep", "demo"])
+def test_every_model_command_takes_a_device_and_names_a_bad_one(tmp_path, capsys, command):
+    argv = {"eval": ["--checkpoint", "model.safetensors", "--data", "fashion-mnist"],
+            "sweep": ["--checkpoint", "model.safetensors", "--data", "fashion-mnist", "--out", str(tmp_path / "s")],
+            "demo": ["--out", str(tmp_path / "d")]}[command]
+    assert main([command, *argv, "--device", "banana"]) == 2
+    assert "--device 'banana' is not a device name" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([command, *argv, "--device", "cuda"]) == 2
+        assert "no usable CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=2000, metavar="N",
                    help="test images to evaluate (default: 2000 of the 10,000)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--amp", default="none", help="autocast precision: none (default), bf16, fp16 (GPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
             "--out", args.out]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    argv += ["--device", args.device, "--amp", args.amp]
     parser = argparse.ArgumentParser(prog="mambamerge sweep")
     sweep.add_parser(parser)
     return sweep.run(parser.parse_args(argv))
