@@ -237,3 +237,38 @@ def test_every_model_command_takes_a_device_and_names_a_bad_one(tmp_path, capsys
         assert main([command, *argv, "--device", "cuda"]) == 2
         assert "no usable CUDA GPU" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_distillation_loss_against_a_written_out_kl():
+    from mambamerge.train import distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 7, generator=gen), 3 * torch.randn(5, 7, generator=gen)
+    for t in (1.0, 2.5):
+        expected = 0.0
+        for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+            zs = sum(np.exp(v / t) for v in s_row)
+            zt = sum(np.exp(v / t) for v in t_row)
+            for sv, tv in zip(s_row, t_row):
+                p, q = np.exp(tv / t) / zt, np.exp(sv / t) / zs
+                expected += p * np.log(p / q)
+        assert distillation_loss(student, teacher, t).item() == pytest.approx(t * t * expected / 5, rel=1e-5)
+    assert distillation_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_validation_slice_and_epoch_shares():
+    from mambamerge.data.loading import epoch_batches
+
+    train, val = holdout_split(1000, 0.1)
+    assert len(val) == 100 and not set(train) & set(val) and sorted(train + val) == list(range(1000))
+    assert holdout_split(1000, 0.1) == (train, val) and holdout_split(1000, 100) == (train, val)
+    assert val != list(range(900, 1000))  # a random slice: a folder sorted by class keeps every class in train
+    with pytest.raises(ValueError, match="--val-split 1.5"):
+        holdout_split(10, 1.5)
+    # 10 images, 3 processes, batches of 2: each process takes 4 (two repeated), all 10 are seen each epoch
+    shares = [epoch_batches(10, 2, seed=1, epoch=0, rank=r, world_size=3) for r in range(3)]
+    assert [[len(b) for b in s] for s in shares] == [[2, 2]] * 3
+    seen = torch.cat([torch.cat(s) for s in shares]).tolist()
+    assert sorted(set(seen)) == list(range(10)) and len(seen) == 12
+    assert torch.equal(torch.cat(epoch_batches(10, 2, 1, 0)), torch.cat(epoch_batches(10, 3, 1, 0)))  # order: (seed, epoch)
+    assert not torch.equal(torch.cat(epoch_batches(10, 2, 1, 0)), torch.cat(epoch_batches(10, 2, 1, 1)))

@@ -144,10 +144,15 @@ def load_resume(path, cfg: TrainConfig, run: Optional[dict] = None) -> dict:
     if saved["config"] != asdict(cfg):
         raise ValueError(f"{path} was written with other settings ({_differences(saved['config'], asdict(cfg))}); "
                          f"resume with the same settings or start a new output folder")
-    if run is not None and saved["run"] != run:
+    if run is not None:
+        _check_run(saved, run, path)
+    return saved
+
+
+def _check_run(saved: dict, run: dict, path: Path) -> None:
+    if saved["run"] != run:
         raise ValueError(f"{path} belongs to another run ({_differences(saved['run'], run)}); resume it with the "
                          f"same data, model and method, or start a new output folder")
-    return saved
 
 
 def run_record(run: Optional[dict], train_set, val_set, teacher: bool) -> dict:
@@ -155,12 +160,7 @@ def run_record(run: Optional[dict], train_set, val_set, teacher: bool) -> dict:
     caller's `run` (data spec, model, method, ...) plus the data's sizes and classes, whether a
     teacher is used and the number of processes."""
     return {**(run or {}), "train_images": len(train_set), "val_images": len(val_set),
-            "classes": list(train_set.info.classes), "processes": world().size, "teacher": teacher}
-
-
-def _teacher_logits(teacher, images, device, amp):
-    with torch.no_grad(), autocast(device, amp):
-        return teacher(images)
+            "classes": list(train_set.info.classes), "processes": world().size, "distilled": teacher}
 
 
 def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), resume: Union[bool, dict] = False,
@@ -190,9 +190,8 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
     steps_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 0, here.rank, here.size))
     last = out_dir / "last.pt"
     saved = load_resume(last, cfg, run) if resume is True else resume or None
-    if saved is not None and saved["run"] != run:
-        raise ValueError(f"{last} belongs to another run ({_differences(saved['run'], run)}); resume it with the "
-                         f"same data, model and method, or start a new output folder")
+    if saved is not None:
+        _check_run(saved, run, last)
     if here.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -247,8 +246,9 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
                 logits = net(images)
             loss = _classification_loss(logits.float(), targets, cfg.label_smoothing)
             if teacher is not None:
-                loss = loss + cfg.distill_weight * distillation_loss(
-                    logits, _teacher_logits(teacher, images, device, cfg.amp), cfg.distill_temperature)
+                with torch.no_grad(), autocast(device, cfg.amp):
+                    target_logits = teacher(images)
+                loss = loss + cfg.distill_weight * distillation_loss(logits, target_logits, cfg.distill_temperature)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
