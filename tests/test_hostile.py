@@ -13,8 +13,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import mambamerge
+import mambamerge.merge
 from mambamerge import CheckpointError, load_checkpoint
 from mambamerge.cli.main import main
+from conftest import perturb_
 
 TRAIN = ["train", "--model", "vim_pico", "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "4",
          "--threads", "1"]
@@ -268,3 +270,30 @@ def test_an_unreachable_target_does_not_advise_the_settings_that_failed():
     assert "every=1" in str(failed.value).split(";")[0] and "every=1" not in str(failed.value).split(";")[1]
     with pytest.raises(ValueError, match="--option every=1"):
         mambamerge.patch(model, "tome", reduction=0.7, schedule="constant")
+
+
+# --- one bad image never fails or changes the others of its batch (item 6) ---
+
+DETERMINISTIC = sorted(set(mambamerge.merge.METHODS) - {"random"})
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_a_nan_or_inf_image_leaves_the_rest_of_its_batch_as_alone(method):
+    torch.manual_seed(0)
+    model = perturb_(mambamerge.create_model("vim_pico", img_size=64, depth=4)).eval()
+    mambamerge.patch(model, method, reduction=0.3)
+    good = torch.randn(2, 3, 64, 64)
+    batch = torch.stack([good[0], torch.full_like(good[0], float("nan")), torch.full_like(good[0], float("inf")),
+                         good[1], -torch.full_like(good[0], float("inf"))])
+    with torch.no_grad():
+        out = model(batch)
+        alone = torch.cat([model(good[i:i + 1]) for i in range(2)])
+    torch.testing.assert_close(out[[0, 3]], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(mambamerge.merge.METHODS))
+def test_an_empty_batch_gives_an_empty_result(method):
+    model = mambamerge.create_model("vim_pico", img_size=64, depth=4).eval()
+    mambamerge.patch(model, method, reduction=0.3)
+    with torch.no_grad():
+        assert model(torch.zeros(0, 3, 64, 64)).shape == (0, 10)
