@@ -4,6 +4,10 @@ traceback or a half-written output."""
 import argparse
 import json
 import os
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ from safetensors.torch import save_file
 import mambamerge
 import mambamerge.merge
 from mambamerge import CheckpointError, load_checkpoint
+from mambamerge import atomic
+from mambamerge.atomic import recover, write_bytes, write_files
 from mambamerge.cli.main import main
 from conftest import perturb_
 
@@ -297,3 +303,69 @@ def test_an_empty_batch_gives_an_empty_result(method):
     mambamerge.patch(model, method, reduction=0.3)
     with torch.no_grad():
         assert model(torch.zeros(0, 3, 64, 64)).shape == (0, 10)
+
+
+# --- writes: all or nothing under a real kill, no temp file left for ever, the umask's mode (item 7) ---
+
+# the child loads atomic.py on its own (no torch import: a second, not half a minute on a loaded machine)
+_LOAD_ATOMIC = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("atomic", {str(Path(atomic.__file__))!r})
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+"""
+_KILL_AFTER_FIRST_RENAME = _LOAD_ATOMIC + """
+import os, signal, sys
+real, done = os.replace, []
+def replace(src, dst):
+    real(src, dst)
+    if not os.path.basename(dst).startswith("."):  # a result file, not the journal
+        done.append(dst)
+        if len(done) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+atomic.write_files(sys.argv[1], {name: "new " + name for name in ("results.md", "results.csv", "results.json")})
+"""
+
+_KILL_WHILE_WRITING = _LOAD_ATOMIC + """
+import os, signal, sys
+from pathlib import Path
+def write(tmp):
+    Path(tmp).write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+atomic.atomic_write(Path(sys.argv[1]) / "model.safetensors", write)
+"""
+
+
+def _killed(script, folder):
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+def test_a_kill_while_renaming_results_never_leaves_new_beside_old(tmp_path):
+    names = ("results.md", "results.csv", "results.json")
+    write_files(tmp_path, {name: "old " + name for name in names})
+    _killed(_KILL_AFTER_FIRST_RENAME, tmp_path)
+    left = {p.name: p.read_text() for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    assert set(left.values()) <= {"new " + name for name in names} and left  # no old file beside a new one
+    recover(tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {name: "new " + name for name in names}
+
+
+def test_a_kill_while_writing_leaves_the_old_file_and_no_temp_for_ever(tmp_path):
+    (tmp_path / "model.safetensors").write_text("old")
+    _killed(_KILL_WHILE_WRITING, tmp_path)
+    assert (tmp_path / "model.safetensors").read_text() == "old"
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # what the killed process left
+    write_files(tmp_path, {"history.json": "[]"})  # the next write into the folder clears it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        paths = write_files(tmp_path, {"a.md": "a", "b.csv": "b"}) + [write_bytes(tmp_path / "c.json", "{}")]
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths} == {mode}
