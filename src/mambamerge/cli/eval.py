@@ -61,7 +61,8 @@ def default_workers(requested: Optional[int]) -> int:
         if requested < 0:
             raise ValueError(f"--workers must be 0 or more, got {requested}")
         return requested
-    return max(0, min(8, len(os.sched_getaffinity(0)) // world().local_size - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // world().local_size - 1))
 
 
 def setup_device(args: argparse.Namespace) -> torch.device:
