@@ -137,7 +137,8 @@ def _data(args, base):
         img_size, in_chans = args.img_size or create_model(args.model).cfg.img_size[0], 1
     else:
         channels, side = probe_folder(Path(args.data) / "train")
-        img_size, in_chans = args.img_size or side or create_model(args.model).cfg.img_size[0], args.in_chans or channels
+        img_size = args.img_size or side or create_model(args.model).cfg.img_size[0]
+        in_chans = args.in_chans or channels
     train_set, val_set, test_set = _idx_splits(args, img_size) if is_idx else _folder_splits(args, img_size, in_chans)
     info = train_set.info
     if base is None:
