@@ -153,13 +153,14 @@ def sum_and_keep(values, device):
     return total
 
 cli_train.train, evaluate.sum_all = train_and_keep, sum_and_keep
-code = main(sys.argv[2:])
+commands = " ".join(sys.argv[2:]).split(" THEN ")  # several commands, one after the other
+codes = [main(command.split()) for command in commands]
 torch.save(sums, f"{out}/sums{rank}.pt")
-sys.exit(code)
+sys.exit(max(codes))
 """
 
 
-def test_two_processes_under_torchrun(tmp_path):
+def test_train_and_eval_in_two_processes_under_torchrun(tmp_path):
     data = folder(tmp_path / "data", per_class=(8, 3))  # 16 train images: 5 held out (odd: 3 + 2 per process)
     out = tmp_path / "run"
     out.mkdir()
@@ -167,8 +168,11 @@ def test_two_processes_under_torchrun(tmp_path):
     script.write_text(SPY)
     argv = ["train", "--data", str(data), *TINY, "--img-size", "16", "--epochs", "2", "--val-split", "5",
             "--out", str(out), "--device", "cpu"]
+    evaluate = ["eval", "--checkpoint", str(out / "model.safetensors"), "--data", str(data / "val"), "--runs", "1",
+                "--batch", "4", "--threads", "1", "--workers", "0", "--device", "cpu"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(out), *argv], env=child_env(), capture_output=True, text=True, timeout=600)
+                           str(script), str(out), *argv, "THEN", *evaluate], env=child_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key in ranks[0]:
@@ -176,11 +180,15 @@ def test_two_processes_under_torchrun(tmp_path):
     saved = weights(out / "model_last.safetensors")
     assert all(torch.equal(saved[k], ranks[0][k]) for k in saved)
 
-    # every validation (5) and test (6) image counted once, the same sums on both processes
+    # every validation (5) and test (6) image counted once, the same sums on both processes: by train
+    # (2 epochs, then the test split), then by eval on the test split
     sums = [torch.load(out / f"sums{r}.pt", weights_only=True) for r in range(2)]
     assert sums[0] == sums[1]
     evaluations = sums[0]
-    assert [total for _, total in evaluations] == [5, 5, 6]
+    assert [total for _, total in evaluations] == [5, 5, 6, 6]
+    test_top1 = json.loads((out / "summary.json").read_text())["test_accuracy"]
+    assert test_top1 == evaluations[2][0] / 6 == evaluations[3][0] / 6
+    assert f"top-1       {test_top1:.2%}" in proc.stdout and proc.stdout.count("top-1       ") == 1
     # and the reported accuracy is the single-process one of the same weights on the same images
     model = mambamerge.load_checkpoint(out / "model_last.safetensors")
     plain = mambamerge.data.folders.image_folder(data / "train", img_size=16, in_chans=3)
