@@ -144,7 +144,7 @@ def _data(args, base):
     if base is None:
         model = create_model(args.model, in_chans=info.in_chans, num_classes=info.num_classes, img_size=info.img_size)
     else:
-        check_fit(base.cfg, info, args.data)
+        check_fit(base, info, args.data)
         check_classes(base, info, args.data)
         model = base
     return train_set, val_set, test_set, model
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = None
     if args.teacher:
         teacher = load_checkpoint(args.init if args.teacher == "dense" else args.teacher, img_size=model.cfg.img_size)
-        check_fit(teacher.cfg, train_set.info, args.data)
+        check_fit(teacher, train_set.info, args.data)
         check_classes(teacher, train_set.info, args.data)
         teacher.to(device)
     model.to(device)
