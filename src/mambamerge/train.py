@@ -36,6 +36,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mambamerge.atomic import atomic_write, write_bytes
 from mambamerge.checkpoint import save_checkpoint
+from mambamerge.data import unreadable
 from mambamerge.data.loading import derive_seed, epoch_batches, train_batches
 from mambamerge.devices import autocast, check_amp
 from mambamerge.distributed import barrier, sum_all, world
@@ -281,8 +282,10 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
             write_bytes(out_dir / "history.json", json.dumps(state["history"], indent=1))
         snapshot()
         entry = state["history"][-1]
+        skipped = len(unreadable(train_set)) + len(unreadable(val_set))
         log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {entry['train_loss']:.4f}, val top-1 {acc:.2%} "
-            f"({len(val_set)} held-out images), {seconds:.0f} s ({entry['train_images_per_s']:.1f} images/s)")
+            f"({len(val_set)} held-out images), {seconds:.0f} s ({entry['train_images_per_s']:.1f} images/s)"
+            + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     if test_set is not None and state["test_accuracy"] is None:
         selected = copy.deepcopy(evaluated)
         selected.load_state_dict(load_file(str(out_dir / "model.safetensors")))

@@ -20,6 +20,7 @@ from mambamerge.evaluate import check_classes, check_fit
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
 from mambamerge.results import check_writable
+from mambamerge.threads import default_threads
 from mambamerge.train import TrainConfig, load_resume, run_record, train
 
 HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
@@ -56,7 +57,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "(default 0.1) or a count; the same slice for every --seed and --limit")
     p.add_argument("--method", help="train with this token-reduction method active (fine-tuning for merging)")
     p.add_argument("--reduction", type=float, default=None, help="target average reduction for --method")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores free at start)")
     add_device_options(p)
     p.add_argument("--aa", default=None, metavar="POLICY",
                    help=f"image folders: timm RandAugment policy, or none (default {Augment.auto_augment})")
@@ -152,8 +153,7 @@ def _data(args, base):
 
 def run(args: argparse.Namespace) -> int:
     cfg = _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
     is_idx = args.data.partition(":")[0] in IDX_SETS
     torch.manual_seed(cfg.seed)  # before any model is built: the same seed gives the same initial weights

@@ -1,12 +1,13 @@
 """Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders."""
+import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from mambamerge.data.datasets import IDX_SETS, IdxDataset, ImageSet, locate_idx
-from mambamerge.data.folders import image_folder
+from mambamerge.data.folders import ReadableImages, collate_readable, image_folder
 from mambamerge.data.idx import read_idx
 
 
@@ -26,21 +27,42 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
     ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
     if limit is not None and limit < len(ds):
         ds = torch.utils.data.Subset(ds, range(limit))
-        ds.info = ds.dataset.info
+        ds.info, ds.unreadable = ds.dataset.info, ds.dataset.unreadable
     return ds
+
+
+def unreadable(dataset) -> List[str]:
+    """The images of an image folder skipped so far because they could not be decoded ("path (reason)")."""
+    return sorted(getattr(dataset, "unreadable", ()))
 
 
 def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
             workers: int = 0, pin_memory: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches; IDX sets are sliced in memory, folders go through a DataLoader
-    (`workers` decoding processes, pinned memory for fast copies to a GPU)."""
+    (`workers` decoding processes, pinned memory for fast copies to a GPU), which leaves out the images
+    that cannot be decoded (a warning names each once; see unreadable())."""
     if isinstance(dataset, IdxDataset):
         order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
         for start in range(0, len(dataset), batch_size):
             yield dataset.batch(order[start:start + batch_size], generator)
         return
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                          pin_memory=pin_memory)
+    skipped = getattr(dataset, "unreadable", None)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                        pin_memory=pin_memory, collate_fn=None if skipped is None else collate_readable)
+    yield from loader if skipped is None else readable_batches(loader, skipped)
 
 
-__all__ = ["IDX_SETS", "IdxDataset", "ImageSet", "batches", "image_folder", "load_dataset", "locate_idx", "read_idx"]
+def readable_batches(loader, skipped: set) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) of a loader batching with collate_readable; each unreadable image is added
+    to `skipped` and named in a warning once."""
+    for images, labels, bad in loader:
+        for reason in bad:
+            if reason not in skipped:
+                skipped.add(reason)
+                warnings.warn(f"skipped an unreadable image: {reason}", stacklevel=3)
+        if images is not None:
+            yield images, labels
+
+
+__all__ = ["IDX_SETS", "IdxDataset", "ImageSet", "ReadableImages", "batches", "image_folder", "load_dataset",
+           "locate_idx", "read_idx", "unreadable"]

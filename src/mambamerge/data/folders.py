@@ -1,14 +1,23 @@
-"""User datasets in the ImageNet layout: <root>/<class name>/<image files>, through torchvision."""
+"""User datasets in the ImageNet layout: <root>/<class name>/<image files>, through torchvision.
+
+An image that cannot be decoded (corrupt, truncated, a decompression bomb) is skipped with a
+warning, never a traceback: its batch comes out without it, and the dataset's `unreadable` set
+names it (what evaluate() and the commands report).
+"""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Set, Tuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
 
 from mambamerge.data.datasets import ImageSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 SPLIT_NAMES = {"train", "val", "test"}
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 @dataclass(frozen=True)
@@ -32,8 +41,6 @@ def probe_folder(root, per_class: int = 3) -> Tuple[int, Optional[int]]:
     """(channels, size) the images of a folder suggest, from the headers of the first `per_class`
     files of every class: 1 when all are grey, else 3; their side when all are one square size, else
     None."""
-    from PIL import Image
-
     grey, sizes = True, set()
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
         for path in sorted(p for p in folder.iterdir() if p.is_file())[:per_class]:
@@ -76,5 +83,31 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional
     except FileNotFoundError as err:
         raise ValueError(f"{root}: no images found ({err}); supported extensions: "
                          f"{', '.join(datasets.folder.IMG_EXTENSIONS)}") from None
-    ds.info = ImageSet(list(ds.classes), in_chans, (img_size, img_size))
-    return ds
+    return ReadableImages(ds, ImageSet(list(ds.classes), in_chans, (img_size, img_size)))
+
+
+class ReadableImages(Dataset):
+    """An ImageFolder whose undecodable images come out as (None, "path (reason)") instead of raising;
+    batch them with collate_readable. `unreadable` collects the ones met so far."""
+
+    def __init__(self, folder, info: ImageSet):
+        self.folder, self.info = folder, info
+        self.unreadable: Set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.folder[index]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return None, f"{self.folder.samples[index][0]} ({err})"
+
+
+def collate_readable(items) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], list]:
+    """(images, labels, the "path (reason)" of each unreadable image): images and labels None when
+    no image of the batch could be read."""
+    good = [item for item in items if item[0] is not None]
+    bad = [reason for image, reason in items if image is None]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, bad

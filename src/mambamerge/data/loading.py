@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mambamerge.data import readable_batches
 from mambamerge.data.datasets import IdxDataset
+from mambamerge.data.folders import collate_readable
 
 HOLDOUT_SEED = 0  # the validation slice does not move with --seed: runs with other seeds stay comparable
 
@@ -35,6 +37,8 @@ def subset(dataset, index: Sequence[int]):
         return dataset.subset(index)
     part = Subset(dataset, index)
     part.info = dataset.info
+    if hasattr(dataset, "unreadable"):
+        part.unreadable = dataset.unreadable  # images skipped in any part are named in one set
     return part
 
 
@@ -86,6 +90,9 @@ def train_batches(dataset, batches: List[torch.Tensor], seed: int, epoch: int, s
                                                                                       int(batches[k][0]))))
         return
     plan = [[(int(i), derive_seed(seed, "sample", epoch, int(i))) for i in batch] for batch in batches[start:]]
-    if plan:
-        yield from DataLoader(SeededSamples(dataset), batch_sampler=plan, num_workers=workers,
-                              pin_memory=pin_memory)
+    if not plan:
+        return
+    skipped = getattr(dataset, "unreadable", None)
+    loader = DataLoader(SeededSamples(dataset), batch_sampler=plan, num_workers=workers, pin_memory=pin_memory,
+                        collate_fn=None if skipped is None else collate_readable)
+    yield from loader if skipped is None else readable_batches(loader, skipped)
