@@ -88,8 +88,13 @@ def check_common(args: argparse.Namespace) -> Dict[str, object]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return parse_options(args.option)
+
+
+def parse_options(pairs) -> Dict[str, object]:
+    """--option KEY=VALUE pairs as a dict, values read as Python literals where they are ones."""
     options = {}
-    for pair in args.option:
+    for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--option expects KEY=VALUE (e.g. every=1), got {pair!r}")

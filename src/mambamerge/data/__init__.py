@@ -12,14 +12,18 @@ from mambamerge.data.idx import read_idx
 
 
 def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None, in_chans: int = 3,
-                 limit: Optional[int] = None, augment: bool = False):
+                 limit: Optional[int] = None, augment: bool = False, start: int = 0):
     """A dataset by name ("fashion-mnist", "mnist", optionally "name:/folder/with/idx/files") or an
-    image folder path (ImageNet layout). The result has `.info` (classes, channels, size)."""
+    image folder path (ImageNet layout). The result has `.info` (classes, channels, size).
+    start, limit: images start .. start + limit - 1 only (IDX sets; folders take the first `limit`)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 image, got {limit}")
     name, colon, root = spec.partition(":")
     if name in IDX_SETS:
-        return IdxDataset(name, split, root=root or None, img_size=img_size or 56, limit=limit, augment=augment)
+        return IdxDataset(name, split, root=root or None, img_size=img_size or 56, limit=limit, augment=augment,
+                          start=start)
+    if start:
+        raise ValueError(f"start= is for the IDX sets ({', '.join(IDX_SETS)}), not image folders like {spec}")
     if not Path(spec).exists() and (colon or "/" not in spec):
         raise ValueError(f"{spec!r} is neither a known data set nor an existing folder; known data sets: "
                          f"{', '.join(IDX_SETS)} (optionally NAME:/folder/with/idx/files), or give the path of an "
