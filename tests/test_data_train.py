@@ -151,7 +151,8 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
     assert main(argv) == 0
     assert "best val top-1" in capsys.readouterr().out
     model = mambamerge.load_checkpoint(out / "model.safetensors")
-    assert model.cfg.num_classes == 3 and model.cfg.img_size == (32, 32)
+    assert model.cfg.num_classes == 3 and model.cfg.img_size == (36, 36)  # the images' own size
+    assert model.classes == ["ant", "bee", "cow"]
     assert main(["train", "--data", str(tmp_path / "data" / "train"), "--model", "vim_pico", "--out", str(out)]) == 2
     assert "needs train/ and val/ sub-folders" in capsys.readouterr().err
 
@@ -164,5 +165,5 @@ def test_train_command_names_a_bad_device(tmp_path, capsys):
     assert "--device 'banana' is not a device name" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(argv + ["cuda"]) == 2
-        assert "no usable CUDA GPU; train with --device cpu" in capsys.readouterr().err
+        assert "no usable CUDA GPU; use --device cpu" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before any work

@@ -16,7 +16,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -30,6 +30,7 @@ from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed
 
 PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "mambamerge_config"
+CLASSES_METADATA_KEY = "mambamerge_classes"
 FAMILY_METADATA_KEY = "mambamerge_family"
 _MAX_LISTED = 8
 MAX_PIXELS = 16384  # the largest image side or stride a file may record
@@ -46,6 +47,7 @@ class RawCheckpoint:
     state_dict: Dict[str, torch.Tensor]
     train_img_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
+    classes: Optional[List[str]] = None
     family: Optional[str] = None  # from our metadata (files without it are recognised by their keys)
     config: Optional[dict] = None  # our saved config of a family other than Vim
 
@@ -99,6 +101,15 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
                 raw.train_img_size = _pair(cfg["img_size"], f"{what}'s img_size")
             if "stride" in cfg:
                 raw.stride = _pair(cfg["stride"], f"{what}'s stride")
+    if CLASSES_METADATA_KEY in metadata:
+        try:
+            classes = json.loads(metadata[CLASSES_METADATA_KEY])
+        except json.JSONDecodeError:
+            classes = None
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise CheckpointError(f"{path}: the {CLASSES_METADATA_KEY} metadata is not a JSON list of class names; "
+                                  f"the file is damaged: re-save it")
+        raw.classes = classes
     return raw
 
 
@@ -348,7 +359,8 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     ema: take the "model_ema" weights of an official training checkpoint instead of "model".
     trust_pickle: allow arbitrary pickled objects (weights_only=False); never for untrusted files.
 
-    Every tensor is checked against the inferred architecture before the model is built.
+    model.classes: the class names the file records (our safetensors written by `mambamerge train`),
+    else None. Every tensor is checked against the inferred architecture before the model is built.
     """
     path = Path(path)
     raw = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
@@ -364,6 +376,7 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     sd = dict(raw.state_dict)
     sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid, cfg.grid_size)
     model.load_state_dict(sd, strict=True)
+    model.classes = raw.classes
     return model.eval()
 
 
@@ -387,14 +400,21 @@ def _load_other_family(raw: RawCheckpoint, path: Path, family: str, **options) -
     cfg, sd = family_config(raw, path, family, **options)
     model = FAMILIES[family](cfg)
     model.load_state_dict(sd, strict=True)
+    model.classes = raw.classes
     return model.eval()
 
 
-def save_checkpoint(model: MambaClassifier, path: PathLike) -> Path:
-    """Write the weights as safetensors, with the family and config in the metadata; atomic (no
-    half-written file)."""
+def save_checkpoint(model: MambaClassifier, path: PathLike, classes: Optional[Sequence[str]] = None) -> Path:
+    """Write the weights as safetensors, with the family, the config and the class names (`classes`,
+    else the model's own `classes` attribute when it has one) in the metadata; atomic (no half-written
+    file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict()), FAMILY_METADATA_KEY: model.family}
+    classes = classes if classes is not None else getattr(model, "classes", None)
+    if classes is not None:
+        if len(classes) != model.num_classes:
+            raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} classes")
+        metadata[CLASSES_METADATA_KEY] = json.dumps(list(classes))
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -3,26 +3,35 @@ import statistics
 from typing import Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from mambamerge.data import batches, unreadable
+from mambamerge.data.loading import subset
+from mambamerge.devices import autocast
+from mambamerge.distributed import shard, sum_all, world
 from mambamerge.flops import flops
 from mambamerge.patch import patch, reduction_summary, unpatch
+from mambamerge.progress import progress as bar
 from mambamerge.timing import time_call, time_interleaved
 
 
-def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None) -> float:
+def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None, amp: str = "none",
+             workers: int = 0) -> float:
     """Top-1 accuracy of `model` (dense or patched, on the device of its parameters) on `dataset`; the model
-    is left in eval mode."""
+    is left in eval mode. amp: autocast ("none", "bf16", "fp16"); workers: DataLoader processes for
+    folder data. Under torchrun each process evaluates its share and the counts are summed: every
+    image counts exactly once."""
     model.eval()
     device = next(model.parameters()).device
+    here = world()
+    part = subset(dataset, shard(len(dataset), here)) if here.active else dataset
     correct = total = 0
-    steps = -(-len(dataset) // batch_size)
-    with torch.inference_mode():
-        for images, labels in tqdm(batches(dataset, batch_size), total=steps, desc=progress, unit="batch",
-                                   leave=False, disable=progress is None):
-            correct += (model(images.to(device)).argmax(dim=1).cpu() == labels).sum().item()
+    steps = -(-len(part) // batch_size)
+    loader = batches(part, batch_size, workers=workers, pin_memory=device.type == "cuda")
+    with torch.inference_mode(), autocast(device, amp):
+        for images, labels in bar(loader, total=steps, desc=progress, unit="batch", disable=progress is None):
+            correct += (model(images.to(device, non_blocking=True)).argmax(dim=1).cpu() == labels).sum().item()
             total += len(labels)
+    correct, total = sum_all([correct, total], device)
     if total == 0:
         raise ValueError("the dataset is empty")
     return correct / total
@@ -62,23 +71,40 @@ def describe_input(shape) -> str:
     return f"inputs of shape {shape}"
 
 
+def check_classes(model, info, data_name: str = "the dataset") -> None:
+    """A ValueError when the checkpoint records class names (model.classes) other than the dataset's:
+    a model of another data set with the same number of classes would otherwise run and score chance."""
+    classes = getattr(model, "classes", None)
+    if classes is not None and list(classes) != list(info.classes):
+        differ = sum(a != b for a, b in zip(classes, info.classes)) + abs(len(classes) - len(info.classes))
+        raise ValueError(f"the model was trained on the classes {_names(classes)} but {data_name} has "
+                         f"{_names(info.classes)} ({differ} differ); evaluate it on the data it was trained for "
+                         f"(same class folders, same order)")
+
+
+def _names(classes, shown: int = 5) -> str:
+    head = ", ".join(repr(c) for c in list(classes)[:shown])
+    return f"[{head}{', ...' if len(classes) > shown else ''}]"
+
+
 def _random_inputs(model, batch_size: int) -> torch.Tensor:
     """(batch_size, *model.input_shape) standard-normal inputs on the model's device."""
     return torch.randn(batch_size, *model.input_shape, device=next(model.parameters()).device)
 
 
-def throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1) -> float:
+def throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: str = "none") -> float:
     """Inputs per second of `model` (dense or patched, put in eval mode) on random inputs
     (batch_size, *model.input_shape) on its own device: median of `runs` timed forwards after `warmup`
     discarded ones (timing.time_call)."""
     images = _random_inputs(model, batch_size)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(images.device, amp):
         seconds = statistics.median(time_call(lambda: model(images), images.device, warmup=warmup, runs=runs))
     return batch_size / seconds
 
 
-def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1) -> Tuple[float, float]:
+def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: str = "none"
+                      ) -> Tuple[float, float]:
     """(patched, dense) images per second of a patched `model` at its own image size, the two forwards
     timed round-robin in this process (timing.time_interleaved: medians of `runs`), so that load from
     other processes hits both alike and their ratio stays honest. The model stays patched."""
@@ -93,7 +119,7 @@ def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1
 
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(images.device, amp):
             seconds = time_interleaved({"patched": forward_with(reducer), "dense": forward_with(None)},
                                        images.device, warmup=warmup, runs=runs)
     finally:
@@ -103,7 +129,7 @@ def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1
 
 def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.0, batch_size: int = 256,
              throughput_batch: int = 8, runs: int = 5, warmup: int = 1, progress: Optional[str] = None,
-             **patch_options) -> dict:
+             amp: str = "none", workers: int = 0, **patch_options) -> dict:
     """Evaluate `model` dense (method None) or patched with `method` at target average `reduction`
     (patch_options: schedule parameters and the method's own options, as for mambamerge.patch).
 
@@ -112,10 +138,13 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
     one_direction / both_directions, merge_overhead, total_* = model + overhead), images_per_s and
     dense_images_per_s (medians of `runs` forwards at throughput_batch; for a method the patched and
     dense forwards are interleaved, see paired_throughput), speedup (their ratio), throughput_batch,
-    timing_runs, schedule (removals and token counts per block).
+    timing_runs, schedule (removals and token counts per block). amp: autocast for every forward
+    ("none", "bf16", "fp16"); workers: DataLoader processes for folder data. Under torchrun the top-1
+    covers every image once (summed over processes); each process times its own forwards.
     A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
     raised before any image is run. The model is left unpatched."""
     check_fit(model, dataset.info)
+    check_classes(model, dataset.info)
     if method is None and (reduction or patch_options):
         raise ValueError("a reduction or patch options need a method; pass method='mame' (or another one)")
     unpatch(model)
@@ -124,11 +153,11 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
             patch(model, method, reduction=reduction or None, **patch_options)
         summary = reduction_summary(model)
         gflops = flops(model).summary()
-        top1 = accuracy(model, dataset, batch_size, progress)
+        top1 = accuracy(model, dataset, batch_size, progress, amp=amp, workers=workers)
         if method is None:
-            images_per_s = dense_images_per_s = throughput(model, throughput_batch, runs, warmup)
+            images_per_s = dense_images_per_s = throughput(model, throughput_batch, runs, warmup, amp)
         else:
-            images_per_s, dense_images_per_s = paired_throughput(model, throughput_batch, runs, warmup)
+            images_per_s, dense_images_per_s = paired_throughput(model, throughput_batch, runs, warmup, amp)
     finally:
         unpatch(model)
     return {

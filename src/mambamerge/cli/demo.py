@@ -48,6 +48,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N",
                    help="; ".join(f"{task}: {demo.what}" for task, demo in DEMOS.items()))
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--amp", default="none", help="autocast precision: none (default), bf16, fp16 (GPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             "--limit", str(args.limit or demo.limit), "--out", out]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    argv += ["--device", args.device, "--amp", args.amp]
     parser = argparse.ArgumentParser(prog="mambamerge sweep")
     sweep.add_parser(parser)
     return sweep.run(parser.parse_args(argv))

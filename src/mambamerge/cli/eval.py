@@ -2,15 +2,19 @@
 beside the dense model's. Also the argument handling and loading that `mambamerge sweep` shares."""
 import argparse
 import ast
+import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from mambamerge import distributed
 from mambamerge.atomic import write_files
 from mambamerge.checkpoint import load_checkpoint
 from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
-from mambamerge.evaluate import check_fit, describe_input, evaluate
+from mambamerge.devices import AMP_CHOICES, check_amp, parse_device
+from mambamerge.distributed import world
+from mambamerge.evaluate import check_classes, check_fit, describe_input, evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import make_method
 from mambamerge.threads import default_threads
@@ -36,9 +40,39 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--throughput-batch", type=int, default=8, help="batch size of the timed forwards (default: 8)")
     p.add_argument("--runs", type=int, default=5, help="timed forwards per throughput, median (default: 5)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
+    add_device_options(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="schedule parameter or method option, as for mambamerge.patch, e.g. --option every=1 "
                         "--option match=window; repeatable")
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device, --amp and --workers, shared by every command that runs a model on data."""
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N; under torchrun, cuda gives each process its own GPU")
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
+                   help="autocast precision: none (default), bf16 (CPU or GPU), fp16 (GPU)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader processes decoding image folders (default: "
+                        "min(8, CPU cores per process - 1))")
+
+
+def default_workers(requested: Optional[int]) -> int:
+    """--workers, or min(8, this machine's cores per torchrun process - 1) when not given."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--workers must be 0 or more, got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // world().local_size - 1))
+
+
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """The device of this process (joining torchrun's process group when there is one), with --amp
+    checked against it."""
+    device = distributed.setup(parse_device(args.device))
+    check_amp(args.amp, device)
+    return device
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -92,6 +126,7 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
         raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
                          f"folder is one split: pass the split's own folder (e.g. imagenet/val) as --data")
     torch.set_num_threads(default_threads(args.threads))
+    device = setup_device(args)
     model = load_checkpoint(args.checkpoint, img_size=args.img_size)
     shape, name = tuple(model.input_shape), Path(args.checkpoint).name
     if len(shape) == 3 and shape[1] != shape[2]:
@@ -105,7 +140,8 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
     if len(dataset) == 0:
         raise ValueError(f"{label} holds no inputs")
     check_fit(model, dataset.info, label)
-    return model, dataset, label
+    check_classes(model, dataset.info, label)
+    return model.to(device), dataset, label
 
 
 def describe(model, checkpoint: str) -> str:
@@ -130,8 +166,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
         check_writable(Path(args.json).resolve().parent, create=False)
     model, dataset, label = load_inputs(args)
-    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs)
+    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
+                  workers=default_workers(args.workers))
     result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
+    distributed.teardown()
+    if not world().is_main:
+        return 0
     cfg = model.cfg
     print(f"model       {describe(model, args.checkpoint)}")
     print(f"data        {label}: {result['images']} images")
@@ -147,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"GFLOPs      {result['gflops_one_direction']:.4g} one direction (literature), "
           f"{result['gflops_both_directions']:.4g} both directions, merge overhead "
           f"{result['gflops_merge_overhead']:.2g} (GMACs per image)")
-    timed = f"batch {args.throughput_batch}, median of {args.runs}, CPU threads: {torch.get_num_threads()}"
+    device = next(model.parameters()).device
+    timed = (f"batch {args.throughput_batch}, median of {args.runs}, {device}, autocast {args.amp}, CPU threads: "
+             f"{torch.get_num_threads()}" + (f", process 0 of {world().size}" if world().active else ""))
     if args.method:
         print(f"throughput  {result['images_per_s']:.1f} images/s; dense {result['dense_images_per_s']:.1f} images/s "
               f"timed interleaved with it: speed-up {result['speedup']:.2f}x ({timed})")

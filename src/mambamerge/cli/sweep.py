@@ -4,14 +4,16 @@ import argparse
 from pathlib import Path
 from typing import Dict, List
 
-from tqdm import tqdm
-
-from mambamerge.cli.eval import add_common, check_common, check_method, check_reduction, describe, load_inputs
+from mambamerge import distributed
+from mambamerge.cli.eval import (add_common, check_common, check_method, check_reduction, default_workers, describe,
+                                 load_inputs)
+from mambamerge.distributed import world
 from mambamerge.data import unreadable
 from mambamerge.evaluate import evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import patch, unpatch
 from mambamerge.plots import accuracy_png
+from mambamerge.progress import progress
 from mambamerge.atomic import write_files
 from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table
 
@@ -62,7 +64,7 @@ def measure(model, dataset, configs: List[dict], options: Dict[str, object], **t
     """The dense row, then one row per configuration (n/a ones as they are), with status and
     delta_top1 against the dense row (speedup comes from each row's own interleaved timing)."""
     runnable = [c for c in configs if "reason" not in c]
-    with tqdm(total=len(runnable) + 1, desc="sweep", unit="config") as bar:
+    with progress(total=len(runnable) + 1, desc="sweep", unit="config", leave=True) as bar:
         bar.set_postfix_str("dense")
         dense = evaluate(model, dataset, progress="top-1", **timing)
         bar.update()
@@ -90,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out, create=False)  # created when the results are written: a failed run leaves none
     model, dataset, label = load_inputs(args)
     configs = plan(model, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.reductions)), options)
-    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1)
+    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
+                  amp=args.amp, workers=default_workers(args.workers))
     rows = measure(model, dataset, configs, options, **timing)
+    distributed.teardown()
+    if not world().is_main:
+        return 0
     device = next(model.parameters()).device
     env = environment(device)
     table = markdown_table(rows)

@@ -1,5 +1,6 @@
 """`mambamerge train`: train a model (from scratch, or fine-tune a checkpoint, optionally with token
-reduction active) on a dataset, seeded and resumable."""
+reduction active and distilled from a teacher) on a dataset; seeded, resumable, and runnable under
+torchrun unchanged."""
 import argparse
 import json
 from dataclasses import fields
@@ -7,69 +8,82 @@ from pathlib import Path
 
 import torch
 
+from mambamerge import distributed
 from mambamerge.atomic import write_bytes
 from mambamerge.checkpoint import load_checkpoint
-from mambamerge.cli.eval import check_method, check_reduction
-from mambamerge.data import VAL_SPLIT_SETS, ImageSet, load_dataset
+from mambamerge.cli.eval import add_device_options, check_method, check_reduction, default_workers, setup_device
+from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
+from mambamerge.data.folders import Augment, image_folder, probe_folder
+from mambamerge.data.loading import holdout_split, subset
+from mambamerge.distributed import world
+from mambamerge.evaluate import check_classes, check_fit
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
 from mambamerge.results import check_writable
 from mambamerge.threads import default_threads
-from mambamerge.train import TrainConfig, load_resume, train
+from mambamerge.train import TrainConfig, load_resume, run_record, train
 
 HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
+# defaults that depend on the data: image folders get Vim's ImageNet recipe, the IDX sets their own
+# shift-and-flip augmentation only
+FOLDER_RECIPE = {"mixup": 0.8, "cutmix": 1.0}
+SKIPPED = ("amp",)  # TrainConfig fields with an option of their own (add_device_options)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, mnist (optionally name:/folder/with/idx), or an ImageNet-layout folder "
-                        "(with train/ and val/ sub-folders)")
+                   help="fashion-mnist, mnist (optionally name:/folder/with/idx), or a folder with train/ and val/ "
+                        "sub-folders in the ImageNet layout (val/ is the test split: reported, never used to select)")
     p.add_argument("--model", default="vim_nano", choices=list_models(), metavar="NAME",
                    help="architecture for training from scratch (default vim_nano: the demo model)")
+    p.add_argument("--img-size", type=int, metavar="PIXELS",
+                   help="training resolution (default: a folder's own square image size, else the model's; with "
+                        "--init the checkpoint's)")
+    p.add_argument("--in-chans", type=int, choices=(1, 3),
+                   help="1 (grey) or 3 (RGB) for a new model (default: 1 when a folder's images are all grey)")
     p.add_argument("--init", help="checkpoint to fine-tune instead of training from scratch")
-    p.add_argument("--out", required=True, help="output folder: model.safetensors, last.pt, history.json")
+    p.add_argument("--teacher", metavar="dense|FILE",
+                   help="distil from this model: 'dense' (the --init checkpoint without token reduction) or another "
+                        "checkpoint (loss: cross-entropy + --distill-weight x KL at --distill-temperature)")
+    p.add_argument("--out", required=True, help="output folder: model.safetensors (best on validation), "
+                                                "model_last.safetensors, last.pt, history.json, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                   help="also save last.pt every STEPS steps (default: at epoch ends only)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images (after the "
+                                                            "validation split is held out)")
+    p.add_argument("--val-split", type=float, default=0.1, metavar="F|N",
+                   help="validation images held out of the training data to select the best epoch: a fraction "
+                        "(default 0.1) or a count; the same slice for every --seed and --limit")
     p.add_argument("--method", help="train with this token-reduction method active (fine-tuning for merging)")
     p.add_argument("--reduction", type=float, default=None, help="target average reduction for --method")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores free at start)")
-    p.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, ...")
+    add_device_options(p)
+    p.add_argument("--aa", default=None, metavar="POLICY",
+                   help=f"image folders: timm RandAugment policy, or none (default {Augment.auto_augment})")
+    p.add_argument("--reprob", type=float, default=None,
+                   help=f"image folders: random-erasing probability (default {Augment.re_prob})")
     for f in fields(TrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"default {f.default}")
-
-
-def _splits(spec: str, args, input_shape):
-    """(train, validation) sets for a model taking inputs of `input_shape` (model.input_shape)."""
-    folder = Path(spec)
-    if folder.is_dir():
-        for name in ("train", "val"):
-            if not (folder / name).is_dir():
-                raise FileNotFoundError(f"{folder} needs train/ and val/ sub-folders, one class folder in each")
-        return (load_dataset(str(folder / "train"), input_shape=input_shape, limit=args.limit),
-                load_dataset(str(folder / "val"), input_shape=input_shape))
-    # named sets with a validation split held out of their training data select on it, never on test
-    val_split = "val" if spec.partition(":")[0] in VAL_SPLIT_SETS else "test"
-    return (load_dataset(spec, "train", input_shape=input_shape, limit=args.limit, augment=True),
-            load_dataset(spec, val_split, input_shape=input_shape))
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device name ({err}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no usable CUDA GPU; train with --device cpu")
-    return device
+        if f.name in SKIPPED:
+            continue
+        default = None if f.name in FOLDER_RECIPE else f.default
+        note = (f"default {FOLDER_RECIPE[f.name]} for image folders, 0 for the named sets" if f.name in FOLDER_RECIPE
+                else f"default {f.default}")
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default, help=note)
 
 
 def _check_args(args: argparse.Namespace) -> TrainConfig:
     """Every setting checked before any data is read or file written; returns the training config."""
-    for name in ("limit", "threads"):
+    for name in ("limit", "img_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be 0 (epoch ends only) or more, got {args.save_every}")
+    if args.teacher == "dense" and not args.init:
+        raise ValueError("--teacher dense distils from the --init checkpoint: give --init, or a teacher checkpoint")
+    if args.init and args.in_chans is not None:
+        raise ValueError("--in-chans applies to a new model; a fine-tuned checkpoint keeps its own channels")
     if args.method is None and args.reduction is not None:
         raise ValueError("--reduction needs --method NAME")
     if args.method is not None:
@@ -79,39 +93,134 @@ def _check_args(args: argparse.Namespace) -> TrainConfig:
                              f"train dense")
         check_reduction(args.reduction)
     check_writable(args.out, create=False)
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)  # mixup / cutmix: image folders only
+    recipe = {k: getattr(args, k) if getattr(args, k) is not None else 0.0 if named else v
+              for k, v in FOLDER_RECIPE.items()}
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in recipe
+                          and f.name not in SKIPPED}, **recipe, amp=args.amp)
+
+
+def _idx_splits(args, img_size: int):
+    """(train, validation, test) of an IDX set: validation held out of the train split."""
+    full = load_dataset(args.data, "train", img_size=img_size)
+    train_index, val_index = holdout_split(len(full), args.val_split)
+    return (full.subset(train_index[:args.limit], augment=True), full.subset(val_index, augment=False),
+            load_dataset(args.data, "test", img_size=img_size))
+
+
+def _folder_splits(args, img_size: int, in_chans: int):
+    """(train, validation, test) of an image folder: validation held out of train/, test = val/."""
+    root = Path(args.data)
+    augment = Augment(**{k: v for k, v in (("auto_augment", None if args.aa == "none" else args.aa),
+                                           ("re_prob", args.reprob)) if v is not None})
+    train_all = image_folder(root / "train", img_size=img_size, in_chans=in_chans, augment=augment)
+    plain = image_folder(root / "train", img_size=img_size, in_chans=in_chans)
+    train_index, val_index = holdout_split(len(plain), args.val_split)
+    return (subset(train_all, train_index[:args.limit]), subset(plain, val_index),
+            image_folder(root / "val", img_size=img_size, in_chans=in_chans))
+
+
+def _named_splits(args, input_shape):
+    """(train, validation, test) of a named set that holds out its own validation split from its
+    training data (fsdd, moving-*), for a model taking inputs of `input_shape`."""
+    return tuple(load_dataset(args.data, split, input_shape=input_shape, augment=split == "train",
+                              limit=args.limit if split == "train" else None) for split in ("train", "val", "test"))
+
+
+def _family_data(args, base):
+    """(train, validation, test, model) of the audio and video sets: the model is built as named."""
+    if args.aa is not None or args.reprob is not None or args.img_size or args.in_chans:
+        raise ValueError(f"--aa, --reprob, --img-size and --in-chans apply to image data; {args.data} gives inputs "
+                         f"of the shape its model is built for")
+    model = base if base is not None else create_model(args.model)
+    train_set, val_set, test_set = _named_splits(args, model.input_shape)
+    info = train_set.info
+    if base is None:
+        model = create_model(args.model, num_classes=info.num_classes)
+        if tuple(model.input_shape) != tuple(info.input_shape):
+            raise ValueError(f"{args.model} takes inputs of shape {tuple(model.input_shape)} but {args.data} gives "
+                             f"{tuple(info.input_shape)}; pick a model built for this data")
+    else:
+        check_fit(base, info, args.data)
+        check_classes(base, info, args.data)
+    return train_set, val_set, test_set, model
+
+
+def _data(args, base):
+    """(train, validation, test, model) with the model built for the data (or checked against it)."""
+    if args.data.partition(":")[0] in VAL_SPLIT_SETS:
+        return _family_data(args, base)
+    is_idx = args.data.partition(":")[0] in IDX_SETS
+    if not is_idx:
+        folder = Path(args.data)
+        for name in ("train", "val"):
+            if not (folder / name).is_dir():
+                raise FileNotFoundError(f"{folder} needs train/ and val/ sub-folders in the ImageNet layout")
+    elif args.aa is not None or args.reprob is not None:
+        raise ValueError("--aa and --reprob apply to image folders; the IDX sets use their own shift-and-flip")
+    elif args.in_chans == 3:
+        raise ValueError(f"{args.data} is grey: its models take --in-chans 1")
+    if base is not None:
+        img_size, in_chans = base.cfg.img_size[0], base.cfg.in_chans
+    elif is_idx:
+        img_size, in_chans = args.img_size or create_model(args.model).cfg.img_size[0], 1
+    else:
+        channels, side = probe_folder(Path(args.data) / "train")
+        img_size = args.img_size or side or create_model(args.model).cfg.img_size[0]
+        in_chans = args.in_chans or channels
+    train_set, val_set, test_set = _idx_splits(args, img_size) if is_idx else _folder_splits(args, img_size, in_chans)
+    info = train_set.info
+    if base is None:
+        model = create_model(args.model, in_chans=info.in_chans, num_classes=info.num_classes, img_size=info.img_size)
+    else:
+        check_fit(base, info, args.data)
+        check_classes(base, info, args.data)
+        model = base
+    return train_set, val_set, test_set, model
+
+
+def _input_record(model) -> dict:
+    """What a run record says of the model's input: image size and channels, or the input shape."""
+    if len(model.input_shape) == 3:
+        return {"img_size": model.cfg.img_size[0], "in_chans": model.cfg.in_chans}
+    return {"input_shape": list(model.input_shape)}
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = _check_args(args)
     torch.set_num_threads(default_threads(args.threads))
-    device = _device(args.device)
-    out = Path(args.out)
-    saved = load_resume(out / "last.pt", cfg) if args.resume else False
-    base = load_checkpoint(args.init) if args.init else None
-    shape = (base if base is not None else create_model(args.model)).input_shape
-    train_set, val_set = _splits(args.data, args, shape)
-    info = train_set.info
-    if base is None:
-        # an image model takes the data's channels and size; other families are built as named
-        fit = {"in_chans": info.in_chans, "img_size": info.img_size} if isinstance(info, ImageSet) else {}
-        model = create_model(args.model, num_classes=info.num_classes, **fit)
-        if tuple(model.input_shape) != tuple(info.input_shape):
-            raise ValueError(f"{args.model} takes inputs of shape {tuple(model.input_shape)} but {args.data} gives "
-                             f"{tuple(info.input_shape)}; pick a model built for this data")
-    elif info.num_classes != base.cfg.num_classes:
-        raise ValueError(f"the checkpoint has {base.cfg.num_classes} classes but the data has {info.num_classes}; "
-                         f"fine-tune on data with {base.cfg.num_classes} classes")
-    else:
-        model = base
+    device = setup_device(args)
+    is_idx = args.data.partition(":")[0] in IDX_SETS
+    torch.manual_seed(cfg.seed)  # before any model is built: the same seed gives the same initial weights
+    base = load_checkpoint(args.init, img_size=args.img_size) if args.init else None
+    train_set, val_set, test_set, model = _data(args, base)
+    teacher = None
+    if args.teacher:
+        size = {"img_size": model.cfg.img_size} if hasattr(model.cfg, "img_size") else {}
+        teacher = load_checkpoint(args.init if args.teacher == "dense" else args.teacher, **size)
+        check_fit(teacher, train_set.info, args.data)
+        check_classes(teacher, train_set.info, args.data)
+        teacher.to(device)
     model.to(device)
     if args.method:
         patch(model, args.method, reduction=args.reduction)
-    out.mkdir(parents=True, exist_ok=True)
-    write_bytes(out / "command.json", json.dumps({"data": args.data, "model": args.model, "init": args.init,
-                                                  "method": args.method, "reduction": args.reduction,
-                                                  "limit": args.limit, "train": cfg.__dict__}, indent=1))
-    result = train(model, train_set, val_set, out, cfg, resume=saved)
-    print(f"best val top-1 {result['best_accuracy']:.2%} after {result['epochs']} epochs; "
-          f"weights in {out / 'model.safetensors'}")
+    out = Path(args.out)
+    command = {"data": args.data, "model": None if args.init else args.model, "init": args.init,
+               "teacher": args.teacher, "method": args.method, "reduction": args.reduction, "limit": args.limit,
+               "val_split": args.val_split, **_input_record(model),
+               "augment": None if is_idx else [args.aa, args.reprob]}
+    saved = load_resume(out / "last.pt", cfg, run_record(command, train_set, val_set, teacher is not None)) \
+        if args.resume else False
+    if world().is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            write_bytes(out / "command.json", json.dumps({**command, "train": cfg.__dict__}, indent=1))
+    result = train(model, train_set, val_set, out, cfg, resume=saved, teacher=teacher, test_set=test_set,
+                   run=command, workers=default_workers(args.workers), save_every=args.save_every,
+                   log=print if world().is_main else lambda *_: None)
+    distributed.teardown()
+    if world().is_main:
+        print(f"best val top-1 {result['best_accuracy']:.2%} (epoch {result['best_epoch']} of {result['epochs']}, "
+              f"{len(val_set)} held-out training images); test top-1 {result['test_accuracy']:.2%} "
+              f"({len(test_set)} images, reported only); weights in {out / 'model.safetensors'}")
     return 0

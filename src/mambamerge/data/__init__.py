@@ -68,26 +68,30 @@ def unreadable(dataset) -> List[str]:
 
 
 def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
-            workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+            workers: int = 0, pin_memory: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) batches; in-memory sets (with a vectorised `batch(index, generator)`: IDX images,
-    moving items, audio features) are sliced directly, others go through a DataLoader, which leaves out
-    the images that cannot be decoded (a warning names each once; see unreadable())."""
+    moving items, audio features) are sliced directly, others go through a DataLoader (`workers` decoding
+    processes, pinned memory for fast copies to a GPU), which leaves out the images that cannot be
+    decoded (a warning names each once; see unreadable())."""
     if hasattr(dataset, "batch"):
         order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
         for start in range(0, len(dataset), batch_size):
             yield dataset.batch(order[start:start + batch_size], generator)
         return
     skipped = getattr(dataset, "unreadable", None)
-    if skipped is None:
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                              num_workers=workers)
-        return
-    for images, labels, bad in DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                          num_workers=workers, collate_fn=collate_readable):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                        pin_memory=pin_memory, collate_fn=None if skipped is None else collate_readable)
+    yield from loader if skipped is None else readable_batches(loader, skipped)
+
+
+def readable_batches(loader, skipped: set) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) of a loader batching with collate_readable; each unreadable image is added
+    to `skipped` and named in a warning once."""
+    for images, labels, bad in loader:
         for reason in bad:
             if reason not in skipped:
                 skipped.add(reason)
-                warnings.warn(f"skipped an unreadable image: {reason}", stacklevel=2)
+                warnings.warn(f"skipped an unreadable image: {reason}", stacklevel=3)
         if images is not None:
             yield images, labels
 

