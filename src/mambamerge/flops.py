@@ -29,6 +29,7 @@ class FlopsReport:
     blocks_one_direction:   MACs of each block, scan branch counted once, length depth.
     blocks_both_directions: MACs of each block, both scan branches, length depth.
     merge_overhead:         MACs of every reduction step's scoring and matching.
+    params:                 parameters of the model (all of them, head included).
     """
 
     tokens: Tuple[int, ...]
@@ -37,6 +38,7 @@ class FlopsReport:
     blocks_one_direction: Tuple[int, ...]
     blocks_both_directions: Tuple[int, ...]
     merge_overhead: int
+    params: int
 
     @property
     def one_direction(self) -> int:
@@ -64,6 +66,7 @@ class FlopsReport:
         """Plain numbers, GMACs ("GFLOPs") and per-block lists."""
         return {
             "unit": "GMACs (the literature's GFLOPs)",
+            "params": self.params,
             "one_direction": self.one_direction / GIGA,
             "both_directions": self.both_directions / GIGA,
             "merge_overhead": self.merge_overhead / GIGA,
@@ -84,17 +87,23 @@ class FlopsReport:
                 f"{s['both_directions']:.3f} both directions; merge overhead {s['merge_overhead']:.4f}; "
                 f"totals {s['total_one_direction']:.3f} / {s['total_both_directions']:.3f}; "
                 f"tokens per block: average {s['average_tokens']:.1f}, first {self.tokens[0]}, "
-                f"final {self.tokens[-1]}")
+                f"final {self.tokens[-1]}; {self.params / 1e6:.2f} M parameters")
 
 
-def _grid(cfg, input_size: Union[None, int, Tuple[int, int]]) -> Tuple[int, int]:
-    """Patch grid (rows, cols) at input_size (H, W) or int; the model's own size when None."""
+def _grid(cfg, input_size: Union[None, int, Tuple[int, ...]]) -> Tuple[int, int]:
+    """Patch grid (rows, cols) at input_size (H, W), (C, H, W) or int; the model's own size when None."""
     if input_size is None:
         return tuple(cfg.grid_size)
+    if isinstance(input_size, (tuple, list)) and len(input_size) == 3:
+        channels, *input_size = input_size
+        if channels != cfg.in_chans:
+            raise ValueError(f"input_size (C, H, W) has C={channels!r} but the model takes {cfg.in_chans}-channel "
+                             f"images")
     size = (input_size, input_size) if isinstance(input_size, int) else input_size
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
-        raise ValueError(f"input_size must be an int or a (height, width) pair of ints, got {input_size!r}")
+        raise ValueError(f"input_size must be an int, (height, width) or (channels, height, width) of ints, got "
+                         f"{input_size!r}")
     if min(size) <= 0:
         raise ValueError(f"input_size must be positive, got {input_size!r}")
     if any(i < p for i, p in zip(size, cfg.patch_size)):
@@ -131,11 +140,12 @@ def _merge_overhead(model: nn.Module, counts: List[int]) -> int:
                for b, r in enumerate(reducer.schedule.removals) if r > 0)
 
 
-def flops(model: nn.Module, input_size: Union[None, int, Tuple[int, int]] = None) -> FlopsReport:
-    """Count the MACs of one image through `model` (a VisionMamba, patched or not).
+def flops(model: nn.Module, input_size: Union[None, int, Tuple[int, ...]] = None) -> FlopsReport:
+    """Count the MACs and parameters of one image through `model` (a VisionMamba, patched or not).
 
-    input_size: (H, W) or int to count at another resolution (grid (H - p) // s + 1 per axis);
-        the model's own image size by default. A patched model's schedule removes the same number of
+    input_size: (C, H, W) as timm's pretrained_cfg and ptflops give it, (H, W) or int, to count at
+        another resolution (grid (H - p) // s + 1 per axis); the model's own image size by default.
+        C must be the model's channel count. A patched model's schedule removes the same number of
         tokens before each block at any size.
     Token counts per block follow the model's token reducer (mambamerge.patch) when there is one.
     """
@@ -152,4 +162,5 @@ def flops(model: nn.Module, input_size: Union[None, int, Tuple[int, int]] = None
         blocks_one_direction=tuple(t * (shared + direction) for t in counts),
         blocks_both_directions=tuple(t * (shared + 2 * direction) for t in counts),
         merge_overhead=_merge_overhead(model, counts),
+        params=sum(p.numel() for p in model.parameters()),
     )
