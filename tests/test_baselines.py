@@ -8,8 +8,10 @@ from mambamerge.merge.base import delta_importance
 from mambamerge.merge.pruning import EViT, RandomPrune, ToP
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.tome import RMeeTo, ToMe, ToMeUnordered
-from mambamerge.models.blocks import SSMStats
+from mambamerge.tokens import SSMStats, TokenLayout
 from conftest import perturb_
+
+VIM = TokenLayout((14, 14), ("row", "col"), "middle")
 
 BASELINES = ["tome", "tome_unordered", "rmeeto", "top", "evit", "random"]
 MERGING = {"tome", "tome_unordered", "rmeeto", "evit"}
@@ -41,7 +43,8 @@ def final_state(model, images, method, schedule=SCHEDULE, **options):
 def hand_state(batch, length, dim, cls_index, seed=0):
     """A state after some block: random streams, the class token at cls_index[b], source map on."""
     gen = torch.Generator().manual_seed(seed)
-    start = TokenState.start(torch.randn(batch, length, dim, generator=gen), 0, track_source=True)
+    start = TokenState.start(torch.randn(batch, length, dim, generator=gen), TokenLayout((length,), ("token",), "none"),
+                             track_source=True)
     return TokenState(hidden=start.hidden, residual=torch.randn(batch, length, dim, generator=gen),
                       size=start.size, pos=start.pos, cls_index=torch.tensor(cls_index), source=start.source)
 
@@ -142,8 +145,8 @@ def test_tome_merge_is_size_weighted():
 
 def test_tome_removes_at_most_half(model):
     for length in range(1, 300):
-        assert 2 * ToMe().capacity(length) < length
-    assert ToMe().capacity(197) == 98 and ToMe().capacity(3) == 0
+        assert 2 * ToMe().capacity(length, VIM) < length
+    assert ToMe().capacity(197, VIM) == 98 and ToMe().capacity(3, VIM) == 0
     with pytest.raises(ValueError, match="asks for 19 tokens before block 1, but only 18"):
         mambamerge.patch(model, "tome", schedule=[0, 19])
     with pytest.raises(ValueError, match="but only 18"):

@@ -88,7 +88,7 @@ def test_timm_style_input_size_with_channels():
     model = mambamerge.create_model("vim_tiny")
     assert flops(model, (3, 448, 448)) == flops(model, (448, 448))
     assert flops(model, [3, 224, 224]) == flops(model)
-    with pytest.raises(ValueError, match="C=1 but the model takes 3-channel"):
+    with pytest.raises(ValueError, match="has 1 channels but the model takes 3"):
         flops(model, (1, 224, 224))
 
 

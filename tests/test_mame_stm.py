@@ -6,14 +6,15 @@ import mambamerge
 from mambamerge.merge import MaMe, STM
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.stm import injection_strength
-from mambamerge.models.blocks import SSMStats
+from mambamerge.tokens import SSMStats, TokenLayout
 from conftest import perturb_
 
 
 def make_state(length=11, dim=6, cls=5, batch=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64)
-    state = TokenState.start(tokens, cls, track_source=True)
+    state = TokenState.start(tokens, TokenLayout((length - 1,), ("token",), "middle"), track_source=True)
+    assert state.cls_index.tolist() == [cls] * batch
     return state.with_streams(tokens * 0.5, tokens)
 
 

@@ -5,7 +5,8 @@ import torch
 import mambamerge
 import mambamerge.ops as ops
 from mambamerge.merge import METHODS
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection
+from mambamerge.merge.plan import MergePlan, plan_from_selection
+from mambamerge.merge.state import TokenState
 from mambamerge.ops import compiled, softplus_with_row_mean
 from test_merge_properties import VARIANTS, small_model
 
@@ -125,7 +126,7 @@ def test_merging_the_stream_sum_keeps_stochastic_depth():
 
     torch.manual_seed(7)
     tokens = model.embed(images)
-    state = TokenState.start(tokens, model.cls_index)
+    state = TokenState.start(tokens, model.layout)
     for i, block in enumerate(model.layers):
         hidden, residual = block(state.hidden, state.residual)
         state = state.with_streams(hidden, residual)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import mambamerge
 from mambamerge.merge import METHODS
+from mambamerge.tokens import TokenLayout
 from conftest import perturb_
 
 # tome_unordered scrambles the order by design; evit appends its fused token after the survivors
@@ -35,10 +36,11 @@ def setups(draw, methods):
     depth = draw(st.integers(2, 5))
     batch = draw(st.integers(1, 3))
     seed = draw(st.integers(0, 10_000))
-    capacity = METHODS[method](**options).capacity
-    removals, length = [0], grid * grid + 1
+    m = METHODS[method](**options)
+    layout = TokenLayout((grid, grid), ("row", "col"), "middle")
+    removals, length = [0], layout.length
     for _ in range(depth - 1):
-        r = draw(st.integers(0, capacity(length)))
+        r = draw(st.integers(0, m.capacity(length, layout)))
         removals.append(r)
         length -= r
     return method, options, grid, depth, batch, seed, removals

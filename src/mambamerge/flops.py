@@ -1,8 +1,9 @@
-"""FLOPs of a Vim, dense or token-reducing, in the literature's convention (ALGORITHMS.md §1.4).
+"""FLOPs of a model of any family, dense or token-reducing, in the literature's convention
+(ALGORITHMS.md §1.4).
 
 "FLOPs" here are multiply-accumulates (MACs), as Vim and the token-merging papers report them.
-Counted: patch embedding, per block and token in_proj, conv1d, x_proj, dt_proj, the selective scan
-(9 d_inner N + 2 d_inner per token: discretisation, state update, readout, D skip, z gate) and
+Counted: patch embedding (M patches x the kernel's weights), per block and token in_proj, conv1d,
+x_proj, dt_proj, the selective scan (9 d_inner N + 2 d_inner per token: discretisation, state update, readout, D skip, z gate) and
 out_proj, then the head once. Norms, activations and additions are not counted.
 
 Two conventions: "one_direction" counts the scan branch (conv1d, x_proj, dt_proj, scan) once, as the
@@ -11,11 +12,12 @@ both (1.82 G). The merge overhead (scoring and matching, method.overhead_macs) i
 added in the totals.
 """
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import List, Tuple
 
 from torch import nn
 
 from mambamerge.merge.schedule import validate
+from mambamerge.tokens import TokenLayout
 
 GIGA = 1e9
 
@@ -90,44 +92,25 @@ class FlopsReport:
                 f"final {self.tokens[-1]}; {self.params / 1e6:.2f} M parameters")
 
 
-def _grid(cfg, input_size: Union[None, int, Tuple[int, ...]]) -> Tuple[int, int]:
-    """Patch grid (rows, cols) at input_size (H, W), (C, H, W) or int; the model's own size when None."""
-    if input_size is None:
-        return tuple(cfg.grid_size)
-    if isinstance(input_size, (tuple, list)) and len(input_size) == 3:
-        channels, *input_size = input_size
-        if channels != cfg.in_chans:
-            raise ValueError(f"input_size (C, H, W) has C={channels!r} but the model takes {cfg.in_chans}-channel "
-                             f"images")
-    size = (input_size, input_size) if isinstance(input_size, int) else input_size
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
-        raise ValueError(f"input_size must be an int, (height, width) or (channels, height, width) of ints, got "
-                         f"{input_size!r}")
-    if min(size) <= 0:
-        raise ValueError(f"input_size must be positive, got {input_size!r}")
-    if any(i < p for i, p in zip(size, cfg.patch_size)):
-        raise ValueError(f"input_size {size} is smaller than the patch size {tuple(cfg.patch_size)}")
-    return tuple((i - p) // s + 1 for i, p, s in zip(size, cfg.patch_size, cfg.stride))
-
-
-def _token_macs(cfg) -> Tuple[int, int]:
-    """MACs per token of one block: (shared part: in_proj + out_proj, one scan direction)."""
-    d, d_inner, n, rank = cfg.embed_dim, cfg.expand * cfg.embed_dim, cfg.d_state, cfg.dt_rank
+def _token_macs(mixer) -> Tuple[int, int, int]:
+    """MACs per token of one block: (in_proj + out_proj, one convolution + projection branch, one scan).
+    The scan: 9 d_inner N (discretisation, state update, readout) + 2 d_inner (D skip, z gate)."""
+    d, d_inner, n, rank = mixer.d_model, mixer.d_inner, mixer.d_state, mixer.dt_rank
     shared = d * 2 * d_inner + d_inner * d
-    direction = (d_inner * cfg.d_conv + d_inner * (rank + 2 * n) + rank * d_inner
-                 + 9 * d_inner * n + 2 * d_inner)
-    return shared, direction
+    branch = d_inner * mixer.d_conv + d_inner * (rank + 2 * n) + rank * d_inner
+    scan = 9 * d_inner * n + 2 * d_inner
+    return shared, branch, scan
 
 
-def _token_counts(model: nn.Module, initial: int) -> List[int]:
-    """Tokens entering each block, starting from `initial`; every step of a patched model's schedule
+def _token_counts(model: nn.Module, layout: TokenLayout) -> List[int]:
+    """Tokens entering each block, starting from the layout's; every step of a patched model's schedule
     must be within its method's capacity at that length (it may not be at another input size)."""
     reducer = model.token_reducer
     if reducer is None:
-        return [initial] * len(model.layers)
-    schedule = validate(reducer.schedule.removals, len(model.layers), initial, reducer.method.capacity)
-    return schedule.token_counts(initial)
+        return [layout.length] * len(model.layers)
+    schedule = validate(reducer.schedule.removals, len(model.layers), layout.length,
+                        lambda length: reducer.method.capacity(length, layout))
+    return schedule.token_counts(layout.length)
 
 
 def _merge_overhead(model: nn.Module, counts: List[int]) -> int:
@@ -135,32 +118,48 @@ def _merge_overhead(model: nn.Module, counts: List[int]) -> int:
     reducer = model.token_reducer
     if reducer is None:
         return 0
-    dim = model.cfg.embed_dim
+    dim = model.layers[0].mixer.d_model
     return sum(reducer.method.overhead_macs(counts[b - 1], r, dim)
                for b, r in enumerate(reducer.schedule.removals) if r > 0)
 
 
-def flops(model: nn.Module, input_size: Union[None, int, Tuple[int, ...]] = None) -> FlopsReport:
-    """Count the MACs and parameters of one image through `model` (a VisionMamba, patched or not).
+def _without_channels(model: nn.Module, input_size):
+    """input_size in the form the model's token_layout takes: a whole sample shape (model.input_shape's
+    form, e.g. (C, H, W) as timm's pretrained_cfg and ptflops give it) loses its channel axis, which
+    must be the model's."""
+    in_chans = getattr(model.cfg, "in_chans", None)
+    if in_chans is None or not isinstance(input_size, (tuple, list)) or len(input_size) != len(model.input_shape):
+        return input_size
+    channels, *rest = input_size
+    if channels != in_chans:
+        raise ValueError(f"input_size {tuple(input_size)} has {channels!r} channels but the model takes {in_chans}")
+    return tuple(rest)
 
-    input_size: (C, H, W) as timm's pretrained_cfg and ptflops give it, (H, W) or int, to count at
-        another resolution (grid (H - p) // s + 1 per axis); the model's own image size by default.
-        C must be the model's channel count. A patched model's schedule removes the same number of
-        tokens before each block at any size.
+
+def flops(model: nn.Module, input_size=None) -> FlopsReport:
+    """Count the MACs and the parameters of one input sample through `model` (any family, patched or not).
+
+    input_size: count at another input size, in the family's form (Vim: (H, W) or int; see the
+        model's `token_layout`) or as a whole sample shape with channels (model.input_shape's form:
+        Vim (C, H, W) as timm and ptflops give it, VideoMamba (C, T, H, W)); the model's own size
+        by default. A patched model's schedule removes
+        the same number of tokens before each block at any size.
     Token counts per block follow the model's token reducer (mambamerge.patch) when there is one.
+    "one_direction" counts one convolution + projection branch and one scan per block, whatever the
+    mixer runs; "both_directions" counts what it runs (Vim: two branches and two scans; AuM's Fo-Bi
+    one branch and two scans; a one-direction mixer one of each).
     """
-    cfg = model.cfg
-    rows, cols = _grid(cfg, input_size)
-    patches = rows * cols
-    ph, pw = cfg.patch_size
-    counts = _token_counts(model, patches + 1)
-    shared, direction = _token_macs(cfg)
+    layout = model.token_layout(_without_channels(model, input_size))
+    counts = _token_counts(model, layout)
+    mixer = model.layers[0].mixer
+    shared, branch, scan = _token_macs(mixer)
+    proj = model.patch_embed.proj
     return FlopsReport(
         tokens=tuple(counts),
-        patch_embed=patches * cfg.embed_dim * cfg.in_chans * ph * pw,
-        head=cfg.embed_dim * cfg.num_classes,
-        blocks_one_direction=tuple(t * (shared + direction) for t in counts),
-        blocks_both_directions=tuple(t * (shared + 2 * direction) for t in counts),
+        patch_embed=layout.num_patches * proj.weight.numel(),
+        head=model.head.weight.numel() if isinstance(model.head, nn.Linear) else 0,
+        blocks_one_direction=tuple(t * (shared + branch + scan) for t in counts),
+        blocks_both_directions=tuple(t * (shared + mixer.branches * branch + mixer.scans * scan) for t in counts),
         merge_overhead=_merge_overhead(model, counts),
         params=sum(p.numel() for p in model.parameters()),
     )

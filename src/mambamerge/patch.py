@@ -6,12 +6,13 @@ from torch import nn
 from mambamerge.merge import METHODS
 from mambamerge.merge.reducer import TokenReducer
 from mambamerge.merge.schedule import Schedule, resolve
+from mambamerge.models.base import MambaClassifier
 
 
 def _check_model(model: nn.Module) -> None:
-    if not (hasattr(model, "token_reducer") and hasattr(model, "layers") and hasattr(model, "cfg")):
-        raise TypeError(f"{type(model).__name__} is not a model mambamerge can patch (expected a VisionMamba "
-                        f"from mambamerge.create_model or mambamerge.load_checkpoint)")
+    if not isinstance(model, MambaClassifier):
+        raise TypeError(f"{type(model).__name__} is not a model mambamerge can patch (expected a model from "
+                        f"mambamerge.create_model or mambamerge.load_checkpoint: Vim, VideoMamba or Audio Mamba)")
 
 
 def make_method(method: str, **options):
@@ -34,7 +35,7 @@ def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
           track_source: bool = False, **options) -> nn.Module:
     """Turn `model` into a token-reducing one in place and return it.
 
-    method: "mame", "stm", "tome", "tome_unordered", "rmeeto", "top", "evit", "random".
+    method: a name in mambamerge.merge.METHODS ("mame", "stm", "tome", ...; see docs/merging.md).
     reduction: target average reduction in [0, 1) (fraction of token-layers removed, averaged over
         depth); the schedule's parameter is derived from it.
     schedule: None / "geometric" (keep ratio per step from block `start`=1 every `every`=2), "constant" (r tokens
@@ -49,9 +50,9 @@ def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
     """
     _check_model(model)
     m = make_method(method, **options)
-    tokens = model.cfg.num_patches + 1
-    sch = resolve(len(model.layers), tokens, m.capacity, reduction=reduction, schedule=schedule, r=r, keep=keep,
-                  start=start, every=every)
+    layout = model.layout
+    sch = resolve(len(model.layers), layout.length, lambda length: m.capacity(length, layout), reduction=reduction,
+                  schedule=schedule, r=r, keep=keep, start=start, every=every)
     model.token_reducer = TokenReducer(m, sch, track_source=track_source)
     return model
 
@@ -66,6 +67,6 @@ def unpatch(model: nn.Module) -> nn.Module:
 def reduction_summary(model: nn.Module) -> dict:
     """Average reduction, average and final token count of a (patched or dense) model."""
     _check_model(model)
-    tokens = model.cfg.num_patches + 1
+    tokens = model.layout.length
     sch = model.token_reducer.schedule if model.token_reducer else Schedule((0,) * len(model.layers))
     return sch.summary(tokens)

@@ -4,14 +4,16 @@ from typing import Optional
 
 import torch
 
-from mambamerge.merge.state import MergePlan, TokenState
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats, TokenLayout
 
 
 @dataclass
 class ReductionMethod:
     """Base of all methods. Subclasses are dataclasses whose fields are the method's options (each with
-    its default and the reason for it in the subclass docstring), and implement `plan`.
+    its default and the reason for it in the subclass docstring), implement `plan`, and are made known
+    by name with the `@register` decorator (registry.py).
 
     needs_ssm: the method reads the SSMStats of the block just run (Δ, B).
     """
@@ -23,8 +25,9 @@ class ReductionMethod:
         """Which r tokens leave and where they go. state holds L tokens; r <= capacity(L)."""
         raise NotImplementedError
 
-    def capacity(self, length: int) -> int:
-        """Most tokens one step can remove from `length` tokens (the class token and one more stay)."""
+    def capacity(self, length: int, layout: TokenLayout) -> int:
+        """Most tokens one step can remove from `length` tokens of a sequence embedded as `layout`
+        (where its class token is); by default all but two (the class token and one more) stay."""
         return max(length - 2, 0)
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:

@@ -12,13 +12,16 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, least, stream, token_norms
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection, take_rows
+from mambamerge.merge.plan import MergePlan, plan_from_selection, take_rows
+from mambamerge.merge.registry import register
+from mambamerge.merge.state import TokenState
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
-from mambamerge.models.blocks import SSMStats
+from mambamerge.tokens import SSMStats, TokenLayout
 
 NEG = float("-inf")
 
 
+@register
 @dataclass
 class MaMe(ReductionMethod):
     """Options:
@@ -65,7 +68,7 @@ class MaMe(ReductionMethod):
         check_feature(self.feature)
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def capacity(self, length: int) -> int:
+    def capacity(self, length: int, layout: TokenLayout) -> int:
         if self.match == "bipartite":
             return bipartite_capacity(length)
         return max(length - 2, 0)

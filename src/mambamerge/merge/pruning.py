@@ -9,10 +9,13 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import ReductionMethod, delta_importance, least
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection, true_indices
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
+from mambamerge.merge.registry import register
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats, TokenLayout
 
 
+@register
 @dataclass
 class ToP(ReductionMethod):
     """ToP-ViM-style pruning (Zhan et al., NeurIPS 2024): drop the r least important non-class tokens;
@@ -59,6 +62,7 @@ class ToP(ReductionMethod):
         return plan_from_selection(state.length, src, None, state.size)
 
 
+@register
 @dataclass
 class EViT(ReductionMethod):
     """EViT-style pruning (Liang et al., ICLR 2022): keep the most important tokens and fuse the
@@ -94,6 +98,12 @@ class EViT(ReductionMethod):
     def needs_ssm(self) -> bool:
         return self.importance == "delta"
 
+    def capacity(self, length: int, layout: TokenLayout) -> int:
+        if self.fused_slot == "cls_next" and layout.cls == "none":
+            raise ValueError("evit: fused_slot='cls_next' needs a class token, and this model has none; "
+                             "use fused_slot='end'")
+        return super().capacity(length, layout)
+
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         return length * dim
 
@@ -118,6 +128,7 @@ class EViT(ReductionMethod):
         return plan_from_selection(length, src, rep.expand(-1, r), state.size * score, order=order)
 
 
+@register
 @dataclass
 class RandomPrune(ReductionMethod):
     """Drop r random non-class tokens: the floor every method should beat.

@@ -1,14 +1,15 @@
-"""Runs a method on a schedule between the blocks of a model."""
+"""A method on a schedule: what runs between the blocks of a patched model (see runner.py)."""
 from typing import Optional
 
 from mambamerge.merge.base import ReductionMethod
 from mambamerge.merge.schedule import Schedule
 from mambamerge.merge.state import TokenState
-from mambamerge.models.blocks import SSMStats
+from mambamerge.tokens import SSMStats
 
 
 class TokenReducer:
-    """method + schedule. The model calls `wants_ssm(l)` before running block l and `step(l, ...)` after it.
+    """method + schedule. The block runner calls `wants_ssm(l)` before running block l and `step(l, ...)`
+    after it.
 
     track_source: keep the (B, L, L0) map of which original tokens each token holds; the last state
     of a forward is kept in `last_state` for inspection.

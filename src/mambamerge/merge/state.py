@@ -1,12 +1,12 @@
-"""Bookkeeping shared by every token-reduction method.
+"""The token sequence between two blocks, and how a merge plan moves it.
 
-A method looks at the tokens between two blocks and returns a `MergePlan`: which old token each new
-token takes its slot from, and where every old token goes (merged into a survivor, or dropped).
-`TokenState.apply` then carries that one plan through every stream — the residual stream, sizes,
-original positions, the class-token index and, optionally, the source map — so they can never
+A method looks at the tokens between two blocks and returns a `MergePlan` (plan.py): which old token
+each new token takes its slot from, and where every old token goes (merged into a survivor, or
+dropped). `TokenState.apply` then carries that one plan through every stream — the residual stream,
+sizes, original positions, the class-token index and, optionally, the source map — so they can never
 disagree.
 
-Between two blocks a Vim carries two streams, `residual` and the last block's output `hidden`, and
+Between two blocks a model carries two streams, `residual` and the last block's output `hidden`, and
 the next block starts by adding them. A plan is a linear map of the tokens (each new token a fixed
 weighted combination of old ones), so applying it to both streams and letting the next block add
 them equals applying it once to their sum: `apply` merges the sum, half the work, and hands the next
@@ -17,128 +17,8 @@ from typing import Optional
 
 import torch
 
-from mambamerge.ops import compiled
-
-DROP = -1
-
-
-def _flat(index: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, K) row indices per batch element -> (B*K,) indices into the flattened (B*length) rows."""
-    batch = index.shape[0]
-    base = torch.arange(0, batch * length, length, device=index.device)
-    return (index + base[:, None]).reshape(-1)
-
-
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of each batch element: x (B, L, C), index (B, K) -> (B, K, C), x[b, index[b, k]].
-    Row operations on the flattened batch are much faster than gather/scatter with expanded indices."""
-    batch, length, channels = x.shape
-    return x.reshape(batch * length, channels).index_select(0, _flat(index, length)).view(
-        batch, index.shape[1], channels)
-
-
-def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Where each row of mask is True, ascending: mask (B, L) bool with `count` True entries in every row
-    -> (B, count) long. A stable sort rather than nonzero() or boolean indexing, so the output shape
-    does not depend on the data and torch.compile captures it in one graph."""
-    return (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """One reduction step for a batch.
-
-    rep:     (B, L') long, the old index whose slot (position, and value if nothing merges into it)
-             each new token takes, in output order.
-    assign:  (B, L) long, the new index each old token goes to, or DROP (-1) for pruned tokens.
-    weight:  (B, L) float, the weight of each old token in the average of the new token it joins.
-    movers:  (B, m) long, the kept tokens that are not their new token's rep (the same count m in
-             every row: each row removes the same number of tokens).
-    targets: (B, m) long, the rep (old index) of the token each mover joins.
-    mode:    "mean" -> sum_j w_j x_j / sum_j w_j; "sum" -> sum_j w_j x_j / w_rep (a weighted sum
-             normalised by the token that keeps the slot).
-    """
-
-    rep: torch.Tensor
-    assign: torch.Tensor
-    weight: torch.Tensor
-    movers: torch.Tensor
-    targets: torch.Tensor
-    mode: str = "mean"
-
-    @property
-    def new_length(self) -> int:
-        return self.rep.shape[1]
-
-    def with_slots_at(self, key: torch.Tensor) -> "MergePlan":
-        """Move every new token to the slot of its member with the largest key, keeping slots in
-        ascending old-index order. key: (B, L). Values are unchanged; positions and order follow.
-        For plans that drop nothing (every old token joins a new one)."""
-        batch, length = self.assign.shape
-        # a data-dependent check: eager only (under torch.compile it would split the graph)
-        if not torch.compiler.is_compiling() and bool((self.assign == DROP).any()):
-            raise ValueError("with_slots_at needs a plan that drops no token")
-        key = key.float()
-        best = torch.full((batch, self.new_length), float("-inf"), device=key.device)
-        best = best.scatter_reduce(1, self.assign, key, "amax")
-        is_best = key == best.gather(1, self.assign)
-        old = torch.arange(length, device=key.device).expand(batch, -1)
-        rep = torch.full((batch, self.new_length), length, dtype=torch.long, device=key.device)
-        rep = rep.scatter_reduce(1, self.assign, torch.where(is_best, old, length), "amin")
-        order = rep.argsort(dim=1)
-        assign = order.argsort(dim=1).gather(1, self.assign)
-        rep = rep.gather(1, order)
-        movers = true_indices(old != rep.gather(1, assign), length - self.new_length)
-        return MergePlan(rep=rep, assign=assign, weight=self.weight, movers=movers,
-                         targets=rep.gather(1, assign.gather(1, movers)), mode=self.mode)
-
-    def combine(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the plan to a stream (B, L, C) -> (B, L', C).
-
-        A new token with a single member is that member, bit for bit; only the rows that receive
-        merges are recomputed: rep * w_rep / denom + sum of movers * w / denom, with denom the sum of
-        the members' weights ("mean") or w_rep ("sum")."""
-        batch, length, channels = x.shape
-        flat = x.reshape(batch * length, channels)
-        out = flat.index_select(0, _flat(self.rep, length))
-        if self.movers.shape[1] == 0:
-            return out.view(batch, self.new_length, channels)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        w = self.weight.to(dtype)
-        w_mov = w.gather(1, self.movers)  # (B, m)
-        w_dst = w.gather(1, self.targets)  # (B, m) the weight of the rep each mover joins
-        denom = w.scatter_add(1, self.targets, w_mov) if self.mode == "mean" else w
-        denom = denom.gather(1, self.targets).clamp(min=torch.finfo(dtype).tiny)
-        targets = _flat(self.targets, length)
-        receivers = _flat(self.assign.gather(1, self.targets), self.new_length)
-        # rows receiving several movers are rescaled once per mover, to the same value
-        out.index_copy_(0, receivers, flat.index_select(0, targets) * (w_dst / denom).to(x.dtype).view(-1, 1))
-        out.index_add_(0, receivers, flat.index_select(0, _flat(self.movers, length))
-                       * (w_mov / denom).to(x.dtype).view(-1, 1))
-        return out.view(batch, self.new_length, channels)
-
-    def merge_tokens(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], size: torch.Tensor):
-        """The plan applied to residual + hidden (hidden alone when residual is None), (B, L, C) -> (B, L', C),
-        and to the token sizes, (B, L) -> (B, L'). On CPU, in float32/float64 and where no gradient is
-        needed, one call to the compiled kernel (about 35 small torch operations fewer per step);
-        elsewhere `combine` on the sum and `add_up`."""
-        streams = [t for t in (hidden, residual) if t is not None]
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in streams)
-        one_dtype = all(t.dtype == hidden.dtype for t in streams)
-        if not needs_grad and one_dtype and size.dtype == torch.float32 and compiled.handles(hidden):
-            return compiled.merge_apply_compiled(hidden, residual, size, self.rep, self.assign, self.movers,
-                                                 self.targets, self.weight, self.mode == "mean")
-        return self.combine(hidden if residual is None else residual + hidden), self.add_up(size)
-
-    def add_up(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum members per new token (sizes, source maps). x: (B, L) or (B, L, K) -> (B, L', ...)."""
-        kept = (self.assign != DROP).to(x.dtype)
-        index = self.assign.clamp(min=0)
-        if x.ndim == 2:
-            return torch.zeros(x.shape[0], self.new_length, dtype=x.dtype, device=x.device).scatter_add_(
-                1, index, x * kept)
-        out = torch.zeros(x.shape[0], self.new_length, x.shape[2], dtype=x.dtype, device=x.device)
-        return out.scatter_add_(1, index[..., None].expand(-1, -1, x.shape[2]), x * kept[..., None])
+from mambamerge.merge.plan import MergePlan
+from mambamerge.tokens import TokenLayout
 
 
 @dataclass(frozen=True)
@@ -150,35 +30,44 @@ class TokenState:
                tokens, or the merged sum after a reduction step).
     size:      (B, L) float, number of original tokens each token holds (the class token holds itself).
     pos:       (B, L) long, index in the embedded sequence of the slot each token sits in.
-    cls_index: (B,) long, where the class token is now.
+    cls_index: (B,) long, where the class token is now; None when the layout has no class token.
     source:    (B, L, L0) or None, 1 where token i holds original token j (for visualisation).
+    layout:    the layout of the embedded sequence the state started from.
     """
 
     hidden: torch.Tensor
     residual: Optional[torch.Tensor]
     size: torch.Tensor
     pos: torch.Tensor
-    cls_index: torch.Tensor
+    cls_index: Optional[torch.Tensor]
     source: Optional[torch.Tensor] = None
+    layout: Optional[TokenLayout] = None
 
     @classmethod
-    def start(cls, tokens: torch.Tensor, cls_index: int, track_source: bool = False) -> "TokenState":
-        """State of freshly embedded tokens (B, L0, D) with the class token at cls_index."""
+    def start(cls, tokens: torch.Tensor, layout: TokenLayout, track_source: bool = False) -> "TokenState":
+        """State of freshly embedded tokens (B, L0, D) laid out as `layout`."""
         batch, length, _ = tokens.shape
+        if length != layout.length:
+            raise ValueError(f"{length} tokens do not fit the layout {layout.describe()} ({layout.length} tokens)")
         dev = tokens.device
         source = None
         if track_source:
             source = torch.eye(length, device=dev).expand(batch, -1, -1).clone()
+        cls_index = None
+        if layout.cls_index is not None:
+            cls_index = torch.full((batch,), layout.cls_index, dtype=torch.long, device=dev)
         return cls(hidden=tokens, residual=None, size=torch.ones(batch, length, device=dev),
-                   pos=torch.arange(length, device=dev).expand(batch, -1).clone(),
-                   cls_index=torch.full((batch,), cls_index, dtype=torch.long, device=dev), source=source)
+                   pos=torch.arange(length, device=dev).expand(batch, -1).clone(), cls_index=cls_index,
+                   source=source, layout=layout)
 
     @property
     def length(self) -> int:
         return self.hidden.shape[1]
 
     def cls_mask(self) -> torch.Tensor:
-        """(B, L) bool, True at the class token."""
+        """(B, L) bool, True at the class token (all False without one)."""
+        if self.cls_index is None:
+            return torch.zeros(self.size.shape, dtype=torch.bool, device=self.size.device)
         return torch.arange(self.length, device=self.hidden.device)[None, :] == self.cls_index[:, None]
 
     def with_streams(self, hidden: torch.Tensor, residual: torch.Tensor) -> "TokenState":
@@ -193,33 +82,7 @@ class TokenState:
             residual=None,
             size=size,
             pos=self.pos.gather(1, plan.rep),
-            cls_index=plan.assign.gather(1, self.cls_index[:, None])[:, 0],
+            cls_index=None if self.cls_index is None else plan.assign.gather(1, self.cls_index[:, None])[:, 0],
             source=None if self.source is None else plan.add_up(self.source),
+            layout=self.layout,
         )
-
-
-def plan_from_selection(length: int, src: torch.Tensor, dst: Optional[torch.Tensor], weight: torch.Tensor,
-                        order: Optional[torch.Tensor] = None, mode: str = "mean") -> MergePlan:
-    """Build a plan from the tokens that leave.
-
-    length: L, tokens now. src: (B, r) indices of tokens that leave. dst: (B, r) the surviving token each
-    one merges into, or None to drop them (pruning). weight: (B, L). order: (B, L - r) optional
-    permutation of the survivors (default: they keep their current relative order).
-    """
-    batch, r = src.shape
-    device = src.device
-    if order is None and device.type == "cpu" and compiled.available():
-        survivors, assign = compiled.plan_from_selection_compiled(src, dst, length)
-    else:
-        keep = torch.ones(batch, length, dtype=torch.bool, device=device).scatter_(1, src, False)
-        survivors = true_indices(keep, length - r)
-        if order is not None:
-            survivors = survivors.gather(1, order)
-        assign = torch.full((batch, length), DROP, dtype=torch.long, device=device)
-        assign.scatter_(1, survivors, torch.arange(length - r, device=device).expand(batch, -1))
-        if dst is not None:
-            assign.scatter_(1, src, assign.gather(1, dst))
-    if dst is None:
-        return MergePlan(rep=survivors, assign=assign, weight=weight, movers=src[:, :0], targets=src[:, :0],
-                         mode=mode)
-    return MergePlan(rep=survivors, assign=assign, weight=weight, movers=src, targets=dst, mode=mode)

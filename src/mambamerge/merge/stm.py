@@ -9,6 +9,7 @@ it. Reconstruction (ALGORITHMS.md §2.2; each choice is an option):
   similar (cosine, residual stream) of its two neighbours on its side, which are at odd distances, so
   destinations are never sources and order is preserved without a sort;
 - the best r/2 sources on each side of the class token merge (an odd r's extra one on the longer side);
+  with the class token at the head of the sequence (VideoMamba) all r merge on its one side;
 - merge weights are the injection strength of the block just run, e_j = mean_d(Δ_j) * ||B_j||
   (averaged over the two scan directions), times size; a weighted average by default.
 """
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection, true_indices
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
+from mambamerge.merge.registry import register
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats, TokenLayout
 
 NEG = float("-inf")
 
@@ -32,6 +35,7 @@ def injection_strength(ssm: SSMStats) -> torch.Tensor:
     return 0.5 * (delta_fwd * ssm.B_fwd.norm(dim=1) + delta_bwd * ssm.B_bwd.norm(dim=1))
 
 
+@register
 @dataclass
 class STM(ReductionMethod):
     """Options:
@@ -77,7 +81,11 @@ class STM(ReductionMethod):
         take them (k - 1 outside the window, or k + 1 <= n)."""
         return sum(1 for k in range(2, n + 1, 2) if k > self.w_protect and (k - 1 > self.w_protect or k + 1 <= n))
 
-    def capacity(self, length: int) -> int:
+    def capacity(self, length: int, layout: TokenLayout) -> int:
+        if layout.cls == "none":
+            raise ValueError("stm merges around the class token, and this model has none; use another method")
+        if layout.cls == "head":
+            return self._side_capacity(length - 1)
         # the class token sits in the middle; one token of slack for a side left shorter by an odd r
         return 2 * self._side_capacity(max((length - 1) // 2 - 1, 0))
 
@@ -121,8 +129,10 @@ class STM(ReductionMethod):
         outward_step = torch.where(left, -1, 1)
         dst_all = src_all + torch.where(go_out, outward_step, -outward_step)
 
-        # an odd r gives its extra merge to the longer side, so the sides never drift apart
-        r_left = r // 2 + (r % 2) * (2 * state.cls_index > length - 1).long()  # (B,)
+        # an odd r gives its extra merge to the longer side, so the sides never drift apart; a class
+        # token at the head has one side. Counts per image, as tensors: torch.compile needs no Python ints
+        cls = state.cls_index
+        r_left = torch.where(cls == 0, 0, r // 2 + (r % 2) * (2 * cls > length - 1).long())  # (B,)
         counts = torch.stack((r_left, r - r_left), dim=1)  # (B, 2) merges left and right of the class token
         if not torch.compiler.is_compiling():  # a data-dependent check: eager only
             self._check_sides(torch.isfinite(score).view(batch, 2, n_k).sum(dim=2), counts)

@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 import torch
 
 from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
-from mambamerge.merge.state import MergePlan, TokenState, plan_from_selection, true_indices
-from mambamerge.models.blocks import SSMStats
+from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
+from mambamerge.merge.registry import register
+from mambamerge.merge.state import TokenState
+from mambamerge.tokens import SSMStats, TokenLayout
 
 NEG = float("-inf")
 
@@ -59,6 +61,7 @@ def even_then_odd(length: int, src: torch.Tensor) -> torch.Tensor:
     return ((survivors % 2) * length + survivors).argsort(dim=1)
 
 
+@register
 @dataclass
 class ToMe(ReductionMethod):
     """ToMe with the survivors kept in sequence order (the ordered variant an SSM needs).
@@ -79,7 +82,7 @@ class ToMe(ReductionMethod):
     def __post_init__(self):
         check_feature(self.feature)
 
-    def capacity(self, length: int) -> int:
+    def capacity(self, length: int, layout: TokenLayout) -> int:
         return bipartite_capacity(length)
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
@@ -91,6 +94,7 @@ class ToMe(ReductionMethod):
         return plan_from_selection(state.length, src, dst, state.size, order=order)
 
 
+@register
 @dataclass
 class ToMeUnordered(ToMe):
     """ToMe's own output order: the unmerged A (even) tokens in their order, then all B (odd) tokens
@@ -101,6 +105,7 @@ class ToMeUnordered(ToMe):
     ordered = False
 
 
+@register
 @dataclass
 class RMeeTo(ToMe):
     """R-MeeTo (Shi et al., CVPR 2025): ordered ToMe merging with the metric on the hidden states.

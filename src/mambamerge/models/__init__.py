@@ -1,7 +1,11 @@
-"""Model families: Vim (images). Shared blocks in blocks.py."""
-from mambamerge.models.blocks import Block, BiMambaMixer, RMSNorm, SSMStats
-from mambamerge.models.registry import OFFICIAL_NAMES, create_model, list_models
+"""Model families: Vim (images), VideoMamba (video), Audio Mamba (spectrograms). Shared blocks in blocks.py, the shared classifier in base.py."""
+from mambamerge.models.aum import AudioMamba, AuMConfig
+from mambamerge.models.base import MambaClassifier
+from mambamerge.models.blocks import Block, MambaMixer, RMSNorm
+from mambamerge.models.registry import FAMILIES, OFFICIAL_NAMES, create_model, list_models
+from mambamerge.models.videomamba import VideoMamba, VideoMambaConfig
 from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed
 
-__all__ = ["Block", "BiMambaMixer", "RMSNorm", "SSMStats", "OFFICIAL_NAMES", "create_model", "list_models",
-           "VimConfig", "VisionMamba", "interpolate_pos_embed"]
+__all__ = ["AudioMamba", "AuMConfig", "Block", "FAMILIES", "MambaClassifier", "MambaMixer", "RMSNorm",
+           "OFFICIAL_NAMES", "create_model", "list_models", "VideoMamba", "VideoMambaConfig", "VimConfig",
+           "VisionMamba", "interpolate_pos_embed"]

@@ -1,40 +1,23 @@
-"""The residual block and the bidirectional ("bimamba v2") Mamba mixer shared by all model families.
+"""The residual block and the Mamba mixer shared by all model families.
 
-Everything runs sequence-major, channels last: (batch, L, channels). The backward branch of the
-mixer scans in reverse instead of flipping the sequence twice, so its per-token quantities come
-out already in sequence order.
+Everything runs sequence-major, channels last: (batch, L, channels). A backward scan runs in
+reverse instead of flipping the sequence twice, so its per-token quantities come out already in
+sequence order.
 """
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mambamerge.ops import selective_scan, softplus, softplus_with_row_mean
+from mambamerge.tokens import SSMStats
 
-
-class SSMStats(NamedTuple):
-    """Per-token SSM quantities of one mixer call, both directions in sequence order.
-
-    delta_fwd, delta_bwd: (batch, d_inner, L) step size after bias and softplus.
-    B_fwd, B_bwd:         (batch, d_state, L) input projection of the scan.
-    delta_mean_fwd, delta_mean_bwd: optional (batch, L), the step size averaged over channels, when
-                          the mixer computed it alongside (see `mean_delta`).
-    """
-
-    delta_fwd: torch.Tensor
-    delta_bwd: torch.Tensor
-    B_fwd: torch.Tensor
-    B_bwd: torch.Tensor
-    delta_mean_fwd: Optional[torch.Tensor] = None
-    delta_mean_bwd: Optional[torch.Tensor] = None
-
-    def mean_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each token's step size averaged over channels, forward and backward: (batch, L) x2."""
-        if self.delta_mean_fwd is not None and self.delta_mean_bwd is not None:
-            return self.delta_mean_fwd, self.delta_mean_bwd
-        return self.delta_fwd.mean(dim=1), self.delta_bwd.mean(dim=1)
+# "bi": a separate backward branch (conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b; Vim's "bimamba v2",
+#       VideoMamba, AuM's Bi-Bi); "bi_shared": one convolution and projection in forward order, scanned
+#       both ways with A_log and A_b_log (AuM's Fo-Bi, "bimamba v1"); "forward": one direction (AuM's Fo-Fo)
+MIXER_VARIANTS = ("bi", "bi_shared", "forward")
 
 
 class RMSNorm(nn.Module):
@@ -71,40 +54,55 @@ def depthwise_conv_along_sequence(x: torch.Tensor, weight: torch.Tensor, bias: t
     return out
 
 
-class BiMambaMixer(nn.Module):
-    """Bidirectional Mamba mixer with separate forward/backward SSM parameters (Vim "bimamba v2").
+class MambaMixer(nn.Module):
+    """Mamba mixer in one of three variants (MIXER_VARIANTS), with the official parameter names and
+    shapes: in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj, plus conv1d_b, x_proj_b, dt_proj_b,
+    A_b_log, D_b ("bi") or A_b_log alone ("bi_shared").
 
-    Parameter names and shapes match the official checkpoints: in_proj, conv1d(_b), x_proj(_b),
-    dt_proj(_b), A_log / A_b_log, D / D_b, out_proj.
-
-    divide_out: average the two directions (Vim) instead of summing them (VideoMamba).
+    divide_out: halve the sum of the two directions (Vim, AuM Bi-Bi) instead of summing them
+    (VideoMamba, AuM Fo-Bi); ignored by the one-direction variant.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: Optional[int] = None, divide_out: bool = True,
+                 dt_rank: Optional[int] = None, divide_out: bool = True, variant: str = "bi",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
         super().__init__()
+        if variant not in MIXER_VARIANTS:
+            raise ValueError(f"mixer variant must be one of {', '.join(MIXER_VARIANTS)}, got {variant!r}")
         self.d_model = d_model
         self.d_state = d_state
+        self.d_conv = d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
         self.divide_out = divide_out
+        self.variant = variant
         self.scan_impl = "auto"
 
         d_inner = self.d_inner
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-        for suffix in ("", "_b"):
+        for suffix in ("", "_b") if variant == "bi" else ("",):
             conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
             x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
             dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
             self._init_dt_proj(dt_proj, dt_min, dt_max, dt_init_floor)
-            a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
             setattr(self, "conv1d" + suffix, conv)
             setattr(self, "x_proj" + suffix, x_proj)
             setattr(self, "dt_proj" + suffix, dt_proj)
-            self.register_parameter("A_log" if not suffix else "A_b_log", nn.Parameter(a_log))
             self.register_parameter("D" + suffix, nn.Parameter(torch.ones(d_inner)))
+        for name in ("A_log", "A_b_log") if variant != "forward" else ("A_log",):
+            a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+            self.register_parameter(name, nn.Parameter(a_log))
+
+    @property
+    def scans(self) -> int:
+        """Scan directions run per call (1 or 2)."""
+        return 1 if self.variant == "forward" else 2
+
+    @property
+    def branches(self) -> int:
+        """Convolution + projection branches run per call (2 for "bi", else 1)."""
+        return 2 if self.variant == "bi" else 1
 
     def _init_dt_proj(self, dt_proj: nn.Linear, dt_min: float, dt_max: float, floor: float) -> None:
         """Mamba's initialisation: softplus(bias) log-uniform in [dt_min, dt_max]."""
@@ -116,38 +114,43 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
         dt_proj.bias._no_reinit = True
 
-    def _branch(self, x: torch.Tensor, suffix: str, reverse: bool, mean_delta: bool = False):
-        """One scan direction. x: (batch, L, d_inner) -> y (batch, L, d_inner), delta (batch, L, d_inner),
-        B (batch, L, d_state), and delta's mean over channels (batch, L) when mean_delta (else None)."""
+    def _inputs(self, x: torch.Tensor, suffix: str, reverse: bool, mean_delta: bool):
+        """The scan's inputs of one branch. x: (batch, L, d_inner) -> u, delta (batch, L, d_inner) in the
+        scan dtype, B, C (batch, L, d_state), and delta's mean over channels (batch, L) when mean_delta."""
         conv = getattr(self, "conv1d" + suffix)
-        x_proj = getattr(self, "x_proj" + suffix)
-        dt_proj = getattr(self, "dt_proj" + suffix)
-        a_log = self.A_log if not suffix else self.A_b_log
-        skip = getattr(self, "D" + suffix)
-
         u = F.silu(depthwise_conv_along_sequence(x, conv.weight, conv.bias, reverse))
-        dt, B, C = torch.split(x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = torch.split(getattr(self, "x_proj" + suffix)(u), [self.dt_rank, self.d_state, self.d_state],
+                               dim=-1)
         scan_dtype = torch.promote_types(u.dtype, torch.float32)
+        dt_proj = getattr(self, "dt_proj" + suffix)
         dt = F.linear(dt, dt_proj.weight, dt_proj.bias.to(dt.dtype)).to(scan_dtype)
         delta, delta_mean = softplus_with_row_mean(dt) if mean_delta else (softplus(dt), None)
-        A = -torch.exp(a_log.to(scan_dtype))
-        y = selective_scan(u.to(scan_dtype), delta.to(scan_dtype), A, B.to(scan_dtype),
-                           C.to(scan_dtype), skip.to(scan_dtype), reverse=reverse, impl=self.scan_impl)
-        return y, delta, B, delta_mean
+        return u.to(scan_dtype), delta.to(scan_dtype), B.to(scan_dtype), C.to(scan_dtype), delta_mean
+
+    def _scan(self, inputs, a_log: torch.Tensor, skip: torch.Tensor, reverse: bool) -> torch.Tensor:
+        u, delta, B, C, _ = inputs
+        A = -torch.exp(a_log.to(u.dtype))
+        return selective_scan(u, delta, A, B, C, skip.to(u.dtype), reverse=reverse, impl=self.scan_impl)
 
     def forward(self, hidden: torch.Tensor, return_ssm: bool = False):
         """hidden: (batch, L, d_model) -> (batch, L, d_model), plus SSMStats when return_ssm."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        y_f, delta_f, B_f, mean_f = self._branch(x, "", reverse=False, mean_delta=return_ssm)
-        y_b, delta_b, B_b, mean_b = self._branch(x, "_b", reverse=True, mean_delta=return_ssm)
-        y = (y_f + y_b).to(z.dtype) * F.silu(z)
-        if self.divide_out:
+        fwd = self._inputs(x, "", reverse=False, mean_delta=return_ssm)
+        y = self._scan(fwd, self.A_log, self.D, reverse=False)
+        bwd = fwd
+        if self.variant == "bi":
+            bwd = self._inputs(x, "_b", reverse=True, mean_delta=return_ssm)
+            y = y + self._scan(bwd, self.A_b_log, self.D_b, reverse=True)
+        elif self.variant == "bi_shared":
+            y = y + self._scan(fwd, self.A_b_log, self.D, reverse=True)
+        y = y.to(z.dtype) * F.silu(z)
+        if self.divide_out and self.scans == 2:
             y = y * 0.5
         out = self.out_proj(y)
         if not return_ssm:
             return out
-        stats = SSMStats(delta_f.transpose(1, 2), delta_b.transpose(1, 2), B_f.transpose(1, 2), B_b.transpose(1, 2),
-                         mean_f, mean_b)
+        stats = SSMStats(fwd[1].transpose(1, 2), bwd[1].transpose(1, 2), fwd[2].transpose(1, 2),
+                         bwd[2].transpose(1, 2), fwd[4], bwd[4])
         return out, stats
 
 
@@ -176,7 +179,7 @@ class Block(nn.Module):
     def __init__(self, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs):
         super().__init__()
         self.norm = RMSNorm(d_model, eps=norm_eps)
-        self.mixer = BiMambaMixer(d_model, **mixer_kwargs)
+        self.mixer = MambaMixer(d_model, **mixer_kwargs)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], return_ssm: bool = False):

@@ -1,21 +1,39 @@
-"""Named model configurations and `create_model`."""
-from typing import Dict
+"""The model families and the named configurations of each; `create_model`.
 
-from mambamerge.models.vim import VimConfig, VisionMamba
+Adding a family: its module defines a MambaClassifier subclass with `family` (a short name) and
+`config_class` (its config dataclass); list the class in FAMILIES and its named configs in MODEL_CONFIGS.
+"""
+from typing import Dict, Tuple
 
-# name -> VimConfig keyword arguments
-MODEL_CONFIGS: Dict[str, dict] = {
-    "vim_tiny": dict(embed_dim=192, depth=24),
-    "vim_small": dict(embed_dim=384, depth=24),
-    "vim_base": dict(embed_dim=768, depth=24),
-    "vim_tiny_plus": dict(embed_dim=192, depth=24, stride=8),
-    "vim_small_plus": dict(embed_dim=384, depth=24, stride=8),
+from mambamerge.models.aum import AudioMamba
+from mambamerge.models.base import MambaClassifier
+from mambamerge.models.videomamba import VideoMamba
+from mambamerge.models.vim import VisionMamba
+
+FAMILIES: Dict[str, type] = {cls.family: cls for cls in (VisionMamba, VideoMamba, AudioMamba)}
+
+# name -> (family, config keyword arguments)
+MODEL_CONFIGS: Dict[str, Tuple[str, dict]] = {
+    "vim_tiny": ("vim", dict(embed_dim=192, depth=24)),
+    "vim_small": ("vim", dict(embed_dim=384, depth=24)),
+    "vim_base": ("vim", dict(embed_dim=768, depth=24)),
+    "vim_tiny_plus": ("vim", dict(embed_dim=192, depth=24, stride=8)),
+    "vim_small_plus": ("vim", dict(embed_dim=384, depth=24, stride=8)),
     # small configs for demos and tests: ImageNet's token geometry (14x14 patches + middle class token)
     # the demo model: grey 56x56 images, 4x4 patches, 10 classes; 12 blocks so that 80% average
     # reduction stays reachable under ToMe's 50%-per-step limit
-    "vim_nano": dict(embed_dim=48, depth=12, d_state=8, img_size=56, patch_size=4, stride=4, in_chans=1,
-                     num_classes=10),
-    "vim_pico": dict(embed_dim=32, depth=2, img_size=32, patch_size=8, stride=8, d_state=8, num_classes=10),
+    "vim_nano": ("vim", dict(embed_dim=48, depth=12, d_state=8, img_size=56, patch_size=4, stride=4, in_chans=1,
+                             num_classes=10)),
+    "vim_pico": ("vim", dict(embed_dim=32, depth=2, img_size=32, patch_size=8, stride=8, d_state=8, num_classes=10)),
+    # VideoMamba (official video_sm configs: 224x224, patch 16, tubelet 1, 8 frames; 1000 classes as the
+    # official constructor, Kinetics-400 files have 400 and load with it)
+    "videomamba_tiny": ("videomamba", dict(embed_dim=192, depth=24)),
+    "videomamba_small": ("videomamba", dict(embed_dim=384, depth=24)),
+    "videomamba_middle": ("videomamba", dict(embed_dim=576, depth=32)),
+    # Audio Mamba (128 mel bins x 1024 frames, 16x16 patches, AudioSet's 527 classes; variant Bi-Bi)
+    "aum_tiny": ("aum", dict(embed_dim=192, depth=24)),
+    "aum_small": ("aum", dict(embed_dim=384, depth=24)),
+    "aum_base": ("aum", dict(embed_dim=768, depth=24)),
 }
 
 # the official entry-point names of hustvl/Vim, registered with timm as aliases
@@ -33,16 +51,28 @@ def list_models() -> list:
     return sorted(MODEL_CONFIGS) + sorted(OFFICIAL_NAMES)
 
 
-def create_model(name: str, **overrides) -> VisionMamba:
+def build(family: str, **config) -> MambaClassifier:
+    """A freshly initialised model of `family` from its config's keyword arguments; a bad option is a
+    ValueError listing the valid ones."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known families: {', '.join(sorted(FAMILIES))}")
+    cls = FAMILIES[family]
+    try:
+        cfg = cls.config_class(**config)
+    except TypeError as err:
+        valid = ", ".join(cls.config_class.__dataclass_fields__)
+        raise ValueError(f"bad option for a {family} model: {err}; valid options: {valid}") from None
+    return cls(cfg)
+
+
+def create_model(name: str, **overrides) -> MambaClassifier:
     """Build a freshly initialised model by name; keyword arguments override its config
     (e.g. num_classes=10, img_size=56, in_chans=1, drop_path_rate=0.1)."""
     short = OFFICIAL_NAMES.get(name, name)
     if short not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    kwargs = {**MODEL_CONFIGS[short], **overrides}
+    family, config = MODEL_CONFIGS[short]
     try:
-        cfg = VimConfig(**kwargs)
-    except TypeError as err:
-        valid = ", ".join(VimConfig.__dataclass_fields__)
-        raise ValueError(f"bad option for {name!r}: {err}; valid options: {valid}") from None
-    return VisionMamba(cfg)
+        return build(family, **{**config, **overrides})
+    except ValueError as err:
+        raise ValueError(f"{name!r}: {err}") from None

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamerge.merge.state import TokenState
-from mambamerge.models.blocks import Block, DropPath, RMSNorm
+from mambamerge.models.base import MambaClassifier
+from mambamerge.tokens import TokenLayout
 
 Size2 = Tuple[int, int]
 
@@ -92,12 +92,15 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class VisionMamba(nn.Module):
+class VisionMamba(MambaClassifier):
     """Vim classifier.
 
     forward(images (batch, C, H, W)) -> logits (batch, num_classes).
-    Data flow: embed -> blocks (two streams: hidden, residual) -> final norm at the class token -> head.
+    Tokens: raster-order patches with the class token in the middle (index M // 2), then pos_embed.
     """
+
+    family = "vim"
+    config_class = VimConfig
 
     def __init__(self, cfg: VimConfig):
         super().__init__()
@@ -107,26 +110,34 @@ class VisionMamba(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
-        block_rates = [0.0] + rates[:-1]  # the official model shifts the schedule by one block
-        self.layers = nn.ModuleList(
-            Block(d, drop_path=block_rates[i], norm_eps=cfg.norm_eps, d_state=cfg.d_state, d_conv=cfg.d_conv,
-                  expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=cfg.divide_out)
-            for i in range(cfg.depth))
-        self.norm_f = RMSNorm(d, eps=cfg.norm_eps)
-        self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.drop_path = DropPath(cfg.drop_path_rate)
-        self.token_reducer = None  # set by mambamerge.patch; not part of the state dict
+        self._build_trunk(d, cfg.depth, cfg.num_classes, cfg.drop_path_rate, cfg.norm_eps, d_state=cfg.d_state,
+                          d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=cfg.divide_out)
         self._init_weights()
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
 
     @property
     def cls_index(self) -> int:
         """Index of the class token in the embedded sequence (middle of the patch tokens)."""
-        return self.cfg.num_patches // 2
+        return self.layout.cls_index
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return (self.cfg.in_chans, *self.cfg.img_size)
+
+    def token_layout(self, input_size: Union[None, int, Size2] = None) -> TokenLayout:
+        """Patch grid at `input_size` ((H, W) or int; the model's own size when None), class token in
+        the middle."""
+        grid = self.cfg.grid_size
+        if input_size is not None:
+            size = (input_size, input_size) if isinstance(input_size, int) else input_size
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+                raise ValueError(f"input_size must be an int or a (height, width) pair of ints, got {input_size!r}")
+            if min(size) <= 0:
+                raise ValueError(f"input_size must be positive, got {input_size!r}")
+            if any(i < p for i, p in zip(size, self.cfg.patch_size)):
+                raise ValueError(f"input_size {tuple(size)} is smaller than the patch size {self.cfg.patch_size}")
+            grid = tuple((i - p) // s + 1 for i, p, s in zip(size, self.cfg.patch_size, self.cfg.stride))
+        return TokenLayout(grid, ("row", "col"), cls="middle")
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -135,24 +146,7 @@ class VisionMamba(nn.Module):
         fan_in = w.shape[1] * w.shape[2] * w.shape[3]
         nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)  # lecun normal
         nn.init.zeros_(self.patch_embed.proj.bias)
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        for block in self.layers:
-            mixer = block.mixer
-            for lin in (mixer.in_proj, mixer.x_proj, mixer.x_proj_b):
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            # prenorm residual rescaling: one residual branch per layer
-            nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
-            with torch.no_grad():
-                mixer.out_proj.weight /= math.sqrt(self.cfg.depth)
-
-    def set_scan_impl(self, impl: str) -> "VisionMamba":
-        """Choose the selective-scan implementation of every mixer (see mambamerge.ops.selective_scan)."""
-        for block in self.layers:
-            block.mixer.scan_impl = impl
-        return self
+        self._init_trunk()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (batch, C, H, W) -> tokens (batch, M + 1, D) with the class token at cls_index."""
@@ -161,43 +155,6 @@ class VisionMamba(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat((x[:, :c], cls, x[:, c:]), dim=1)
         return self.pos_drop(x + self.pos_embed.to(x.dtype))
-
-    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Last add + RMSNorm. (batch, L, D) x2 -> (batch, L, D)."""
-        return self.norm_f(residual + self.drop_path(hidden))
-
-    def forward_tokens(self, tokens: torch.Tensor, cls_index: int) -> torch.Tensor:
-        """Run the blocks on a token sequence. tokens (batch, L, D) -> class feature (batch, D).
-
-        With a token reducer attached (mambamerge.patch), tokens are merged or pruned between blocks
-        as its schedule says; the class token's index is tracked per image."""
-        reducer = self.token_reducer
-        if reducer is None:
-            hidden, residual = tokens, None
-            for block in self.layers:
-                hidden, residual = block(hidden, residual)
-            return self.final_norm(hidden, residual)[:, cls_index]
-        state = TokenState.start(tokens, cls_index, track_source=reducer.track_source)
-        for i, block in enumerate(self.layers):
-            if reducer.wants_ssm(i):
-                hidden, residual, ssm = block(state.hidden, state.residual, return_ssm=True)
-            else:
-                (hidden, residual), ssm = block(state.hidden, state.residual), None
-            if reducer.removal_after(i):
-                # a merge adds the two streams for the next block (TokenState.apply): its stochastic
-                # depth applies now
-                hidden = self.layers[i + 1].drop_path(hidden)
-            state = reducer.step(i, state.with_streams(hidden, residual), ssm)
-        reducer.last_state = state
-        out = self.final_norm(state.hidden, state.residual)
-        return out[torch.arange(out.shape[0], device=out.device), state.cls_index]
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (batch, C, H, W) -> normalised class-token feature (batch, D)."""
-        return self.forward_tokens(self.embed(images), self.cls_index)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images))
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Size2, new_grid: Size2) -> torch.Tensor:

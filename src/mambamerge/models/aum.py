@@ -1,0 +1,172 @@
+"""Audio Mamba, AuM (kaistmm, IEEE SPL 2024): spectrogram patches, middle class token, three mixers.
+
+Numerically the official AudioMamba (with its defaults: absolute position embedding, one class token
+in the middle, no RoPE) with the same state-dict keys, so official files load with strict=True:
+patch_embed.proj (Conv2d over the (freq, time) spectrogram), cls_token, pos_embed.pos_embed
+(1, 1 + F'T', D) (the class token's entry first), layers.{i}, norm_f, head.
+
+Mixer variants (the official `aum_type`; they change the key set):
+    "Bi-Bi"  separate backward branch, the two directions' sum halved (the constructor's default)
+    "Fo-Bi"  one convolution and projection in forward order scanned both ways, only A_b separate, summed
+    "Fo-Fo"  one direction
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from mambamerge.models.base import MambaClassifier
+from mambamerge.tokens import TokenLayout
+
+# variant -> (mixer variant, divide_out)
+AUM_VARIANTS = {"Bi-Bi": ("bi", True), "Fo-Bi": ("bi_shared", False), "Fo-Fo": ("forward", False)}
+
+
+def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@dataclass
+class AuMConfig:
+    """Architecture of an Audio Mamba. spec_size is (F mel bins, T frames), as the official
+    `spectrogram_size`; patch_size and stride are (freq, time) pairs or ints."""
+
+    embed_dim: int = 768
+    depth: int = 24
+    spec_size: Tuple[int, int] = (128, 1024)
+    patch_size: Union[int, Tuple[int, int]] = 16
+    stride: Union[int, Tuple[int, int]] = 16
+    num_classes: int = 527
+    variant: str = "Bi-Bi"
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: Optional[int] = None
+    norm_eps: float = 1e-5
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self):
+        self.spec_size = _pair(self.spec_size)
+        self.patch_size = _pair(self.patch_size)
+        self.stride = _pair(self.stride)
+        if self.variant not in AUM_VARIANTS:
+            raise ValueError(f"AuMConfig.variant must be one of {', '.join(AUM_VARIANTS)}, got {self.variant!r}")
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.embed_dim / 16)
+        for name in ("embed_dim", "depth", "d_state", "d_conv", "expand", "dt_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AuMConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"AuMConfig.num_classes must be >= 0, got {self.num_classes}")
+        if min(self.stride) < 1 or any(s < p for s, p in zip(self.spec_size, self.patch_size)):
+            raise ValueError(f"spectrogram size {self.spec_size} (F, T) is smaller than the patch size "
+                             f"{self.patch_size}, or the stride {self.stride} is not positive")
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        """(freq, time) patches."""
+        return tuple((i - p) // s + 1 for i, p, s in zip(self.spec_size, self.patch_size, self.stride))
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PositionTable(nn.Module):
+    """The position embedding under the official key `pos_embed.pos_embed`: (1, 1 + M, D), the class
+    token's entry first, then the patches in frequency-major order."""
+
+    def __init__(self, num_patches: int, dim: int):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+
+
+class SpectrogramEmbed(nn.Module):
+    """(batch, T, F) log-mel frames -> (batch, F'T', D) patches, frequency-major (patch f T' + t)."""
+
+    def __init__(self, cfg: AuMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Conv2d(1, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.stride)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        mel_bins, frames = self.cfg.spec_size
+        if spec.ndim != 3:
+            raise ValueError(f"expected log-mel spectrograms of shape (batch, {frames} frames, {mel_bins} mel bins), "
+                             f"got a tensor of shape {tuple(spec.shape)}")
+        if tuple(spec.shape[1:]) != (frames, mel_bins):
+            hint = (" (time and frequency swapped?)" if tuple(spec.shape[1:]) == (mel_bins, frames) else "")
+            raise ValueError(f"the model was built for spectrograms of {frames} frames x {mel_bins} mel bins "
+                             f"(batch, T, F), got {spec.shape[1]} x {spec.shape[2]}{hint}; pad or crop the "
+                             f"frames, or load the checkpoint for that size with load_checkpoint(path, "
+                             f"spec_size=(F, T)) (interpolates the position embedding)")
+        return self.proj(spec.transpose(1, 2)[:, None]).flatten(2).transpose(1, 2)
+
+
+class AudioMamba(MambaClassifier):
+    """AuM classifier.
+
+    forward(spectrograms (batch, T, F)) -> logits (batch, num_classes).
+    Tokens: frequency-major patches with the class token in the middle (index M // 2); the class
+    token gets the position table's first entry, patch j its entry 1 + j.
+    """
+
+    family = "aum"
+    config_class = AuMConfig
+
+    def __init__(self, cfg: AuMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        mixer, divide_out = AUM_VARIANTS[cfg.variant]
+        self._build_trunk(d, cfg.depth, cfg.num_classes, cfg.drop_path_rate, cfg.norm_eps, d_state=cfg.d_state,
+                          d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=divide_out,
+                          variant=mixer)
+        self.patch_embed = SpectrogramEmbed(cfg)
+        self.pos_embed = PositionTable(cfg.num_patches, d)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self._init_weights()
+
+    @property
+    def input_shape(self) -> Tuple[int, int]:
+        mel_bins, frames = self.cfg.spec_size
+        return (frames, mel_bins)
+
+    def token_layout(self, input_size: Optional[Tuple[int, int]] = None) -> TokenLayout:
+        """Patch grid (freq, time) for spectrograms of input_size = (T frames, F mel bins), the input's
+        own axis order (the model's size when None); class token in the middle."""
+        grid = self.cfg.grid_size
+        if input_size is not None:
+            if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
+                raise ValueError(f"input_size must be (frames, mel bins), two positive ints, got {input_size!r}")
+            size = (input_size[1], input_size[0])
+            if any(i < p for i, p in zip(size, self.cfg.patch_size)):
+                raise ValueError(f"input_size {tuple(input_size)} (T, F) is smaller than the patch size "
+                                 f"{self.cfg.patch_size} (F, T)")
+            grid = tuple((i - p) // s + 1 for i, p, s in zip(size, self.cfg.patch_size, self.cfg.stride))
+        return TokenLayout(grid, ("freq", "time"), cls="middle")
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()) / 0.87962566103423978)  # lecun normal
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        self._init_trunk()
+
+    def embed(self, spec: torch.Tensor) -> torch.Tensor:
+        """spectrograms (batch, T, F) -> tokens (batch, M + 1, D) with the class token at M // 2."""
+        x = self.patch_embed(spec)
+        pos = self.pos_embed.pos_embed.to(x.dtype)
+        c = self.layout.cls_index
+        cls = (self.cls_token.to(x.dtype) + pos[:, :1]).expand(x.shape[0], -1, -1)
+        x = x + pos[:, 1:]
+        return self.pos_drop(torch.cat((x[:, :c], cls, x[:, c:]), dim=1))

@@ -1,0 +1,171 @@
+"""VideoMamba (OpenGVLab, ECCV 2024): tubelet tokens, class token at the head, bidirectional blocks.
+
+Numerically the official video model (`videomamba_tiny/small/middle` of the video_sm code) with the
+same state-dict keys, so official checkpoints load with strict=True: patch_embed.proj (a Conv3d with
+kernel = stride = (tubelet, p, p)), cls_token, pos_embed (1, 1 + H'W', D) (the spatial table, the
+class token's entry first), temporal_pos_embedding (1, T', D), layers.{i}, norm_f, head.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from mambamerge.models.base import MambaClassifier
+from mambamerge.tokens import TokenLayout
+
+Size3 = Tuple[int, int, int]
+
+
+def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@dataclass
+class VideoMambaConfig:
+    """Architecture of a VideoMamba. img_size and patch_size may be ints or (height, width) pairs;
+    the spatial stride equals the patch size and the temporal one the tubelet size, as in the
+    official model."""
+
+    embed_dim: int = 192
+    depth: int = 24
+    num_frames: int = 8
+    tubelet: int = 1
+    img_size: Union[int, Tuple[int, int]] = 224
+    patch_size: Union[int, Tuple[int, int]] = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: Optional[int] = None
+    norm_eps: float = 1e-5
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    head_drop_rate: float = 0.0
+
+    def __post_init__(self):
+        self.img_size = _pair(self.img_size)
+        self.patch_size = _pair(self.patch_size)
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.embed_dim / 16)
+        for name in ("embed_dim", "depth", "num_frames", "tubelet", "in_chans", "d_state", "d_conv", "expand",
+                     "dt_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VideoMambaConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"VideoMambaConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.num_frames < self.tubelet:
+            raise ValueError(f"{self.num_frames} frames are fewer than one tubelet of {self.tubelet} frames")
+        if any(i < p for i, p in zip(self.img_size, self.patch_size)):
+            raise ValueError(f"frame size {self.img_size} is smaller than the patch size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> Size3:
+        """(frames, rows, cols) of the token grid."""
+        return (self.num_frames // self.tubelet,
+                self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid_size
+        return t * h * w
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TubeletEmbed(nn.Module):
+    """(batch, C, T, H, W) -> (batch, D, T', H', W') through a Conv3d with kernel = stride."""
+
+    def __init__(self, cfg: VideoMambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        kernel = (cfg.tubelet, *cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if video.ndim != 5:
+            raise ValueError(f"expected clips of shape (batch, {cfg.in_chans}, frames, H, W), got a tensor of shape "
+                             f"{tuple(video.shape)}")
+        if video.shape[1] != cfg.in_chans:
+            raise ValueError(f"the model takes {cfg.in_chans}-channel frames, got {video.shape[1]} channels (shape "
+                             f"{tuple(video.shape)}); clips are (batch, channels, frames, H, W)")
+        if video.shape[2] != cfg.num_frames:
+            fewer = "too few" if video.shape[2] < cfg.num_frames else "too many"
+            raise ValueError(f"{fewer} frames: the model was built for clips of {cfg.num_frames} frames, got "
+                             f"{video.shape[2]}; sample {cfg.num_frames} frames per clip, or load the checkpoint for "
+                             f"that length with load_checkpoint(path, num_frames=...) (interpolates the temporal "
+                             f"position embedding)")
+        if tuple(video.shape[3:]) != cfg.img_size:
+            raise ValueError(f"the model was built for {cfg.img_size[0]}x{cfg.img_size[1]} frames, got "
+                             f"{video.shape[3]}x{video.shape[4]}; resize the clip, or load the checkpoint for that "
+                             f"size with load_checkpoint(path, img_size=...)")
+        return self.proj(video)
+
+
+class VideoMamba(MambaClassifier):
+    """VideoMamba classifier.
+
+    forward(clips (batch, C, T, H, W)) -> logits (batch, num_classes).
+    Tokens: the class token (+ the spatial table's first entry), then the patches frame-major
+    (token 1 + t H'W' + h W' + w), each + its spatial and its frame's temporal embedding.
+    """
+
+    family = "videomamba"
+    config_class = VideoMambaConfig
+
+    def __init__(self, cfg: VideoMambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        frames, rows, cols = cfg.grid_size
+        self.patch_embed = TubeletEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, rows * cols + 1, d))
+        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, frames, d))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self._build_trunk(d, cfg.depth, cfg.num_classes, cfg.drop_path_rate, cfg.norm_eps,
+                          head_drop_rate=cfg.head_drop_rate, d_state=cfg.d_state, d_conv=cfg.d_conv,
+                          expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=False)
+        self._init_weights()
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int, int]:
+        return (self.cfg.in_chans, self.cfg.num_frames, *self.cfg.img_size)
+
+    def token_layout(self, input_size: Optional[Size3] = None) -> TokenLayout:
+        """Token grid (frames, rows, cols) for clips of input_size = (T, H, W) (the model's own when
+        None); class token at the head."""
+        grid = self.cfg.grid_size
+        if input_size is not None:
+            if (not isinstance(input_size, (tuple, list)) or len(input_size) != 3
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
+                raise ValueError(f"input_size must be (frames, height, width), three positive ints, got "
+                                 f"{input_size!r}")
+            kernel = (self.cfg.tubelet, *self.cfg.patch_size)
+            if any(i < k for i, k in zip(input_size, kernel)):
+                raise ValueError(f"input_size {tuple(input_size)} is smaller than one tubelet {kernel}")
+            grid = tuple(i // k for i, k in zip(input_size, kernel))
+        return TokenLayout(grid, ("frame", "row", "col"), cls="head")
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.temporal_pos_embedding, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()) / 0.87962566103423978)  # lecun normal
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        self._init_trunk()
+
+    def embed(self, video: torch.Tensor) -> torch.Tensor:
+        """clips (batch, C, T, H, W) -> tokens (batch, 1 + T'H'W', D), class token first."""
+        x = self.patch_embed(video)  # (B, D, T', H', W')
+        batch, dim, frames = x.shape[:3]
+        x = x.permute(0, 2, 3, 4, 1).reshape(batch, frames, -1, dim)  # (B, T', H'W', D)
+        pos = self.pos_embed.to(x.dtype)
+        x = x + pos[:, None, 1:] + self.temporal_pos_embedding.to(x.dtype)[:, :, None]
+        cls = (self.cls_token.to(x.dtype) + pos[:, :1]).expand(batch, -1, -1)
+        return self.pos_drop(torch.cat((cls, x.reshape(batch, -1, dim)), dim=1))
