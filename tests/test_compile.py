@@ -18,9 +18,7 @@ CASES = [
     ("mame", {}),
     ("mame", {"placement": "important"}),
     ("stm", {"w_protect": 0}),
-    ("tome", {}),
     ("tome_unordered", {}),
-    ("top", {}),
     ("evit", {}),
 ]
 
@@ -45,7 +43,7 @@ class GraphRecorder:
 
     def custom_ops(self):
         """Names of the mambamerge custom ops called in the captured graphs, with repeats."""
-        return sorted(str(node.target) for gm in self.graphs for node in gm.graph.nodes
+        return sorted(str(node.target).removesuffix(".default") for gm in self.graphs for node in gm.graph.nodes
                       if node.op == "call_function" and str(node.target).startswith("mambamerge."))
 
 
@@ -62,10 +60,12 @@ def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(met
     assert len(recorder.graphs) == 1
     ops = recorder.custom_ops()
     # every block: two scans and two softplus passes (the row-mean variant where the method reads Δ)
-    assert ops.count("mambamerge.selective_scan.default") == 4
+    assert ops.count("mambamerge.selective_scan") == 4
     assert sum(op.startswith("mambamerge.softplus") for op in ops) == 4
-    if method in ("mame", "stm"):
-        assert "mambamerge.merge_apply.default" in ops
+    if method is not None:
+        assert "mambamerge.merge_apply" in ops
+    if method in ("mame", "stm"):  # the others reorder the survivors, which the planning kernel does not
+        assert "mambamerge.plan_from_selection" in ops
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
