@@ -13,7 +13,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -22,11 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mambamerge.atomic import atomic_write
-from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed, to_2tuple
+from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed
 
 PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "mambamerge_config"
 _MAX_LISTED = 8
+MAX_PIXELS = 16384  # the largest image side or stride a file may record
 
 
 class CheckpointError(ValueError):
@@ -49,6 +50,23 @@ def _listing(keys, shapes=None) -> str:
     return ", ".join(shown) + more
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _pair(value, what: str, user: bool = False) -> Tuple[int, int]:
+    """A positive int or (height, width) pair of them, at most MAX_PIXELS: an image size or stride a
+    file records (or, user=True, one the caller passes)."""
+    items = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(items, (list, tuple)) or len(items) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_PIXELS for v in items)):
+        why = "" if user else "; the file is damaged or was not written by mambamerge"
+        raise CheckpointError(f"{what} is {value!r}: expected a whole number of pixels from 1 to {MAX_PIXELS} or a "
+                              f"(height, width) pair of them{why}")
+    return int(items[0]), int(items[1])
+
+
 def _read_safetensors(path: Path) -> RawCheckpoint:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -59,10 +77,37 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
                               f"re-download or re-save it") from None
     raw = RawCheckpoint(state)
     if CONFIG_METADATA_KEY in metadata:
-        cfg = json.loads(metadata[CONFIG_METADATA_KEY])
-        raw.train_img_size = to_2tuple(cfg["img_size"])
-        raw.stride = to_2tuple(cfg["stride"])
+        what = f"{path}: the {CONFIG_METADATA_KEY} metadata"
+        try:
+            cfg = json.loads(metadata[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{what} is not JSON ({err}); the file is damaged: re-save it") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{what} is a JSON {type(cfg).__name__}, not an object; the file is damaged: "
+                                  f"re-save it")
+        if "img_size" in cfg:
+            raw.train_img_size = _pair(cfg["img_size"], f"{what}'s img_size")
+        if "stride" in cfg:
+            raw.stride = _pair(cfg["stride"], f"{what}'s stride")
     return raw
+
+
+_CONVERT = ("if you trust the file, convert it once in Python: mambamerge.save_checkpoint(mambamerge.load_checkpoint("
+            "path, trust_pickle=True), 'model.safetensors'), then use the .safetensors file")
+
+
+def _sniff(path: Path, head: bytes) -> Optional[str]:
+    """Why a file that is neither safetensors nor a torch.save file cannot be a checkpoint, or None."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save zip archive, or its legacy pickle
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a checkpoint: neither safetensors nor a torch.save file (it starts with bytes {head[:8].hex()})"
+    kind = "a JSON file" if text.lstrip()[:1] in ("{", "[") else "a text file"
+    return f"not a checkpoint: {kind} (it starts with {text[:24]!r}), not safetensors or a torch.save file"
 
 
 def _torch_load(path: Path, trust_pickle: bool):
@@ -74,11 +119,16 @@ def _torch_load(path: Path, trust_pickle: bool):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: the file holds Python objects beyond tensors and an argparse Namespace "
-                              f"({str(err).splitlines()[0]}); if you trust the file, pass trust_pickle=True") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        if "weights only load failed" not in str(err).lower():
+            raise CheckpointError(f"{path}: cannot be read by torch.load, the file is truncated or corrupt "
+                                  f"({_first_line(err)}); re-download or re-save it") from None
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: the file holds pickled Python objects{what} besides tensors; mambamerge does "
+                              f"not unpickle them, since unpickling can run any code; {_CONVERT}") from None
+    except Exception as err:  # weights_only: nothing ran; whatever failed is a damaged file
         raise CheckpointError(f"{path}: cannot be read by torch.load, the file is truncated or corrupt "
-                              f"({str(err).splitlines()[0]}); re-download or re-save it") from None
+                              f"({_first_line(err)}); re-download or re-save it") from None
 
 
 def _pick_state_dict(obj, path: Path, ema: bool) -> RawCheckpoint:
@@ -99,11 +149,11 @@ def _pick_state_dict(obj, path: Path, ema: bool) -> RawCheckpoint:
     raw = RawCheckpoint(tensors)
     args = obj.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    if isinstance(args.get("input_size"), int):
-        raw.train_img_size = to_2tuple(args["input_size"])
+    if args.get("input_size") is not None:
+        raw.train_img_size = _pair(args["input_size"], f"{path}: args.input_size")
     match = re.search(r"stride(\d+)", str(args.get("model", "")))
     if match:
-        raw.stride = to_2tuple(int(match.group(1)))
+        raw.stride = _pair(int(match.group(1)), f"{path}: the stride in args.model {args['model']!r}")
     return raw
 
 
@@ -113,22 +163,47 @@ def read_checkpoint(path: PathLike, ema: bool = False, trust_pickle: bool = Fals
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(9)
-    if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+        head = f.read(64)
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
         return _read_safetensors(path)
+    problem = _sniff(path, head)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; give a .pth or .safetensors checkpoint")
     return _pick_state_dict(_torch_load(path, trust_pickle), path, ema)
 
 
-_REQUIRED = ("patch_embed.proj.weight", "pos_embed", "cls_token", "norm_f.weight",
-             "layers.0.mixer.in_proj.weight", "layers.0.mixer.A_log", "layers.0.mixer.conv1d.weight",
-             "layers.0.mixer.dt_proj.weight")
+# the tensors the architecture is read from, with the dimensions a Vim gives them
+_REQUIRED = {"patch_embed.proj.weight": ("embed_dim", "channels", "patch_h", "patch_w"),
+             "pos_embed": ("1", "tokens", "embed_dim"), "cls_token": ("1", "1", "embed_dim"),
+             "norm_f.weight": ("embed_dim",), "layers.0.mixer.in_proj.weight": ("2 x d_inner", "embed_dim"),
+             "layers.0.mixer.A_log": ("d_inner", "d_state"), "layers.0.mixer.conv1d.weight": ("d_inner", "1", "d_conv"),
+             "layers.0.mixer.dt_proj.weight": ("d_inner", "dt_rank")}
+_OPTIONAL = {"head.weight": ("classes", "embed_dim")}
+_FALLBACK_SIZE = 224
+_CLI_CANNOT = ("the command line cannot set these: convert the file once in Python, mambamerge.save_checkpoint "
+               "records them")
 
 
-def _infer_stride(num_slots: int, patch: Tuple[int, int], raw: RawCheckpoint, img_size: Tuple[int, int],
+def _check_layout(sd: Dict[str, torch.Tensor]) -> int:
+    """Check the tensors the architecture is read from and the block numbering; returns the depth.
+    Done before anything is built, so a file cannot ask for more than its own tensors describe."""
+    for key, dims in {**_REQUIRED, **_OPTIONAL}.items():
+        if key in sd and (sd[key].ndim != len(dims) or min(sd[key].shape) < 1):
+            raise CheckpointError(f"{key} has shape {tuple(sd[key].shape)}, a Vim's is ({', '.join(dims)}): the "
+                                  f"file is damaged or not a Vim checkpoint")
+    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
+    if blocks != list(range(len(blocks))):
+        raise CheckpointError(f"the file has tensors for {len(blocks)} blocks numbered from {blocks[0]} to "
+                              f"{blocks[-1]}, but a Vim's blocks are numbered 0 to depth-1 without gaps: the file "
+                              f"is damaged or not a Vim checkpoint")
+    return len(blocks)
+
+
+def _infer_stride(num_slots: int, patch: Tuple[int, int], raw: RawCheckpoint, img_size: Optional[Tuple[int, int]],
                   stride, train_img_size) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """Returns (stride, training grid) from the position-embedding length and what is known."""
-    stride = to_2tuple(stride) if stride is not None else raw.stride
-    train = to_2tuple(train_img_size) if train_img_size is not None else raw.train_img_size
+    stride = _pair(stride, "stride=", user=True) if stride is not None else raw.stride
+    train = _pair(train_img_size, "train_img_size=", user=True) if train_img_size is not None else raw.train_img_size
     num_patches = num_slots - 1
     if train is not None and stride is not None:
         grid = tuple((t - p) // s + 1 for t, p, s in zip(train, patch, stride))
@@ -136,51 +211,76 @@ def _infer_stride(num_slots: int, patch: Tuple[int, int], raw: RawCheckpoint, im
         side = math.isqrt(num_patches)
         if side * side != num_patches:
             raise CheckpointError(f"pos_embed holds {num_patches} patches, not a square grid; pass "
-                                  f"train_img_size=(H, W) and stride= to load it")
+                                  f"train_img_size=(H, W) and stride= to load_checkpoint ({_CLI_CANNOT})")
         grid = (side, side)
         if stride is None:
-            ref = train if train is not None else img_size
+            ref = train or img_size or (_FALLBACK_SIZE, _FALLBACK_SIZE)
             if side == 1:
                 stride = patch
             else:
                 steps = [(r - p) / (side - 1) for r, p in zip(ref, patch)]
                 if not all(s >= 1 and s == int(s) for s in steps):
+                    fix = ("train_img_size= (the resolution the checkpoint was trained at) or stride= to "
+                           f"load_checkpoint ({_CLI_CANNOT})" if img_size and not train
+                           else "the resolution it was trained at (img_size=, on the command line --img-size)")
                     raise CheckpointError(
                         f"cannot infer the patch stride: a {side}x{side} patch grid with {patch[0]}x{patch[1]} "
-                        f"patches does not fit a {ref[0]}x{ref[1]} image; pass train_img_size= (the resolution "
-                        f"the checkpoint was trained at) or stride=")
+                        f"patches does not fit a {ref[0]}x{ref[1]} image; pass {fix}")
                 stride = tuple(int(s) for s in steps)
+                if not (train or img_size) and any(s > p for s, p in zip(stride, patch)):
+                    raise CheckpointError(
+                        f"the file does not record the resolution it was trained at, and at the default "
+                        f"{ref[0]}x{ref[1]} its {side}x{side} grid of {patch[0]}x{patch[1]} patches would need a "
+                        f"stride of {stride[0]}, which skips pixels between patches; pass the resolution it was "
+                        f"trained at (img_size=, on the command line --img-size)")
     if grid[0] * grid[1] != num_patches:
         raise CheckpointError(f"pos_embed holds {num_patches} patches but train size {train} with stride {stride} "
                               f"gives a {grid[0]}x{grid[1]} grid; check train_img_size and stride")
     return stride, grid
 
 
-def infer_config(raw: RawCheckpoint, img_size=224, stride=None, train_img_size=None) -> Tuple[VimConfig, tuple]:
-    """Architecture of the checkpoint's tensors, built for `img_size`. Returns (config, training grid)."""
+def infer_config(raw: RawCheckpoint, img_size=None, stride=None, train_img_size=None) -> Tuple[VimConfig, tuple]:
+    """Architecture of the checkpoint's tensors, built for `img_size` (default: the training resolution
+    the file records or train_img_size, else 224). Returns (config, training grid)."""
     sd = raw.state_dict
     missing = [k for k in _REQUIRED if k not in sd]
     if missing:
         raise CheckpointError(f"not a Vision Mamba (Vim) checkpoint: missing {_listing(missing)}; "
                               f"the file has keys like {_listing(sd)}")
+    depth = _check_layout(sd)
     embed_dim, in_chans, ph, pw = sd["patch_embed.proj.weight"].shape
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
     d_inner = sd["layers.0.mixer.in_proj.weight"].shape[0] // 2
-    if d_inner % embed_dim:
+    if d_inner == 0 or d_inner % embed_dim:
         raise CheckpointError(f"in_proj has {2 * d_inner} outputs, not a multiple of 2 x embed_dim={embed_dim}")
-    stride, grid = _infer_stride(sd["pos_embed"].shape[1], (ph, pw), raw, to_2tuple(img_size), stride,
-                                 train_img_size)
-    cfg = VimConfig(
-        embed_dim=embed_dim, depth=depth, img_size=img_size, patch_size=(ph, pw), stride=stride,
-        in_chans=in_chans, num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-        d_state=sd["layers.0.mixer.A_log"].shape[1], d_conv=sd["layers.0.mixer.conv1d.weight"].shape[-1],
-        expand=d_inner // embed_dim, dt_rank=sd["layers.0.mixer.dt_proj.weight"].shape[1])
+    size = _pair(img_size, "img_size=", user=True) if img_size is not None else None
+    stride, grid = _infer_stride(sd["pos_embed"].shape[1], (ph, pw), raw, size, stride, train_img_size)
+    if size is None:
+        size = (_pair(train_img_size, "train_img_size=", user=True) if train_img_size is not None
+                else raw.train_img_size or (_FALLBACK_SIZE, _FALLBACK_SIZE))
+    try:
+        cfg = VimConfig(
+            embed_dim=embed_dim, depth=depth, img_size=size, patch_size=(ph, pw), stride=stride,
+            in_chans=in_chans, num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+            d_state=sd["layers.0.mixer.A_log"].shape[1], d_conv=sd["layers.0.mixer.conv1d.weight"].shape[-1],
+            expand=d_inner // embed_dim, dt_rank=sd["layers.0.mixer.dt_proj.weight"].shape[1])
+    except ValueError as err:
+        raise CheckpointError(f"the tensors describe no buildable Vim: {err}") from None
     return cfg, grid
 
 
-def _check_keys(model: torch.nn.Module, sd: Dict[str, torch.Tensor], path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in sd.items()}
+def check_tensors(raw: RawCheckpoint, cfg: VimConfig, grid: Tuple[int, int], path: PathLike) -> None:
+    """Every tensor of the file against the shapes of the model `cfg` describes, before that model is
+    built: the shapes come from a one-block model (a Vim's blocks are alike), so a file cannot make
+    this allocate more than its own tensors. pos_embed is compared at the training grid."""
+    one_block = {k: tuple(v.shape) for k, v in VisionMamba(replace(cfg, depth=1)).state_dict().items()}
+    expected = {}
+    for key, shape in one_block.items():
+        if key.startswith("layers.0."):
+            expected.update((f"layers.{i}.{key[len('layers.0.'):]}", shape) for i in range(cfg.depth))
+        else:
+            expected[key] = shape
+    expected["pos_embed"] = (1, grid[0] * grid[1] + 1, cfg.embed_dim)
+    found = {k: tuple(v.shape) for k, v in raw.state_dict.items()}
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys()
     misshaped = {k: f"{found[k]} (expected {expected[k]})" for k in expected.keys() & found.keys()
@@ -202,21 +302,22 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
 
     img_size: resolution to run at (int or (H, W)); the position embedding is interpolated when the
         checkpoint was trained at another one. Default: the resolution the file records (our
-        safetensors, official files' args.input_size, or train_img_size), else 224.
+        safetensors, official files' args.input_size, or train_img_size), else 224 (when the
+        tensors fit it with a stride no larger than the patch; else an error asks for it).
     stride, train_img_size: only needed when the file cannot tell (a plain state dict of a stride-8
         model run at a new size).
     ema: take the "model_ema" weights of an official training checkpoint instead of "model".
     trust_pickle: allow arbitrary pickled objects (weights_only=False); never for untrusted files.
+
+    Every tensor is checked against the inferred architecture before the model is built.
     """
     path = Path(path)
     raw = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
-    if img_size is None:
-        img_size = train_img_size or raw.train_img_size or 224
     cfg, grid = infer_config(raw, img_size=img_size, stride=stride, train_img_size=train_img_size)
+    check_tensors(raw, cfg, grid, path)
     model = VisionMamba(cfg)
     sd = dict(raw.state_dict)
     sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid, cfg.grid_size)
-    _check_keys(model, sd, path)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 

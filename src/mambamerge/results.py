@@ -82,16 +82,21 @@ def environment(device: torch.device) -> dict:
             "scan": scan_backend(device)}
 
 
-def check_writable(folder: Union[str, os.PathLike]) -> Path:
-    """Create `folder` if needed and prove it writable by creating and removing a temp file there;
-    a ValueError naming the folder and the reason otherwise."""
+def check_writable(folder: Union[str, os.PathLike], create: bool = True) -> Path:
+    """Prove `folder` writable by creating and removing a temp file in it, or, when it does not exist
+    yet, in the nearest folder above it that does (so that a run refused later leaves no empty folder
+    behind); create=True also creates it. A ValueError naming the folder and the reason otherwise."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cannot write results to {folder}: it is a file, not a folder; choose a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write results to {folder}: {existing} is a file, not a folder; choose a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test.", suffix=".tmp"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test.", suffix=".tmp"):
             pass
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot write results to {folder}: {err.strerror or err}; choose a writable folder") from None
     return folder

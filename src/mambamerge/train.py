@@ -2,13 +2,16 @@
 
 Every epoch ends with an evaluation and an atomic save of `last.pt` (model, optimiser, step, epoch,
 random state) from which `resume=True` continues exactly; the best weights so far go to
-`model.safetensors` (mambamerge.save_checkpoint format).
+`model.safetensors` (mambamerge.save_checkpoint format). `last.pt` holds only tensors and plain
+values and is read back with torch.load(weights_only=True): a planted file cannot run code.
 """
 import json
 import math
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,19 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 256
 
+    def __post_init__(self):
+        """A ValueError naming the field (and its command-line flag) for a setting that cannot train."""
+        rules = {"epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+                 "eval_batch_size": (lambda v: v >= 1, "at least 1"), "lr": (lambda v: v > 0, "above 0"),
+                 "min_lr": (lambda v: 0 <= v <= self.lr, "in [0, lr]"),
+                 "weight_decay": (lambda v: v >= 0, "at least 0"), "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+                 "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "grad_clip": (lambda v: v >= 0, "at least 0")}
+        for name, (ok, wanted) in rules.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and ok(value)):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {wanted}, got {value!r}")
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
     """AdamW groups: no decay for norms, biases, position/class embeddings and the SSM's A_log and D."""
@@ -55,10 +71,44 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), resume: bool = False,
+_RESUME_KEYS = ("model", "optimizer", "generator", "torch_rng", "state", "config")
+
+
+def load_resume(path, cfg: TrainConfig) -> dict:
+    """The training state saved in `path` (a last.pt), checked against `cfg`: a ValueError when it is
+    missing, unreadable, not a mambamerge training state or written with other settings. Read with
+    weights_only=True: a file holding anything but tensors and plain values is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"cannot resume: {path} does not exist (no epoch was saved there); give the output "
+                         f"folder of the interrupted run, or leave out --resume to start a new one")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"cannot resume from {path}: it holds Python objects a training state never has "
+                         f"({(str(err).strip().splitlines() or ['?'])[0]}); it was not written by mambamerge and "
+                         f"is refused unread: delete it or use a new output folder") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"cannot resume from {path}: the file is truncated or corrupt "
+                         f"({(str(err).strip().splitlines() or [type(err).__name__])[0]}); delete it to start "
+                         f"again, or use a new output folder") from None
+    if not isinstance(saved, dict) or not all(k in saved for k in _RESUME_KEYS):
+        raise ValueError(f"cannot resume from {path}: not a mambamerge training state (expected the entries "
+                         f"{', '.join(_RESUME_KEYS)}); delete it or use a new output folder")
+    if saved["config"] != asdict(cfg):
+        raise ValueError(f"{path} was written with other settings ({saved['config']}); resume with the same "
+                         f"settings or start a new output folder")
+    return saved
+
+
+def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), resume: Union[bool, dict] = False,
           log=print) -> dict:
     """Train `model` in place, on the device its parameters are on; returns {"best_accuracy", "epochs",
-    "history"}."""
+    "history"}. resume: True to continue from out_dir/last.pt (which must exist), or the state
+    load_resume already read from it."""
+    for name, data in (("training", train_set), ("validation", val_set)):
+        if len(data) == 0:
+            raise ValueError(f"the {name} set is empty: nothing to train on or evaluate")
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,11 +119,8 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     state = {"epoch": 0, "step": 0, "best": -1.0, "history": []}
     last = out_dir / "last.pt"
-    if resume and last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=False)
-        if saved["config"] != asdict(cfg):
-            raise ValueError(f"{last} was written with other settings ({saved['config']}); resume with the same "
-                             f"settings or start a new output folder")
+    if resume:
+        saved = resume if isinstance(resume, dict) else load_resume(last, cfg)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
-        check_writable(Path(args.json).resolve().parent)
+        check_writable(Path(args.json).resolve().parent, create=False)
     model, dataset, label = load_inputs(args)
     timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs)
     result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label,
                    "environment": environment(next(model.parameters()).device), "result": result}
         path = Path(args.json)
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
         write_files(path.resolve().parent, {path.name: json_text(payload)})
         print(f"json        {path}")
     return 0

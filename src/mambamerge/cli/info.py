@@ -1,7 +1,7 @@
 """`mambamerge info`: list the models, or describe what a checkpoint file holds."""
 import argparse
 
-from mambamerge.checkpoint import infer_config, read_checkpoint
+from mambamerge.checkpoint import check_tensors, infer_config, read_checkpoint
 from mambamerge.models import OFFICIAL_NAMES, list_models
 
 HELP = "list the known models, or show the architecture inferred from a checkpoint file"
@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
             print(name + alias)
         return 0
     raw = read_checkpoint(args.checkpoint)
-    cfg, grid = infer_config(raw, img_size=args.img_size or raw.train_img_size or 224)
+    cfg, grid = infer_config(raw, img_size=args.img_size)
+    check_tensors(raw, cfg, grid, args.checkpoint)
     n = sum(t.numel() for t in raw.state_dict.values())
     print(f"{args.checkpoint}: {len(raw.state_dict)} tensors, {n / 1e6:.2f} M values")
     print(f"trained grid {grid[0]}x{grid[1]}; at {cfg.img_size[0]}x{cfg.img_size[1]}: grid "

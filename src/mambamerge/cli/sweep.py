@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         check_method(method, options)
     for reduction in args.reductions:
         check_reduction(reduction)
-    out = check_writable(args.out)
+    out = check_writable(args.out, create=False)  # created when the results are written: a failed run leaves none
     model, dataset, label = load_inputs(args)
     configs = plan(model, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.reductions)), options)
     timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1)
@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                "environment": env, "rows": rows}
     plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,
                         f"batch {args.throughput_batch}, {env['device']}, threads: {env['threads']}")
+    out.mkdir(parents=True, exist_ok=True)
     write_files(out, {"results.md": f"# {title}\n\n{describe(model, args.checkpoint)}\n\n{table}",
                       "results.csv": csv_text(rows), "results.json": json_text(payload), "accuracy.png": plot})
     print(table, end="")

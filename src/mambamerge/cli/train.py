@@ -9,10 +9,12 @@ import torch
 
 from mambamerge.atomic import write_bytes
 from mambamerge.checkpoint import load_checkpoint
+from mambamerge.cli.eval import check_method, check_reduction
 from mambamerge.data import load_dataset
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
-from mambamerge.train import TrainConfig, train
+from mambamerge.results import check_writable
+from mambamerge.train import TrainConfig, load_resume, train
 
 HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
 
@@ -58,11 +60,31 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _check_args(args: argparse.Namespace) -> TrainConfig:
+    """Every setting checked before any data is read or file written; returns the training config."""
+    for name in ("limit", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    if args.method is None and args.reduction is not None:
+        raise ValueError("--reduction needs --method NAME")
+    if args.method is not None:
+        check_method(args.method, {})
+        if args.reduction is None:
+            raise ValueError(f"--method {args.method} needs --reduction R (e.g. 0.4): without it the model would "
+                             f"train dense")
+        check_reduction(args.reduction)
+    check_writable(args.out, create=False)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
 def run(args: argparse.Namespace) -> int:
+    cfg = _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    out = Path(args.out)
+    saved = load_resume(out / "last.pt", cfg) if args.resume else False
     base = load_checkpoint(args.init) if args.init else None
     arch = base.cfg if base is not None else create_model(args.model).cfg
     train_set, val_set = _splits(args.data, args, arch.img_size[0], arch.in_chans)
@@ -77,12 +99,11 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     if args.method:
         patch(model, args.method, reduction=args.reduction)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(out / "command.json", json.dumps({"data": args.data, "model": args.model, "init": args.init,
                                                   "method": args.method, "reduction": args.reduction,
                                                   "limit": args.limit, "train": cfg.__dict__}, indent=1))
-    result = train(model, train_set, val_set, out, cfg, resume=args.resume)
+    result = train(model, train_set, val_set, out, cfg, resume=saved)
     print(f"best val top-1 {result['best_accuracy']:.2%} after {result['epochs']} epochs; "
           f"weights in {out / 'model.safetensors'}")
     return 0

@@ -1,4 +1,5 @@
 """Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders."""
+from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -13,9 +14,15 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
                  limit: Optional[int] = None, augment: bool = False):
     """A dataset by name ("fashion-mnist", "mnist", optionally "name:/folder/with/idx/files") or an
     image folder path (ImageNet layout). The result has `.info` (classes, channels, size)."""
-    name, _, root = spec.partition(":")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 image, got {limit}")
+    name, colon, root = spec.partition(":")
     if name in IDX_SETS:
         return IdxDataset(name, split, root=root or None, img_size=img_size or 56, limit=limit, augment=augment)
+    if not Path(spec).exists() and (colon or "/" not in spec):
+        raise ValueError(f"{spec!r} is neither a known data set nor an existing folder; known data sets: "
+                         f"{', '.join(IDX_SETS)} (optionally NAME:/folder/with/idx/files), or give the path of an "
+                         f"image folder")
     ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
     if limit is not None and limit < len(ds):
         ds = torch.utils.data.Subset(ds, range(limit))

@@ -6,6 +6,7 @@ from mambamerge.data.datasets import ImageSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLIT_NAMES = {"train", "val", "test"}
 
 
 def eval_transform(img_size: int = 224, in_chans: int = 3, crop_pct: float = 0.875, interpolation: str = "bicubic",
@@ -37,6 +38,9 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3):
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{root} has no class sub-folders: expected <root>/<class name>/<images> (ImageNet layout)")
+    if set(classes) <= SPLIT_NAMES:
+        raise ValueError(f"{root} holds the split folders {', '.join(classes)}, not class folders: give one split's "
+                         f"folder, e.g. {root / classes[-1]}")
     try:
         ds = datasets.ImageFolder(str(root), transform=eval_transform(img_size, in_chans))
     except FileNotFoundError as err:

@@ -53,7 +53,10 @@ def delta_importance(ssm: SSMStats) -> torch.Tensor:
 
 
 def least(score: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
-    """The k non-class tokens of lowest score, lowest first. score, cls: (B, L) -> (B, k) indices."""
+    """The k non-class tokens of lowest score, lowest first. score, cls: (B, L) -> (B, k) indices.
+    NaN and infinite scores (an image of NaN / inf) rank as the largest finite one: never the class token."""
+    highest = torch.finfo(score.dtype).max
+    score = score.nan_to_num(nan=highest, posinf=highest, neginf=-highest)
     return score.masked_fill(cls, float("inf")).topk(k, dim=1, largest=False).indices
 
 

@@ -9,6 +9,7 @@ follow: 1 - sum_l L_l / (depth * L_0)) and the final token count.
 With R-MeeTo's schedule (r tokens before blocks 2, 4, ..., 22 of 24) the average reduction is
 5.5 r / 197; reaching 50-80% needs merging from block 1 with a geometric keep ratio.
 """
+import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -44,6 +45,8 @@ class Schedule:
 def validate(removals: Sequence[int], depth: int, initial: int, capacity: Capacity) -> Schedule:
     """A Schedule from per-block counts, padded with zeros to depth; a ValueError names the first step
     the method cannot take (more tokens than it can remove there) or any malformed count."""
+    if any(not _whole(r) for r in removals):
+        raise ValueError(f"schedule counts must be whole numbers of tokens, got {list(removals)}")
     removals = [int(r) for r in removals]
     if len(removals) > depth:
         raise ValueError(f"schedule has {len(removals)} entries but the model has only {depth} blocks")
@@ -61,6 +64,21 @@ def validate(removals: Sequence[int], depth: int, initial: int, capacity: Capaci
                              f"{length} tokens there can be removed by this method")
         length -= r
     return Schedule(tuple(removals))
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_types(reduction, r, keep, start, every) -> None:
+    """Type errors in the user's schedule arguments as ValueErrors naming them (a count of 2.7 tokens is
+    not rounded, a reduction given as text is not compared)."""
+    for name, value in (("reduction", reduction), ("keep", keep)):
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
+            raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    for name, value in (("r", r), ("start", start), ("every", every)):
+        if value is not None and not _whole(value):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
 
 
 def constant(depth: int, initial: int, capacity: Capacity, r: int, start: int = 2, every: int = 2) -> Schedule:
@@ -133,6 +151,7 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
     - reduction=0 (or nothing at all): no reduction.
     Raises a ValueError naming the maximum reachable reduction when the target cannot be reached.
     """
+    _check_types(reduction, r, keep, start, every)
     if reduction is not None and not 0.0 <= reduction < 1.0:
         raise ValueError(f"reduction must be in [0, 1), got {reduction}")
     if isinstance(schedule, Schedule):
@@ -170,9 +189,13 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
                                             reduction)
     reached = best.average_reduction(initial)
     if abs(reached - reduction) > tolerance:
+        if kind == "geometric" and start == 1 and every == 1:
+            advice = ("lower the target, use a method that can remove more tokens per step, or give an explicit "
+                      "list of per-block counts")
+        else:
+            advice = ("use schedule='geometric' with start=1, every=1 (on the command line: --option "
+                      "schedule=geometric --option start=1 --option every=1), or an explicit list of per-block counts")
         raise ValueError(f"a {kind} schedule (start={start}, every={every}) cannot reach an average reduction of "
                          f"{reduction:.0%} with this method: the closest is {reached:.1%}, the most it can reach "
-                         f"{most.average_reduction(initial):.1%}; use schedule='geometric' with start=1, every=1, "
-                         f"or an explicit list of per-block counts")
+                         f"{most.average_reduction(initial):.1%}; {advice}")
     return best
-

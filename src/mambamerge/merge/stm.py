@@ -105,8 +105,12 @@ class STM(ReductionMethod):
         feat = stream(state, self.feature)  # (B, L, D)
         batch, length, _ = feat.shape
         device = feat.device
+        if batch == 0:  # no image: the plan of r merges, for none
+            none = torch.zeros(0, r, dtype=torch.long, device=device)
+            return plan_from_selection(length, none, none, state.size, mode=self.mode)
         norms = token_norms(feat)
         pair = torch.linalg.vecdot(feat[:, :-1], feat[:, 1:]) / (norms[:, :-1] * norms[:, 1:])  # cos(t, t+1)
+        pair = pair.nan_to_num(nan=-1.0, posinf=1.0, neginf=-1.0)  # an image of NaN / inf: any valid plan
         sims = F.pad(pair, (1, 1), value=NEG)  # (B, L + 1): cos(t - 1, t) at t, cos(t, t + 1) at t + 1
 
         # candidate sources: even distances k > w_protect, left of the class token then right of it
