@@ -2,18 +2,23 @@
 import math
 from pathlib import Path
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 from mambamerge.data.datasets import ImageSet
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_NAMES = {"train", "val", "test"}
+
+
+def normalisation(channels: int):
+    """(mean, std) per channel of images in [0, 1]: ImageNet's for 3 channels, 0.5 / 0.5 otherwise."""
+    return (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
 
 
 def eval_transform(img_size: int = 224, in_chans: int = 3, crop_pct: float = 0.875, interpolation: str = "bicubic",
                    mean=None, std=None):
     """The official Vim evaluation transform (DeiT's): resize the short side to floor(img_size / crop_pct)
-    with `interpolation`, centre crop img_size, to a tensor, normalise (ImageNet mean / std for 3
-    channels, 0.5 otherwise, unless given); grey images for in_chans=1. A model's `pretrained_cfg`
+    with `interpolation`, centre crop img_size, to a tensor, normalise (`normalisation(in_chans)` unless
+    mean and std are given); grey images for in_chans=1. A model's `pretrained_cfg`
     holds these settings."""
     from torchvision import transforms
 
@@ -23,7 +28,7 @@ def eval_transform(img_size: int = 224, in_chans: int = 3, crop_pct: float = 0.8
     if in_chans == 1:
         steps.append(transforms.Grayscale(1))
     if mean is None or std is None:
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+        mean, std = normalisation(in_chans)
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 

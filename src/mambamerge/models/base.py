@@ -14,12 +14,10 @@ from typing import Optional, Set, Tuple, Union
 import torch
 from torch import nn
 
+from mambamerge.data.folders import normalisation
 from mambamerge.models.blocks import Block, DropPath, RMSNorm
 from mambamerge.runner import class_feature, run_blocks
 from mambamerge.tokens import TokenLayout
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MambaClassifier(nn.Module):
@@ -89,13 +87,13 @@ class MambaClassifier(nn.Module):
     def default_pretrained_cfg(cls, cfg) -> dict:
         """timm's pretrained_cfg of a model with config cfg (no weights to download): the input size, the
         classes, and the official evaluation transform: bicubic resize to size / crop_pct, centre crop,
-        normalisation (ImageNet mean / std for 3 channels, 0.5 / 0.5 for others)."""
+        normalisation (mambamerge.data.folders.normalisation)."""
         channels = getattr(cfg, "in_chans", None)
         pretrained = dict(input_size=cls.input_shape_for(cfg), num_classes=cfg.num_classes, interpolation="bicubic",
                           crop_pct=0.875, crop_mode="center", fixed_input_size=True, first_conv="patch_embed.proj",
                           classifier="head")
         if channels is not None:
-            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+            mean, std = normalisation(channels)
             pretrained.update(mean=mean, std=std)
         return pretrained
 
