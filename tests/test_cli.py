@@ -11,7 +11,7 @@ from mambamerge.cli.main import main
 def test_demo_prints_size_and_throughput(capsys):
     assert main(["speed", "--model", "vim_pico", "--batch", "2", "--runs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "parameters" in out and "images/s" in out and "class token at index 8" in out
+    assert "parameters" in out and "inputs/s" in out and "class token in the middle (index 8)" in out
 
 
 def test_demo_on_a_checkpoint(tmp_path, capsys):

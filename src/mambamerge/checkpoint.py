@@ -1,9 +1,10 @@
 """Reading and writing model checkpoints.
 
-Accepted files: an official Vim `.pth` (a torch.save dict with the weights under "model" or
-"model_ema" and an argparse Namespace under "args"), a plain state dict saved with torch.save, or a
-`.safetensors` file (ours carry the model config in their metadata). The architecture is inferred
-from the tensors themselves.
+Accepted files: an official Vim or VideoMamba `.pth` (a torch.save dict with the weights under "model"
+or "model_ema" and an argparse Namespace under "args"), a plain state dict saved with torch.save (as
+the official Audio Mamba files are), or a `.safetensors` file (ours carry the family and the model
+config in their metadata). The family and the architecture are inferred from the tensors themselves
+(Vim here, the other families in mambamerge.loaders).
 """
 import argparse
 import json
@@ -22,10 +23,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mambamerge.atomic import atomic_write
+from mambamerge.loaders import FAMILY_NAMES, LOADERS, detect_family
+from mambamerge.models.base import MambaClassifier
+from mambamerge.models.registry import FAMILIES
 from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed
 
 PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "mambamerge_config"
+FAMILY_METADATA_KEY = "mambamerge_family"
 _MAX_LISTED = 8
 MAX_PIXELS = 16384  # the largest image side or stride a file may record
 
@@ -41,6 +46,8 @@ class RawCheckpoint:
     state_dict: Dict[str, torch.Tensor]
     train_img_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
+    family: Optional[str] = None  # from our metadata (files without it are recognised by their keys)
+    config: Optional[dict] = None  # our saved config of a family other than Vim
 
 
 def _listing(keys, shapes=None) -> str:
@@ -75,7 +82,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file, it is truncated or corrupt ({err}); "
                               f"re-download or re-save it") from None
-    raw = RawCheckpoint(state)
+    raw = RawCheckpoint(state, family=metadata.get(FAMILY_METADATA_KEY))
     if CONFIG_METADATA_KEY in metadata:
         what = f"{path}: the {CONFIG_METADATA_KEY} metadata"
         try:
@@ -85,10 +92,13 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{what} is a JSON {type(cfg).__name__}, not an object; the file is damaged: "
                                   f"re-save it")
-        if "img_size" in cfg:
-            raw.train_img_size = _pair(cfg["img_size"], f"{what}'s img_size")
-        if "stride" in cfg:
-            raw.stride = _pair(cfg["stride"], f"{what}'s stride")
+        if raw.family not in (None, "vim"):
+            raw.config = cfg
+        else:
+            if "img_size" in cfg:
+                raw.train_img_size = _pair(cfg["img_size"], f"{what}'s img_size")
+            if "stride" in cfg:
+                raw.stride = _pair(cfg["stride"], f"{what}'s stride")
     return raw
 
 
@@ -270,17 +280,28 @@ def infer_config(raw: RawCheckpoint, img_size=None, stride=None, train_img_size=
 
 def check_tensors(raw: RawCheckpoint, cfg: VimConfig, grid: Tuple[int, int], path: PathLike) -> None:
     """Every tensor of the file against the shapes of the model `cfg` describes, before that model is
-    built: the shapes come from a one-block model (a Vim's blocks are alike), so a file cannot make
-    this allocate more than its own tensors. pos_embed is compared at the training grid."""
-    one_block = {k: tuple(v.shape) for k, v in VisionMamba(replace(cfg, depth=1)).state_dict().items()}
+    built (see _expected_shapes). pos_embed is compared at the training grid."""
+    expected = _expected_shapes(VisionMamba, cfg)
+    expected["pos_embed"] = (1, grid[0] * grid[1] + 1, cfg.embed_dim)
+    _compare_shapes(expected, raw.state_dict, path)
+
+
+def _expected_shapes(family_class, cfg) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor's shape of the model `cfg` describes, from a one-block model (a model's blocks are
+    alike), so a file cannot make this allocate more than its own tensors."""
+    one_block = {k: tuple(v.shape) for k, v in family_class(replace(cfg, depth=1)).state_dict().items()}
     expected = {}
     for key, shape in one_block.items():
         if key.startswith("layers.0."):
             expected.update((f"layers.{i}.{key[len('layers.0.'):]}", shape) for i in range(cfg.depth))
         else:
             expected[key] = shape
-    expected["pos_embed"] = (1, grid[0] * grid[1] + 1, cfg.embed_dim)
-    found = {k: tuple(v.shape) for k, v in raw.state_dict.items()}
+    return expected
+
+
+def _compare_shapes(expected: Dict[str, Tuple[int, ...]], tensors: Dict[str, torch.Tensor], path: PathLike) -> None:
+    """A CheckpointError listing the missing, unexpected and mis-shaped tensors, if any."""
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys()
     misshaped = {k: f"{found[k]} (expected {expected[k]})" for k in expected.keys() & found.keys()
@@ -296,9 +317,27 @@ def check_tensors(raw: RawCheckpoint, cfg: VimConfig, grid: Tuple[int, int], pat
         raise CheckpointError("; ".join(parts))
 
 
+def _family_of(raw: RawCheckpoint, path: Path, expected: Optional[str]) -> str:
+    """The checkpoint's family; a CheckpointError when it is not the `expected` one."""
+    found = raw.family or detect_family(raw.state_dict)
+    if expected is not None and expected != found:
+        if expected not in FAMILIES:
+            raise ValueError(f"unknown model family {expected!r}; known families: {', '.join(sorted(FAMILIES))}")
+        raise CheckpointError(f"{path}: this is a {FAMILY_NAMES.get(found, found)} checkpoint, but family={expected!r} "
+                              f"({FAMILY_NAMES[expected]}) was asked for; pick a {FAMILY_NAMES[expected]} file, or "
+                              f"load this one with family={found!r}")
+    return found
+
+
 def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_size=None, ema: bool = False,
-                    trust_pickle: bool = False) -> VisionMamba:
+                    trust_pickle: bool = False, family: Optional[str] = None, **options) -> MambaClassifier:
     """Build the model a checkpoint file describes and load its weights (strict), in eval mode.
+
+    The family (Vim, VideoMamba, Audio Mamba) is recognised from the tensors; family= ("vim",
+    "videomamba", "aum") makes a file of another family an error. Options of the other families:
+    VideoMamba img_size= (frame size) and num_frames= (both interpolate the position tables);
+    Audio Mamba spec_size=(F, T) to run at (interpolates), train_spec_size=(F, T) and stride= when the
+    file cannot tell them (official files: 128 mel bins, stride = patch size).
 
     img_size: resolution to run at (int or (H, W)); the position embedding is interpolated when the
         checkpoint was trained at another one. Default: the resolution the file records (our
@@ -313,6 +352,12 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     """
     path = Path(path)
     raw = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
+    found = _family_of(raw, path, family)
+    if found != "vim":
+        return _load_other_family(raw, path, found, img_size=img_size, stride=stride, **options)
+    if options:
+        raise TypeError(f"unknown option(s) for a Vim checkpoint: {', '.join(sorted(options))}; Vim takes img_size=, "
+                        f"stride= and train_img_size=")
     cfg, grid = infer_config(raw, img_size=img_size, stride=stride, train_img_size=train_img_size)
     check_tensors(raw, cfg, grid, path)
     model = VisionMamba(cfg)
@@ -322,10 +367,34 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     return model.eval()
 
 
-def save_checkpoint(model: VisionMamba, path: PathLike) -> Path:
-    """Write the weights as safetensors, with the config in the metadata; atomic (no half-written file)."""
+def family_config(raw: RawCheckpoint, path: PathLike, family: str, **options):
+    """(config, adapted state dict) of a VideoMamba or Audio Mamba checkpoint: its loader
+    (mambamerge.loaders) infers the config and adapts the position tables; every tensor is then
+    checked against the config before any model is built."""
+    if family not in LOADERS:
+        raise CheckpointError(f"{path}: written for a model family this version does not know ({family!r}); "
+                              f"known families: {', '.join(sorted(FAMILIES))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        cfg, sd = LOADERS[family].config_and_weights(raw.state_dict, raw.config, **options)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    _compare_shapes(_expected_shapes(FAMILIES[family], cfg), sd, path)
+    return cfg, sd
+
+
+def _load_other_family(raw: RawCheckpoint, path: Path, family: str, **options) -> MambaClassifier:
+    cfg, sd = family_config(raw, path, family, **options)
+    model = FAMILIES[family](cfg)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def save_checkpoint(model: MambaClassifier, path: PathLike) -> Path:
+    """Write the weights as safetensors, with the family and config in the metadata; atomic (no
+    half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict())}
+    metadata = {CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict()), FAMILY_METADATA_KEY: model.family}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

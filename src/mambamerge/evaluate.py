@@ -1,6 +1,6 @@
 """Accuracy and throughput of a model on a dataset."""
 import statistics
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -28,33 +28,37 @@ def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = No
     return correct / total
 
 
-def check_fit(cfg, info, data_name: str = "the dataset") -> None:
-    """Raise a ValueError naming both numbers when a model (its VimConfig) cannot be evaluated on a
-    dataset (its ImageSet): number of classes, input channels, image size."""
-    if cfg.num_classes != info.num_classes:
-        raise ValueError(f"the model has {cfg.num_classes} classes but {data_name} has {info.num_classes}; "
-                         f"evaluate it on data with {cfg.num_classes} classes (or fine-tune its head first)")
-    if cfg.in_chans != info.in_chans:
-        raise ValueError(f"the model takes {cfg.in_chans}-channel images but {data_name} gives {info.in_chans}-channel "
-                         f"ones; use data with {cfg.in_chans} channels")
-    if tuple(cfg.img_size) != tuple(info.img_size):
-        (h, w), (dh, dw) = cfg.img_size, info.img_size
-        raise ValueError(f"the model runs at {h}x{w} but {data_name} is loaded at {dh}x{dw}; load the data at "
-                         f"the model's size or build the model for the data's (load_checkpoint(img_size=...))")
+def check_fit(model, info, data_name: str = "the dataset") -> None:
+    """Raise a ValueError naming both sides when `model` cannot be evaluated on a dataset (its info:
+    classes and input_shape, the shape of one sample): number of classes, then for images the
+    channels and the size, for other inputs the sample shape."""
+    if model.num_classes != info.num_classes:
+        raise ValueError(f"the model has {model.num_classes} classes but {data_name} has {info.num_classes}; "
+                         f"evaluate it on data with {model.num_classes} classes (or fine-tune its head first)")
+    want, got = tuple(model.input_shape), tuple(info.input_shape)
+    if want == got:
+        return
+    if model.family == "vim" and len(got) == 3:
+        if want[0] != got[0]:
+            raise ValueError(f"the model takes {want[0]}-channel images but {data_name} gives {got[0]}-channel "
+                             f"ones; use data with {want[0]} channels")
+        raise ValueError(f"the model runs at {want[1]}x{want[2]} but {data_name} is loaded at {got[1]}x{got[2]}; load "
+                         f"the data at the model's size or build the model for the data's "
+                         f"(load_checkpoint(img_size=...))")
+    raise ValueError(f"the model ({model.family}) takes inputs of shape {want} per sample but {data_name} gives "
+                     f"{got}; load the data for this model (its input_shape) or pick a model built for the data")
 
 
-def _random_images(model, img_size: Union[int, Tuple[int, int]], in_chans: int, batch_size: int) -> torch.Tensor:
-    """(batch_size, in_chans, H, W) standard-normal images on the model's device."""
-    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    return torch.randn(batch_size, in_chans, height, width, device=next(model.parameters()).device)
+def _random_inputs(model, batch_size: int) -> torch.Tensor:
+    """(batch_size, *model.input_shape) standard-normal inputs on the model's device."""
+    return torch.randn(batch_size, *model.input_shape, device=next(model.parameters()).device)
 
 
-def throughput(model, img_size: Union[int, Tuple[int, int]], in_chans: int, batch_size: int = 8, runs: int = 5,
-               warmup: int = 1) -> float:
-    """Images per second of `model` (dense or patched, put in eval mode) on random images
-    (batch_size, in_chans, H, W) on its own device: median of `runs` timed forwards after `warmup`
-    discarded ones (timing.time_call). img_size: int or (H, W)."""
-    images = _random_images(model, img_size, in_chans, batch_size)
+def throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1) -> float:
+    """Inputs per second of `model` (dense or patched, put in eval mode) on random inputs
+    (batch_size, *model.input_shape) on its own device: median of `runs` timed forwards after `warmup`
+    discarded ones (timing.time_call)."""
+    images = _random_inputs(model, batch_size)
     model.eval()
     with torch.inference_mode():
         seconds = statistics.median(time_call(lambda: model(images), images.device, warmup=warmup, runs=runs))
@@ -66,7 +70,7 @@ def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1
     timed round-robin in this process (timing.time_interleaved: medians of `runs`), so that load from
     other processes hits both alike and their ratio stays honest. The model stays patched."""
     reducer = model.token_reducer
-    images = _random_images(model, model.cfg.img_size, model.cfg.in_chans, batch_size)
+    images = _random_inputs(model, batch_size)
 
     def forward_with(token_reducer):
         def forward():
@@ -98,7 +102,7 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
     timing_runs, schedule (removals and token counts per block).
     A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
     raised before any image is run. The model is left unpatched."""
-    check_fit(model.cfg, dataset.info)
+    check_fit(model, dataset.info)
     if method is None and (reduction or patch_options):
         raise ValueError("a reduction or patch options need a method; pass method='mame' (or another one)")
     unpatch(model)
@@ -109,8 +113,7 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
         gflops = flops(model).summary()
         top1 = accuracy(model, dataset, batch_size, progress)
         if method is None:
-            images_per_s = dense_images_per_s = throughput(model, model.cfg.img_size, model.cfg.in_chans,
-                                                           throughput_batch, runs, warmup)
+            images_per_s = dense_images_per_s = throughput(model, throughput_batch, runs, warmup)
         else:
             images_per_s, dense_images_per_s = paired_throughput(model, throughput_batch, runs, warmup)
     finally:

@@ -3,12 +3,13 @@
 
 "FLOPs" here are multiply-accumulates (MACs), as Vim and the token-merging papers report them.
 Counted: patch embedding (M patches x the kernel's weights), per block and token in_proj, conv1d,
-x_proj, dt_proj, the selective scan (9 d_inner N + 2 d_inner per token: discretisation, state update, readout, D skip, z gate) and
-out_proj, then the head once. Norms, activations and additions are not counted.
+x_proj, dt_proj, the selective scan (9 d_inner N + 2 d_inner per token: discretisation, state update,
+readout, D skip, z gate) and out_proj, then the head once. Norms, activations and additions are not
+counted. Token counts come from the model's TokenLayout (any family, any class-token position).
 
 Two conventions: "one_direction" counts the scan branch (conv1d, x_proj, dt_proj, scan) once, as the
 literature does although bimamba v2 runs two branches (dense Vim-Ti 1.45 G); "both_directions" counts
-both (1.82 G). The merge overhead (scoring and matching, method.overhead_macs) is reported apart and
+what the mixer runs (Vim: both branches, 1.82 G; AuM's Fo-Bi: one branch, two scans). The merge overhead (scoring and matching, method.overhead_macs) is reported apart and
 added in the totals.
 """
 from dataclasses import dataclass

@@ -54,15 +54,6 @@ class TokenLayout:
         """Index of the class token in the embedded sequence (None without one)."""
         return {"head": 0, "middle": self.num_patches // 2, "none": None}[self.cls]
 
-    def patch_slots(self) -> torch.Tensor:
-        """(M,) long: the sequence index of each patch, patches in grid (row-major) order."""
-        slots = torch.arange(self.num_patches)
-        if self.cls == "head":
-            return slots + 1
-        if self.cls == "middle":
-            return slots + (slots >= self.num_patches // 2).long()
-        return slots
-
     def describe(self) -> str:
         """E.g. "8x14x14 (frame x row x col) patches + class token at the head (index 0)"."""
         grid = "x".join(str(g) for g in self.grid)

@@ -99,14 +99,15 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
     label = f"{args.data} {split}" if is_idx else args.data
     if len(dataset) == 0:
         raise ValueError(f"{label} holds no images")
-    check_fit(cfg, dataset.info, label)
+    check_fit(model, dataset.info, label)
     return model, dataset, label
 
 
 def describe(model, checkpoint: str) -> str:
     cfg = model.cfg
-    return (f"{Path(checkpoint).name}: {cfg.depth} blocks, width {cfg.embed_dim}, {cfg.num_patches + 1} tokens "
-            f"({cfg.in_chans}x{cfg.img_size[0]}x{cfg.img_size[1]} images), {cfg.num_classes} classes")
+    shape = "x".join(str(n) for n in model.input_shape)
+    return (f"{Path(checkpoint).name}: {cfg.depth} blocks, width {cfg.embed_dim}, {model.layout.length} tokens "
+            f"({shape} inputs), {cfg.num_classes} classes")
 
 
 def run(args: argparse.Namespace) -> int:

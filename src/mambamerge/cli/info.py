@@ -1,7 +1,8 @@
 """`mambamerge info`: list the models, or describe what a checkpoint file holds."""
 import argparse
 
-from mambamerge.checkpoint import check_tensors, infer_config, read_checkpoint
+from mambamerge.checkpoint import check_tensors, family_config, infer_config, read_checkpoint
+from mambamerge.loaders import FAMILY_NAMES, detect_family
 from mambamerge.models import OFFICIAL_NAMES, list_models
 
 HELP = "list the known models, or show the architecture inferred from a checkpoint file"
@@ -21,12 +22,17 @@ def run(args: argparse.Namespace) -> int:
             print(name + alias)
         return 0
     raw = read_checkpoint(args.checkpoint)
-    cfg, grid = infer_config(raw, img_size=args.img_size)
-    check_tensors(raw, cfg, grid, args.checkpoint)
+    family = raw.family or detect_family(raw.state_dict)
     n = sum(t.numel() for t in raw.state_dict.values())
-    print(f"{args.checkpoint}: {len(raw.state_dict)} tensors, {n / 1e6:.2f} M values")
-    print(f"trained grid {grid[0]}x{grid[1]}; at {cfg.img_size[0]}x{cfg.img_size[1]}: grid "
-          f"{cfg.grid_size[0]}x{cfg.grid_size[1]}")
+    print(f"{args.checkpoint}: {FAMILY_NAMES.get(family, family)}, {len(raw.state_dict)} tensors, "
+          f"{n / 1e6:.2f} M values")
+    if family != "vim":
+        cfg, _ = family_config(raw, args.checkpoint, family)
+    else:
+        cfg, grid = infer_config(raw, img_size=args.img_size)
+        check_tensors(raw, cfg, grid, args.checkpoint)
+        print(f"trained grid {grid[0]}x{grid[1]}; at {cfg.img_size[0]}x{cfg.img_size[1]}: grid "
+              f"{cfg.grid_size[0]}x{cfg.grid_size[1]}")
     for key, value in cfg.to_dict().items():
         print(f"  {key:15s} {value}")
     return 0

@@ -1,4 +1,4 @@
-"""`mambamerge speed`: build a Vim (or load one), report its size and measure its forward throughput."""
+"""`mambamerge speed`: build a model (or load one), report its size and measure its forward throughput."""
 import argparse
 
 import torch
@@ -8,14 +8,15 @@ from mambamerge.models import create_model, list_models
 from mambamerge.ops import scan_backend
 from mambamerge.timing import time_call
 
-HELP = "build a Vim (or load a checkpoint) and measure its forward throughput"
+HELP = "build a model (or load a checkpoint) and measure its forward throughput"
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vim_tiny", choices=list_models(), metavar="NAME",
                    help="model to build (default: vim_tiny; see `mambamerge info --models`)")
     p.add_argument("--checkpoint", help="load this checkpoint instead of building a fresh model")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's own)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="image or frame resolution of a Vim or VideoMamba (default: the model's own)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -39,13 +40,12 @@ def run(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"model        {name}: {cfg.depth} blocks, width {cfg.embed_dim}, d_state {cfg.d_state}")
     print(f"parameters   {params / 1e6:.2f} M")
-    print(f"tokens       {cfg.num_patches} patches + 1 class token at index {model.cls_index} "
-          f"({cfg.img_size[0]}x{cfg.img_size[1]}, patch {cfg.patch_size[0]}, stride {cfg.stride[0]})")
+    print(f"tokens       {model.layout.describe()}, input {tuple(model.input_shape)} per sample")
     print(f"scan         {scan_backend(device)} on {device}, {torch.get_num_threads()} CPU threads")
-    images = torch.randn(args.batch, cfg.in_chans, *cfg.img_size, device=device)
+    images = torch.randn(args.batch, *model.input_shape, device=device)
     with torch.inference_mode():
         times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)
     best, median = min(times), sorted(times)[len(times) // 2]
     print(f"forward      batch {args.batch}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
-          f"{args.batch / median:.1f} images/s")
+          f"{args.batch / median:.1f} inputs/s")
     return 0

@@ -76,6 +76,11 @@ class ImageSet:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        """One sample's shape, (C, H, W), as a model's input_shape."""
+        return (self.in_chans, *self.img_size)
+
 
 class IdxDataset(Dataset):
     """MNIST-format images as normalised float tensors (1, size, size), resized from 28x28 (bilinear).

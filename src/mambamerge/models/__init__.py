@@ -1,4 +1,5 @@
-"""Model families: Vim (images), VideoMamba (video), Audio Mamba (spectrograms). Shared blocks in blocks.py, the shared classifier in base.py."""
+"""Model families: Vim (images), VideoMamba (video), Audio Mamba (spectrograms); one module each, listed
+in registry.py. Shared blocks in blocks.py, the shared classifier in base.py."""
 from mambamerge.models.aum import AudioMamba, AuMConfig
 from mambamerge.models.base import MambaClassifier
 from mambamerge.models.blocks import Block, MambaMixer, RMSNorm

@@ -1,0 +1,57 @@
+"""Helpers shared by the family loaders: the mixer's hyper-parameters from its tensors, the depth, and
+bounded sizes from options or a file's metadata (so that neither can make a loader allocate without limit)."""
+import re
+from typing import Dict, Tuple
+
+import torch
+
+
+def depth_of(sd: Dict[str, torch.Tensor]) -> int:
+    """Number of blocks; they must be numbered 0 to depth - 1 without gaps."""
+    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
+    if not blocks:
+        raise ValueError("the file has no blocks (no layers.{i}.* keys)")
+    if blocks != list(range(len(blocks))):
+        raise ValueError(f"the file has tensors for {len(blocks)} blocks numbered from {blocks[0]} to {blocks[-1]}, "
+                         f"not 0 to depth - 1 without gaps: the file is damaged")
+    return len(blocks)
+
+
+def mixer_config(sd: Dict[str, torch.Tensor], embed_dim: int) -> dict:
+    """d_state, d_conv, expand, dt_rank of block 0's mixer."""
+    d_inner = sd["layers.0.mixer.in_proj.weight"].shape[0] // 2
+    if d_inner % embed_dim:
+        raise ValueError(f"in_proj has {2 * d_inner} outputs, not a multiple of 2 x embed_dim={embed_dim}")
+    return dict(d_state=sd["layers.0.mixer.A_log"].shape[1], d_conv=sd["layers.0.mixer.conv1d.weight"].shape[-1],
+                expand=d_inner // embed_dim, dt_rank=sd["layers.0.mixer.dt_proj.weight"].shape[1])
+
+
+def require(sd: Dict[str, torch.Tensor], dims: Dict[str, int], family: str) -> None:
+    """The tensors the architecture is read from: present, with dims[key] non-empty axes (the head,
+    which a backbone file may lack, is checked when present)."""
+    missing = [k for k in dims if k not in sd]
+    if missing:
+        raise ValueError(f"not a complete {family} checkpoint: missing {', '.join(missing)}")
+    for key, ndim in {**dims, "head.weight": 2}.items():
+        if key in sd and sd[key].ndim != ndim or min(sd[key].shape) < 1:
+            raise ValueError(f"{key} has shape {tuple(sd[key].shape)}, a {family}'s has {ndim} non-empty axes: the "
+                             f"file is damaged")
+
+
+MAX_SIZE = 1 << 16  # the largest size (pixels, frames, mel bins) or stride an option or a file may give
+
+
+def whole(value, what: str, most: int = MAX_SIZE) -> int:
+    """A whole number from 1 to `most`, else a ValueError naming `what`."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise ValueError(f"{what} is {value!r}: expected a whole number from 1 to {most}")
+    return value
+
+
+def pair(value, what: str, most: int = MAX_SIZE) -> Tuple[int, int]:
+    """An int or a pair of them, each from 1 to `most`, as a pair; else a ValueError naming `what`."""
+    items = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(items, (list, tuple)) or len(items) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= most for v in items)):
+        raise ValueError(f"{what} is {value!r}: expected a whole number from 1 to {most} or a pair of them")
+    return int(items[0]), int(items[1])
