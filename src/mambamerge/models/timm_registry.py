@@ -9,7 +9,6 @@ Nothing is downloaded. A name another package has already registered with timm i
 overwrite, no warning); mambamerge.create_model still builds ours.
 """
 import dataclasses
-import inspect
 
 from timm.models import PretrainedCfg, generate_default_cfgs, is_model, register_model, resolve_pretrained_cfg
 
@@ -19,21 +18,19 @@ from mambamerge.models.registry import FAMILIES, MODEL_CONFIGS, OFFICIAL_NAMES, 
 _TIMM_ONLY_KWARGS = ("cache_dir",)
 # config fields that hold no tensors: a model loaded from a file is rebuilt with them
 _RUNTIME_FIELDS = ("drop_rate", "drop_path_rate", "head_drop_rate")
+# input sizes the loader takes (it interpolates the position embeddings)
+_LOAD_OPTIONS = ("img_size", "num_frames", "spec_size")
 # config fields a file does not fix: the input size, the classes
-_FREE_FIELDS = ("img_size", "num_frames", "spec_size", "num_classes")
+_FREE_FIELDS = _LOAD_OPTIONS + ("num_classes",)
 
 # read by timm's register_model: each name's pretrained_cfg
 _NAMES = list(MODEL_CONFIGS) + list(OFFICIAL_NAMES)
 default_cfgs = generate_default_cfgs({name: pretrained_cfg_of(name) for name in _NAMES})
 
 
-def _check_architecture(name: str, model) -> None:
-    """The loaded model must be the architecture `name` describes (its size aside)."""
-    family, config = MODEL_CONFIGS[OFFICIAL_NAMES.get(name, name)]
-    cls = FAMILIES[family]
-    if not isinstance(model, cls):
-        raise ValueError(f"{name} is a {family} model, but the file holds a {model.family} model")
-    named = cls.config_class(**config)
+def _check_architecture(name: str, family: str, config: dict, model) -> None:
+    """The loaded model must be the architecture `name` (family and config) describes, its size aside."""
+    named = FAMILIES[family].config_class(**config)
     differs = {f.name: (getattr(model.cfg, f.name), getattr(named, f.name)) for f in dataclasses.fields(named)
                if f.name not in _FREE_FIELDS + _RUNTIME_FIELDS
                and getattr(model.cfg, f.name) != getattr(named, f.name)}
@@ -48,15 +45,16 @@ def _load(name: str, file: str, kwargs: dict):
     dropout and stochastic-depth rates rebuild the model around the same weights."""
     from mambamerge.checkpoint import load_checkpoint
 
-    load_options = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(load_checkpoint).parameters}
+    load_options = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOAD_OPTIONS}
     num_classes = kwargs.pop("num_classes", None)
     runtime = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUNTIME_FIELDS}
     if kwargs:
+        accepted = ", ".join(("num_classes",) + _RUNTIME_FIELDS + _LOAD_OPTIONS)
         raise ValueError(f"{name} with pretrained=True takes its architecture from the file; unsupported option(s): "
-                         f"{', '.join(sorted(kwargs))} (accepted: num_classes, {', '.join(_RUNTIME_FIELDS)}, "
-                         f"{', '.join(sorted(load_options) or ['the loader size options'])})")
-    model = load_checkpoint(file, **load_options)
-    _check_architecture(name, model)
+                         f"{', '.join(sorted(kwargs))} (accepted: {accepted})")
+    family, config = MODEL_CONFIGS[OFFICIAL_NAMES.get(name, name)]
+    model = load_checkpoint(file, family=family, **load_options)
+    _check_architecture(name, family, config, model)
     runtime = {k: v for k, v in runtime.items() if hasattr(model.cfg, k) and getattr(model.cfg, k) != v}
     if runtime:
         rebuilt = type(model)(dataclasses.replace(model.cfg, **runtime))
