@@ -225,14 +225,15 @@ def _run_kernel(name, *args):
 def _dispatch(op, impl, args, differentiable=()):
     """op(*args) under torch.compile or where autograd records the call (any of `differentiable` needs a
     gradient); elsewhere impl(*args), the same kernel without the dispatcher, whose cost buys nothing in
-    eager inference (about 4% of a batch-1 Vim-Ti forward)."""
+    eager inference (2.5% of a batch-1 Vim-Ti forward's CPU time, 12% with MaMe merging half the tokens:
+    benchmarks/dispatch.py)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
         return op(*args)
     return impl(*args)
 
 
 def _scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             D: torch.Tensor, reverse: bool) -> torch.Tensor:
+          D: torch.Tensor, reverse: bool) -> torch.Tensor:
     u, delta, B, C, D = (t.contiguous() for t in (u, delta, B, C, D))
     At = A.t().contiguous()  # (N, d); every tensor passed by address stays referenced until the call returns
     y = u.new_empty(u.shape)
@@ -393,8 +394,8 @@ def softplus_with_row_mean_compiled(x):
 
 
 def _merge_apply(hidden: torch.Tensor, residual: Optional[torch.Tensor], size: torch.Tensor, rep: torch.Tensor,
-                    assign: torch.Tensor, movers: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                    mean: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                 assign: torch.Tensor, movers: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                 mean: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     batch, length, channels = hidden.shape
     new_length, m = rep.shape[1], movers.shape[1]
     out = hidden.new_empty(batch, new_length, channels)
