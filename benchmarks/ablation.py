@@ -12,9 +12,11 @@ import mambamerge
 from mambamerge.cli.demo import demo_checkpoint
 from mambamerge.data import load_dataset
 from mambamerge.evaluate import accuracy
+from mambamerge.merge.mame import PAPER_AS_READ
 
 VARIANTS = [
     ("mame", {}),
+    ("mame", PAPER_AS_READ),
     ("mame", {"match": "window"}),
     ("mame", {"match": "bipartite"}),
     ("mame", {"weight": "size"}),
@@ -22,6 +24,7 @@ VARIANTS = [
     ("mame", {"feature": "hidden"}),
     ("mame", {"sources": "most_delta"}),
     ("mame", {"sources": "random"}),
+    ("mtr", {}),
     ("stm", {}),
     ("stm", {"w_protect": 0}),
     ("stm", {"w_protect": 8}),

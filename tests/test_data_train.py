@@ -47,6 +47,18 @@ def test_shipped_fashion_mnist_test_split():
     assert x.shape == (32, 1, 56, 56) and abs(x.mean().item()) < 0.5 and y.dtype == torch.long
 
 
+def test_a_slice_of_a_split_starts_where_asked(tmp_path):
+    images = np.arange(6 * 4 * 4, dtype=np.uint8).reshape(6, 4, 4)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([5, 4, 3, 2, 1, 0], dtype=np.uint8))
+    spec = f"mnist:{tmp_path}"
+    tail = load_dataset(spec, "train", img_size=4, start=4)
+    assert tail.labels.tolist() == [1, 0] and torch.equal(tail.images, torch.from_numpy(images[4:]))
+    assert load_dataset(spec, "train", img_size=4, start=1, limit=2).labels.tolist() == [4, 3]
+    with pytest.raises(ValueError, match=r"start must be in \[0, 6\) for the 6 images of mnist train, got 6"):
+        load_dataset(spec, "train", start=6)
+
+
 def test_missing_idx_data_names_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"no mnist train split .* in {tmp_path}"):
         load_dataset(f"mnist:{tmp_path}", "train")

@@ -4,6 +4,11 @@ traceback or a half-written output."""
 import argparse
 import json
 import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,8 @@ from safetensors.torch import save_file
 import mambamerge
 import mambamerge.merge
 from mambamerge import CheckpointError, load_checkpoint
+from mambamerge import atomic
+from mambamerge.atomic import recover, write_bytes, write_files
 from mambamerge.cli.main import main
 from conftest import perturb_
 
@@ -297,3 +304,216 @@ def test_an_empty_batch_gives_an_empty_result(method):
     mambamerge.patch(model, method, reduction=0.3)
     with torch.no_grad():
         assert model(torch.zeros(0, 3, 64, 64)).shape == (0, 10)
+
+
+# --- writes: all or nothing under a real kill, no temp file left for ever, the umask's mode (item 7) ---
+
+# the child loads atomic.py on its own (no torch import: a second, not half a minute on a loaded machine)
+_LOAD_ATOMIC = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("atomic", {str(Path(atomic.__file__))!r})
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+"""
+_KILL_AFTER_FIRST_RENAME = _LOAD_ATOMIC + """
+import os, signal, sys
+real, done = os.replace, []
+def replace(src, dst):
+    real(src, dst)
+    if not os.path.basename(dst).startswith("."):  # a result file, not the journal
+        done.append(dst)
+        if len(done) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+atomic.write_files(sys.argv[1], {name: "new " + name for name in ("results.md", "results.csv", "results.json")})
+"""
+
+_KILL_WHILE_WRITING = _LOAD_ATOMIC + """
+import os, signal, sys
+from pathlib import Path
+def write(tmp):
+    Path(tmp).write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+atomic.atomic_write(Path(sys.argv[1]) / "model.safetensors", write)
+"""
+
+
+def _killed(script, folder):
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+def test_a_kill_while_renaming_results_never_leaves_new_beside_old(tmp_path):
+    names = ("results.md", "results.csv", "results.json")
+    write_files(tmp_path, {name: "old " + name for name in names})
+    _killed(_KILL_AFTER_FIRST_RENAME, tmp_path)
+    left = {p.name: p.read_text() for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    assert set(left.values()) <= {"new " + name for name in names} and left  # no old file beside a new one
+    recover(tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {name: "new " + name for name in names}
+
+
+def test_a_kill_while_writing_leaves_the_old_file_and_no_temp_for_ever(tmp_path):
+    (tmp_path / "model.safetensors").write_text("old")
+    _killed(_KILL_WHILE_WRITING, tmp_path)
+    assert (tmp_path / "model.safetensors").read_text() == "old"
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # what the killed process left
+    write_files(tmp_path, {"history.json": "[]"})  # the next write into the folder clears it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        paths = write_files(tmp_path, {"a.md": "a", "b.csv": "b"}) + [write_bytes(tmp_path / "c.json", "{}")]
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths} == {mode}
+
+
+# --- a corrupt or truncated image is skipped with a warning and counted (item 5) ---
+
+def damage(folder):
+    """Two real damaged files among the images: random bytes named .png, and a JPEG cut in half."""
+    (folder / "ant" / "garbage.png").write_bytes(np.random.default_rng(1).bytes(300))
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(
+        folder / "bee" / "whole.jpg", quality=95)
+    data = (folder / "bee" / "whole.jpg").read_bytes()
+    (folder / "bee" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "bee" / "whole.jpg").unlink()
+
+
+@pytest.fixture
+def pico_ckpt(tmp_path):
+    torch.manual_seed(0)
+    return str(mambamerge.save_checkpoint(mambamerge.create_model("vim_pico", num_classes=2), tmp_path / "m.safetensors"))
+
+
+def test_eval_and_sweep_skip_unreadable_images_and_say_so(tmp_path, pico_ckpt, capsys):
+    root = image_folder(tmp_path / "data", splits=("val",))
+    common = ["--checkpoint", pico_ckpt, "--runs", "1", "--throughput-batch", "2", "--threads", "1"]
+    assert main(["eval", *common, "--data", str(root / "val"), "--json", str(tmp_path / "clean.json")]) == 0
+    damage(root / "val")
+    capsys.readouterr()
+    assert main(["eval", *common, "--data", str(root / "val"), "--json", str(tmp_path / "damaged.json")]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "skipped     2 unreadable images" in captured.out
+    assert "warning: skipped an unreadable image" in captured.err and "garbage.png" in captured.err
+    clean, damaged = (json.loads((tmp_path / f"{n}.json").read_text())["result"] for n in ("clean", "damaged"))
+    assert damaged["images"] == clean["images"] == 4 and damaged["top1"] == clean["top1"]
+    assert [Path(p.split(" (")[0]).name for p in damaged["unreadable_images"]] == ["garbage.png", "cut.jpg"]
+    out = tmp_path / "sweep"
+    assert main(["sweep", *common, "--data", str(root / "val"), "--out", str(out), "--methods", "mame",
+                 "--reductions", "0.2"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["data"]["unreadable_images"]) == 2
+
+
+def test_training_goes_on_past_an_unreadable_image(tmp_path, data, capsys):
+    damage(tmp_path / "data" / "train")
+    out = tmp_path / "run"
+    assert main(TRAIN + data + ["--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "cut.jpg" in captured.err
+    assert (out / "model.safetensors").is_file() and (out / "last.pt").is_file()
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path, pico_sd):
+    """`mambamerge info x.pth | head -1`: the pipe closes before the output is written."""
+    torch.save(pico_sd, tmp_path / "m.pth")
+    child = subprocess.Popen([sys.executable, "-m", "mambamerge", "info", str(tmp_path / "m.pth"), "--img-size", "32"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # as head does once it has its lines; the command is still importing torch
+    err = child.stderr.read().decode()
+    assert child.wait() == 128 + signal.SIGPIPE and err == ""
+
+
+# --- a damaged kernel cache is rebuilt, not run (item 3) ---
+
+_FORWARD_ON_THE_CACHE = """
+import warnings, torch
+from mambamerge.ops import compiled
+x = torch.linspace(-5, 5, 64)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = compiled.softplus_compiled(x)
+assert torch.allclose(y, torch.nn.functional.softplus(x), atol=1e-6)
+print(compiled.available(), *[str(w.message) for w in caught], sep="\\n")
+"""
+
+
+def test_a_truncated_cached_kernel_library_is_rebuilt_with_a_warning(tmp_path):
+    from mambamerge.ops import compiled
+
+    if not compiled.available():
+        pytest.skip(f"no compiled kernels here: {compiled.unavailable_reason()}")
+    built = next(Path(compiled._cache_root()).glob("*/_cpu_kernels.so")).parent
+    cache = tmp_path / "cache"
+    shutil.copytree(built, cache / built.name)
+    lib = cache / built.name / "_cpu_kernels.so"
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])  # a copy cut short, as a full disk leaves it
+    stale = cache / built.name / ".build-999999999-x"  # what a build killed long ago left (no such pid)
+    stale.mkdir()
+    env = {**os.environ, "MAMBAMERGE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", _FORWARD_ON_THE_CACHE], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"returncode {result.returncode}: {result.stderr[-2000:]}"  # SIGBUS: -7
+    lines = result.stdout.splitlines()
+    assert lines[0] == "True" and "is damaged or incomplete" in lines[1] and "rebuilding" in lines[1]
+    assert lib.read_bytes() == (built / "_cpu_kernels.so").read_bytes() or compiled._intact(lib)
+    assert not stale.exists()
+
+
+# --- threads: the cores free at start, OpenMP workers that stop spinning (item 10) ---
+
+def test_free_cores_counts_the_cores_others_leave_free(monkeypatch):
+    from mambamerge import threads
+
+    samples = iter([{0: (0, 100), 1: (0, 100), 2: (0, 100)},
+                    {0: (10, 200), 1: (100, 200), 2: (100, 200)}])  # core 0 10% busy, 1 fully, 2 not ours
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert threads.free_cores(window=0) == 1
+    samples = iter([{0: (0, 100), 1: (0, 100)}, {0: (100, 200), 1: (100, 200)}])  # both busy: still one
+    assert threads.free_cores(window=0) == 1
+    assert threads.default_threads(3) == 3
+
+
+def test_spinning_is_bounded_only_before_torch_loads_and_only_if_unset(monkeypatch):
+    from mambamerge import threads
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads.bound_spinning()  # torch is loaded in this process: too late, nothing set
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    threads.bound_spinning()  # the user's choice stands
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(sys, "orig_argv", ["python", "script.py"])
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    threads.bound_spinning_for_commands()  # a library user's program
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "mambamerge", "eval"])
+    threads.bound_spinning_for_commands()
+    assert os.environ["GOMP_SPINCOUNT"] == str(threads.SPINCOUNT)
+
+
+def test_commands_default_to_the_free_cores(monkeypatch, capsys):
+    from mambamerge import threads
+
+    monkeypatch.setattr(threads, "free_cores", lambda window=0.1: 1)
+    before = torch.get_num_threads()
+    try:
+        assert main(["speed", "--model", "vim_pico", "--batch", "1", "--runs", "1"]) == 0
+        assert " 1 CPU threads" in capsys.readouterr().out
+        assert main(["speed", "--model", "vim_pico", "--batch", "1", "--runs", "1", "--threads", "0"]) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_command_bounds_spinning_before_torch_loads():
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-m", "mambamerge", "speed", "--model", "vim_pico", "--batch", "1", "--runs",
+                          "1", "--threads", "1"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "GOMP_SPINCOUNT=10000" in out

@@ -4,10 +4,16 @@ import torch
 
 import mambamerge
 from mambamerge.merge import MaMe, STM
+from mambamerge.merge.mame import PAPER_AS_READ
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.stm import injection_strength
 from mambamerge.tokens import SSMStats, TokenLayout
 from conftest import perturb_
+
+
+def as_read(**changes):
+    """MaMe as the paper was first read (mame.PAPER_AS_READ), with some options changed."""
+    return MaMe(**{**PAPER_AS_READ, **changes})
 
 
 def make_state(length=11, dim=6, cls=5, batch=1, seed=0):
@@ -36,7 +42,7 @@ def test_mame_merges_the_least_important_tokens_into_their_most_similar_survivor
     delta[0, 2] = 0.01  # least important
     delta[0, 5] = 0.001  # the class token: lowest of all, but never a source
     ssm = make_ssm(delta)
-    new = state.apply(MaMe().plan(state, ssm, 1))
+    new = state.apply(as_read().plan(state, ssm, 1))
     assert new.length == 10
     holder = int(new.source[0, :, 2].argmax())
     assert new.pos[0, holder] == 8 and new.size[0, holder] == 2
@@ -53,7 +59,7 @@ def test_mame_important_placement_moves_the_token_to_its_strongest_member():
     state = make_state()
     delta = torch.ones(1, 11, dtype=torch.float64)
     delta[0, 1] = 0.1
-    plan = MaMe(placement="important").plan(state, make_ssm(delta), 1)
+    plan = as_read(placement="important").plan(state, make_ssm(delta), 1)
     new = state.apply(plan)
     holder = int(new.source[0, :, 1].argmax())
     members = new.source[0, holder].nonzero().flatten().tolist()
@@ -65,7 +71,7 @@ def test_mame_important_placement_moves_the_token_to_its_strongest_member():
 def test_mame_window_match_stays_local():
     state = make_state(length=21, cls=10, seed=3)
     delta = torch.rand(1, 21, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
-    new = state.apply(MaMe(match="window", window=2).plan(state, make_ssm(delta), 5))
+    new = state.apply(as_read(match="window", window=2).plan(state, make_ssm(delta), 5))
     for row, slot in zip(new.source[0], new.pos[0]):
         assert ((row.nonzero().flatten() - slot).abs() <= 2).all()
 
@@ -117,7 +123,7 @@ def test_stm_refuses_more_merges_than_adjacent_pairs_allow():
 def test_mame_source_ablation_picks_by_its_rule(sources):
     state = make_state(length=11, cls=5)
     delta = torch.linspace(0.1, 1.0, 11, dtype=torch.float64)[None]
-    plan = MaMe(sources=sources, seed=3).plan(state, make_ssm(delta), 3)
+    plan = as_read(sources=sources, seed=3).plan(state, make_ssm(delta), 3)
     leaving = sorted(set(range(11)) - set(plan.rep[0].tolist()))
     assert len(leaving) == 3 and 5 not in leaving
     if sources == "least_delta":
@@ -125,5 +131,5 @@ def test_mame_source_ablation_picks_by_its_rule(sources):
     elif sources == "most_delta":
         assert leaving == [8, 9, 10]
     else:  # seeded: the same draw from a fresh method with the same seed
-        again = MaMe(sources=sources, seed=3).plan(state, make_ssm(delta), 3)
+        again = as_read(sources=sources, seed=3).plan(state, make_ssm(delta), 3)
         assert torch.equal(plan.rep, again.rep)

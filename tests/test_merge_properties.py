@@ -16,7 +16,11 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 # non-default options worth covering; every other method runs with its defaults
 VARIANTS = {
     "mame": [{}, {"match": "window", "window": 1}, {"match": "bipartite"}, {"placement": "important"},
-             {"weight": "size", "feature": "hidden"}, {"sources": "most_delta", "match": "window"}],
+             {"weight": "size", "feature": "hidden"}, {"sources": "most_delta", "match": "window"},
+             {"sources": "spread", "w_protect": 2, "keep_top": 0.3, "cap": 1}, {"sources": "pairs", "weight": "plain"},
+             {"sources": "spread", "match": "window", "window": 1, "cap": 2, "importance": "injection"},
+             {"match": "bipartite", "w_protect": 3}, {"sources": "pairs", "w_protect": 2, "placement": "important"}],
+    "mtr": [{}, {"keep_top": 0.0, "weight": "size"}, {"keep_top": 0.9, "feature": "hidden"}],
     "stm": [{}, {"mode": "sum"}, {"weight": "size"}, {"fading": 1.0, "w_protect": 0}],
 }
 

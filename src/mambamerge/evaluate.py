@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from mambamerge.data import batches
+from mambamerge.data import batches, unreadable
 from mambamerge.flops import flops
 from mambamerge.patch import patch, reduction_summary, unpatch
 from mambamerge.timing import time_call, time_interleaved
@@ -120,7 +120,7 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
         unpatch(model)
     return {
         "method": method or "dense", "target_reduction": reduction, "options": dict(patch_options),
-        "top1": top1, "images": len(dataset),
+        "top1": top1, "images": len(dataset) - len(unreadable(dataset)), "unreadable_images": unreadable(dataset),
         "average_reduction": summary["average_reduction"], "average_tokens": summary["average_tokens"],
         "final_tokens": summary["final_tokens"], "initial_tokens": summary["initial_tokens"],
         **{f"gflops_{key}": gflops[key] for key in ("one_direction", "both_directions", "merge_overhead",

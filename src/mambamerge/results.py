@@ -18,6 +18,7 @@ import torch
 
 import mambamerge
 from mambamerge.ops import scan_backend
+from mambamerge.threads import openmp_waiting
 
 # (header, key, format) of the markdown table
 TABLE: List[Tuple[str, str, Callable[[object], str]]] = [
@@ -79,6 +80,7 @@ def environment(device: torch.device) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mambamerge": mambamerge.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads(),
+            "openmp_waiting": openmp_waiting(),
             "scan": scan_backend(device)}
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mambamerge.atomic import atomic_write, write_bytes
 from mambamerge.checkpoint import save_checkpoint
-from mambamerge.data import batches
+from mambamerge.data import batches, unreadable
 from mambamerge.evaluate import accuracy
 
 NO_DECAY = ("pos_embed", "cls_token", "A_log", "A_b_log", "D", "D_b")
@@ -156,5 +156,7 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
                     "torch_rng": torch.get_rng_state(), "state": state, "config": asdict(cfg)}
         atomic_write(last, lambda tmp: torch.save(snapshot, tmp))
         write_bytes(out_dir / "history.json", json.dumps(state["history"], indent=1))
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / max(seen, 1):.4f}, val top-1 {acc:.2%}")
+        skipped = len(unreadable(train_set)) + len(unreadable(val_set))
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / max(seen, 1):.4f}, val top-1 {acc:.2%}"
+            + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     return {"best_accuracy": state["best"], "epochs": state["epoch"], "history": state["history"]}

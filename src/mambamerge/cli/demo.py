@@ -23,7 +23,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/demo", metavar="DIR", help="results folder (default: outputs/demo)")
     p.add_argument("--limit", type=int, default=2000, metavar="N",
                    help="test images to evaluate (default: 2000 of the 10,000)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
 
 
 def run(args: argparse.Namespace) -> int:

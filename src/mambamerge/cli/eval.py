@@ -13,6 +13,7 @@ from mambamerge.data import IDX_SETS, load_dataset
 from mambamerge.evaluate import check_fit, evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import make_method
+from mambamerge.threads import default_threads
 from mambamerge.results import check_writable, environment, json_text
 
 HELP = "evaluate a checkpoint with one token-reduction method: top-1, GFLOPs and measured throughput"
@@ -33,7 +34,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64, help="batch size of the accuracy pass (default: 64)")
     p.add_argument("--throughput-batch", type=int, default=8, help="batch size of the timed forwards (default: 8)")
     p.add_argument("--runs", type=int, default=5, help="timed forwards per throughput, median (default: 5)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="schedule parameter or method option, as for mambamerge.patch, e.g. --option every=1 "
                         "--option match=window; repeatable")
@@ -53,8 +54,13 @@ def check_common(args: argparse.Namespace) -> Dict[str, object]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return parse_options(args.option)
+
+
+def parse_options(pairs) -> Dict[str, object]:
+    """--option KEY=VALUE pairs as a dict, values read as Python literals where they are ones."""
     options = {}
-    for pair in args.option:
+    for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--option expects KEY=VALUE (e.g. every=1), got {pair!r}")
@@ -84,8 +90,7 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
     if args.split and not is_idx:
         raise ValueError(f"--split applies to {' and '.join(IDX_SETS)}; an image folder is one split: pass the "
                          f"split's own folder (e.g. imagenet/val) as --data")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(default_threads(args.threads))
     model = load_checkpoint(args.checkpoint, img_size=args.img_size)
     cfg = model.cfg
     (height, width), name = cfg.img_size, Path(args.checkpoint).name
@@ -131,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = model.cfg
     print(f"model       {describe(model, args.checkpoint)}")
     print(f"data        {label}: {result['images']} images")
+    if result["unreadable_images"]:
+        print(f"skipped     {len(result['unreadable_images'])} unreadable images (named in the warnings above)")
     if args.method:
         target = f"target reduction {args.reduction:.0%}" if args.reduction is not None else "schedule from options"
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())

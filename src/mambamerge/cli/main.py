@@ -1,13 +1,19 @@
 """`mambamerge <command>`: one entry point; each command lives in its own module."""
 import argparse
+import functools
+import os
+import signal
 import sys
+import warnings
 from typing import List, Optional
 
 from mambamerge.checkpoint import CheckpointError
 from mambamerge.cli import demo, info, speed, sweep, train
 from mambamerge.cli import eval as eval_command  # not `eval`: that name is a builtin
+from mambamerge.cli import diagnose, visualize
 
 COMMANDS = {"demo": demo, "eval": eval_command, "sweep": sweep, "train": train, "speed": speed, "info": info}
+COMMANDS.update(diagnose=diagnose, visualize=visualize)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,13 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn(message, category, filename, lineno, file=None, line=None, *, command: str) -> None:
+    print(f"mambamerge {command}: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command].run(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_warn, command=args.command)
+            code = COMMANDS[args.command].run(args) or 0
+        sys.stdout.flush()
+        return code
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"mambamerge {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mambamerge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`mambamerge info x.pth | head -3`): stop quietly, as cat would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

@@ -6,6 +6,7 @@ import torch
 from mambamerge.checkpoint import load_checkpoint
 from mambamerge.models import create_model, list_models
 from mambamerge.ops import scan_backend
+from mambamerge.threads import default_threads, openmp_waiting
 from mambamerge.timing import time_call
 
 HELP = "build a model (or load a checkpoint) and measure its forward throughput"
@@ -19,15 +20,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="image or frame resolution of a Vim or VideoMamba (default: the model's own)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default: 3)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores free at start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.runs < 1:
         raise ValueError("--batch and --runs must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(default_threads(args.threads))
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, img_size=args.img_size)
         name = args.checkpoint
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model        {name}: {cfg.depth} blocks, width {cfg.embed_dim}, d_state {cfg.d_state}")
     print(f"parameters   {params / 1e6:.2f} M")
     print(f"tokens       {model.layout.describe()}, input {tuple(model.input_shape)} per sample")
-    print(f"scan         {scan_backend(device)} on {device}, {torch.get_num_threads()} CPU threads")
+    print(f"scan         {scan_backend(device)} on {device}, {torch.get_num_threads()} CPU threads "
+          f"({openmp_waiting()})")
     images = torch.randn(args.batch, *model.input_shape, device=device)
     with torch.inference_mode():
         times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)

@@ -7,6 +7,7 @@ from typing import Dict, List
 from tqdm import tqdm
 
 from mambamerge.cli.eval import add_common, check_common, check_method, check_reduction, describe, load_inputs
+from mambamerge.data import unreadable
 from mambamerge.evaluate import evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import patch, unpatch
@@ -94,9 +95,11 @@ def run(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     env = environment(device)
     table = markdown_table(rows)
-    title = f"{Path(args.checkpoint).name} on {label} ({len(dataset)} images)"
+    skipped = unreadable(dataset)
+    title = f"{Path(args.checkpoint).name} on {label} ({len(dataset) - len(skipped)} images)"
     payload = {"checkpoint": str(args.checkpoint), "model": model.cfg.to_dict(),
-               "data": {"spec": args.data, "label": label, "images": len(dataset), "classes": dataset.info.classes},
+               "data": {"spec": args.data, "label": label, "images": len(dataset) - len(skipped),
+                        "unreadable_images": skipped, "classes": dataset.info.classes},
                "settings": {"methods": args.methods, "reductions": args.reductions, "options": options, **timing},
                "environment": env, "rows": rows}
     plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,
@@ -105,5 +108,7 @@ def run(args: argparse.Namespace) -> int:
     write_files(out, {"results.md": f"# {title}\n\n{describe(model, args.checkpoint)}\n\n{table}",
                       "results.csv": csv_text(rows), "results.json": json_text(payload), "accuracy.png": plot})
     print(table, end="")
+    if skipped:
+        print(f"\nskipped {len(skipped)} unreadable images (named in the warnings above and in results.json)")
     print(f"\nresults: {out / 'results.md'}, results.csv, results.json\nplot:    {out / 'accuracy.png'}")
     return 0

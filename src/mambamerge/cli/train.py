@@ -14,6 +14,7 @@ from mambamerge.data import load_dataset
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
 from mambamerge.results import check_writable
+from mambamerge.threads import default_threads
 from mambamerge.train import TrainConfig, load_resume, train
 
 HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
@@ -31,7 +32,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--method", help="train with this token-reduction method active (fine-tuning for merging)")
     p.add_argument("--reduction", type=float, default=None, help="target average reduction for --method")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores free at start)")
     p.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, ...")
     for f in fields(TrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -80,8 +81,7 @@ def _check_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(default_threads(args.threads))
     device = _device(args.device)
     out = Path(args.out)
     saved = load_resume(out / "last.pt", cfg) if args.resume else False

@@ -88,7 +88,9 @@ class IdxDataset(Dataset):
     Fashion-MNIST at 56x56 with 4x4 patches has ImageNet Vim's token geometry: 14x14 patches."""
 
     def __init__(self, name: str, split: str = "test", root=None, img_size: int = 56,
-                 limit: Optional[int] = None, augment: bool = False):
+                 limit: Optional[int] = None, augment: bool = False, start: int = 0):
+        """start, limit: keep images start .. start + limit - 1 of the split (e.g. a validation slice
+        of the training split that a model was not trained on)."""
         if name not in IDX_SETS:
             raise ValueError(f"unknown dataset {name!r}; known: {', '.join(IDX_SETS)}")
         images_path, labels_path = locate_idx(name, split, root)
@@ -96,8 +98,11 @@ class IdxDataset(Dataset):
         if images.ndim != 3 or labels.shape != images.shape[:1]:
             raise ValueError(f"{images_path}: expected N x H x W images with N labels, got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
+        if not 0 <= start < len(labels):
+            raise ValueError(f"start must be in [0, {len(labels)}) for the {len(labels)} images of {name} {split}, "
+                             f"got {start}")
+        end = len(labels) if limit is None else start + limit
+        images, labels = images[start:end], labels[start:end]
         self.name, self.split, self.augment = name, split, augment
         self.images, self.labels = images, labels
         self.info = ImageSet(list(IDX_SETS[name]), 1, (img_size, img_size))

@@ -1,8 +1,17 @@
-"""User datasets in the ImageNet layout: <root>/<class name>/<image files>, through torchvision."""
+"""User datasets in the ImageNet layout: <root>/<class name>/<image files>, through torchvision.
+
+An image that cannot be decoded (corrupt, truncated, a decompression bomb) is skipped with a
+warning, never a traceback: its batch comes out without it, and the dataset's `unreadable` set
+names it (what evaluate() and the commands report).
+"""
 import math
 from pathlib import Path
+from typing import Optional, Set, Tuple
 
+import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset, default_collate
 
 from mambamerge.data.datasets import ImageSet
 
@@ -51,5 +60,31 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3):
     except FileNotFoundError as err:
         raise ValueError(f"{root}: no images found ({err}); supported extensions: "
                          f"{', '.join(datasets.folder.IMG_EXTENSIONS)}") from None
-    ds.info = ImageSet(list(ds.classes), in_chans, (img_size, img_size))
-    return ds
+    return ReadableImages(ds, ImageSet(list(ds.classes), in_chans, (img_size, img_size)))
+
+
+class ReadableImages(Dataset):
+    """An ImageFolder whose undecodable images come out as (None, "path (reason)") instead of raising;
+    batch them with collate_readable. `unreadable` collects the ones met so far."""
+
+    def __init__(self, folder, info: ImageSet):
+        self.folder, self.info = folder, info
+        self.unreadable: Set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.folder[index]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return None, f"{self.folder.samples[index][0]} ({err})"
+
+
+def collate_readable(items) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], list]:
+    """(images, labels, the "path (reason)" of each unreadable image): images and labels None when
+    no image of the batch could be read."""
+    good = [item for item in items if item[0] is not None]
+    bad = [reason for image, reason in items if image is None]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, bad

@@ -2,53 +2,116 @@
 
 Reconstruction (ALGORITHMS.md §2.1; the paper's text is not public, each choice is an option):
 importance s_i = mean_d Δ^fwd_i + mean_d Δ^bwd_i of the block just run (a large Δ writes the token
-strongly into the state); the r least important non-class tokens leave and each merges into its most
-cosine-similar remaining token; weighted average with w = size * s; survivors keep their order and a
-merged token sits in its destination's slot.
+strongly into the state); tokens of low s leave and each merges into its most cosine-similar remaining
+token; survivors keep their order and a merged token sits in its destination's slot.
+
+The paper as we first read it (the r least important tokens overall leave, any token may receive,
+weights size x s, nothing protected) is `PAPER_AS_READ`. The defaults are what validation
+measurements on two trained models support (docs/results.md, "Choosing MaMe's defaults"): a wide
+protected window around the class token and evenly spaced leaving tokens; Δ weights the merges.
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, least, stream, token_norms
-from mambamerge.merge.plan import MergePlan, plan_from_selection, take_rows
+from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, stream
+from mambamerge.merge.matching import (most_similar, near_class_token, pair_capacity, pair_sources, similarities,
+                                       spread_sources, top_band)
+from mambamerge.merge.plan import MergePlan, plan_from_selection
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
+from mambamerge.merge.stm import injection_strength
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
 from mambamerge.tokens import SSMStats, TokenLayout
 
-NEG = float("-inf")
+SOURCES = ("least_delta", "spread", "pairs", "uniform", "most_delta", "random")
+# the reconstruction before the validation study (issue 9): patch(model, "mame", **PAPER_AS_READ)
+PAPER_AS_READ = dict(match="global", sources="least_delta", w_protect=0, keep_top=0.0, cap=0, weight="size_delta",
+                     placement="destination", importance="delta")
+
+
+def importance_score(ssm: SSMStats, kind: str) -> torch.Tensor:
+    """(B, L) token importance from the SSM statistics of the block just run.
+
+    "delta": mean_d Δ^fwd + mean_d Δ^bwd. "delta_z": each channel's Δ standardised over the image's
+    tokens (z-score), the largest over channels, forward + backward: a token counts as important when
+    some channel writes it much more strongly than that channel writes the other tokens.
+    "injection": mean_d Δ x ||B||, averaged over the directions (STM's injection strength)."""
+    if kind == "injection":
+        return injection_strength(ssm).float()
+    if kind == "delta_z":
+        return sum(channel_z(d.float()).amax(dim=1) for d in (ssm.delta_fwd, ssm.delta_bwd))
+    return delta_importance(ssm).float()
+
+
+def channel_z(delta: torch.Tensor) -> torch.Tensor:
+    """(B, C, L) -> each channel standardised over its L tokens (a constant channel gives zeros)."""
+    mean = delta.mean(dim=2, keepdim=True)
+    std = delta.std(dim=2, keepdim=True, unbiased=False)
+    return (delta - mean) / std.clamp(min=1e-6)
 
 
 @register
 @dataclass
 class MaMe(ReductionMethod):
-    """Options:
-    match: "global" (default; each leaving token joins its most similar survivor anywhere),
-        "window" (only survivors within `window` sequence positions: merges stay local in the scan),
-        "bipartite" (ToMe-style alternating split; edges scored by similarity minus
-        `delta_penalty` x the source's normalised importance).
+    """Options. The defaults are the best mean top-1 at 60% and 80% reduction over validation images
+    of two trained models (docs/results.md, "Choosing MaMe's defaults"); `PAPER_AS_READ` restores the
+    first reconstruction: patch(model, "mame", **PAPER_AS_READ).
+    sources: which tokens leave (match "global"/"window"), from the tokens outside the protected
+        window. "uniform" (default): they are cut into r runs of consecutive tokens and the first of
+        each run leaves (evenly spaced, no score). "spread": the least important of each run.
+        "pairs": they are paired in order, the less important of each pair is a candidate and the
+        r least important candidates leave (as ToMe's alternating split, no pair loses both).
+        "least_delta": the r least important overall (the paper as read; they cluster in the flat
+        background of our images and accuracy fell below random pruning). "most_delta" and
+        "random" (drawn with `seed`) measure what the Δ ranking is worth. On validation, with the
+        same window, "uniform", "spread" and "random" scored within noise of each other and
+        "least_delta" lower (most at 80%): the simplest of the best is the default.
+    match: "global" (default; each leaving token joins its most similar allowed token anywhere:
+        "window" scored within noise of it), "window" (the most similar within `window` sequence
+        positions, anywhere if none is allowed there) or
+        "bipartite" (ToMe's alternating split, edges scored by similarity minus `delta_penalty` x the
+        source's normalised importance; `sources`, `keep_top` and `cap` do not apply).
     window: neighbourhood for match="window" (default 4 tokens each side).
     delta_penalty: weight of the importance penalty for match="bipartite" (default 1.0).
-    weight: "size_delta" (default, w = size * s: informative tokens dominate the merged feature) or
-        "size" (ToMe's size-weighted average).
+    w_protect: tokens on each side of the class token that neither leave nor receive (STM's
+        protected hidden states). Default 24, the best of 0 / 4 / 8 / 12 / 16 / 24 on validation: the
+        strongest lever found (+20 to +30 points at 60%), as the diag study's leave-one-out costs
+        predict (a token's distance to the class token ranks its cost far better than its Δ). Where
+        a step must remove more tokens than the rest can give, the window shrinks for that step so
+        every reduction stays reachable.
+    keep_top: fraction of the non-class tokens, the most important by s, that receive no merge
+        (MTR's keep band: destinations come from the middle band). Default 0, any token may receive:
+        0.3 scored within noise of 0 on validation (54.6 vs 55.1% at 60%).
+    cap: most leaving tokens one destination takes in a step (0: no limit); raised for a step where
+        the allowed destinations could not hold all leaving tokens otherwise. Default 0: a cap of 1
+        was within noise (56.3 vs 55.1% at 60%, 28.1 vs 27.7% at 80%).
+    weight: "size_delta" (default, w = size x mean Δ: informative tokens dominate the merged
+        feature; at 80% it beat "plain", 27.7 vs 25.1%), "size" (ToMe's size-weighted average) or
+        "plain" (every member counts once, MTR's average).
     placement: "destination" (default; the merged token keeps the destination's slot) or "important"
-        (the slot of its most important member).
-    feature: "residual" (default; the stream the next block normalises) or "hidden".
-    sources: which tokens leave for match="global"/"window": "least_delta" (default, the paper's idea:
-        the r least important by s), or, to measure what the Δ ranking is worth, "most_delta" (the r
-        most important) or "random" (r drawn at random with `seed`; matching and weights unchanged).
+        (the slot of its most important member; identical on the demo model in the first ablation).
+    feature: "residual" (default; the stream the next block normalises) or "hidden", for the similarity.
+    importance: the statistic that ranks tokens (sources, keep band, placement; unused by the default
+        sources): "delta" (default, mean Δ forward + backward), "delta_z" (per-channel standardised Δ, largest channel, both directions:
+        the Δ form that tracked leave-one-out importance best in the diag study, though weakly) or
+        "injection" (mean Δ x ||B||, STM's injection strength). Merge weights ("size_delta") always use
+        the mean Δ, which is positive.
     seed: generator seed for sources="random" (default 0).
     """
 
+    sources: str = "uniform"
     match: str = "global"
     window: int = 4
     delta_penalty: float = 1.0
+    w_protect: int = 24
+    keep_top: float = 0.0
+    cap: int = 0
     weight: str = "size_delta"
     placement: str = "destination"
     feature: str = "residual"
-    sources: str = "least_delta"
+    importance: str = "delta"
     seed: int = 0
 
     name = "mame"
@@ -57,20 +120,28 @@ class MaMe(ReductionMethod):
     def __post_init__(self):
         if self.match not in ("global", "window", "bipartite"):
             raise ValueError(f"mame: match must be 'global', 'window' or 'bipartite', got {self.match!r}")
-        if self.weight not in ("size_delta", "size"):
-            raise ValueError(f"mame: weight must be 'size_delta' or 'size', got {self.weight!r}")
+        if self.weight not in ("size_delta", "size", "plain"):
+            raise ValueError(f"mame: weight must be 'size_delta', 'size' or 'plain', got {self.weight!r}")
         if self.placement not in ("destination", "important"):
             raise ValueError(f"mame: placement must be 'destination' or 'important', got {self.placement!r}")
         if self.window < 1:
             raise ValueError(f"mame: window must be >= 1, got {self.window}")
-        if self.sources not in ("least_delta", "most_delta", "random"):
-            raise ValueError(f"mame: sources must be 'least_delta', 'most_delta' or 'random', got {self.sources!r}")
+        if self.sources not in SOURCES:
+            raise ValueError(f"mame: sources must be one of {', '.join(SOURCES)}, got {self.sources!r}")
+        if self.w_protect < 0 or self.cap < 0:
+            raise ValueError(f"mame: w_protect and cap must be >= 0, got {self.w_protect}, {self.cap}")
+        if not 0.0 <= self.keep_top < 1.0:
+            raise ValueError(f"mame: keep_top must be in [0, 1), got {self.keep_top}")
+        if self.importance not in ("delta", "delta_z", "injection"):
+            raise ValueError(f"mame: importance must be 'delta', 'delta_z' or 'injection', got {self.importance!r}")
         check_feature(self.feature)
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
         if self.match == "bipartite":
             return bipartite_capacity(length)
+        if self.sources == "pairs":
+            return min(pair_capacity(length - 1), max(length - 2, 0))
         return max(length - 2, 0)
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
@@ -78,47 +149,71 @@ class MaMe(ReductionMethod):
             return bipartite_macs(length, dim)
         return r * length * dim
 
+    def protected_width(self, length: int, r: int) -> int:
+        """The protected window for a step removing r of `length` tokens: w_protect, narrowed until the
+        tokens outside it (at least length - 1 - 2w of them) can give r sources and keep a destination."""
+        for width in range(self.w_protect, -1, -1):
+            outside = length - 1 - 2 * width
+            if self.match == "bipartite":
+                enough = (length + 1) // 2 - width - 1 >= r  # a window of 2w + 1 holds at most w + 1 even tokens
+            elif self.sources == "pairs":
+                enough = pair_capacity(outside) >= r and outside >= r + 1
+            else:
+                enough = outside >= r + 1
+            if enough:
+                return width
+        return 0
+
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
         if ssm is None:
             raise ValueError("mame needs the SSM step sizes of the block just run")
-        score = delta_importance(ssm).float()  # (B, L)
-        cls = state.cls_mask()
+        score = importance_score(ssm, self.importance)  # (B, L)
+        length = state.length
+        protected = state.cls_mask()  # (B, L), with the window around the class token, if there is one
+        if state.cls_index is not None:
+            protected = near_class_token(state.cls_index, length, self.protected_width(length, r))
         feat = stream(state, self.feature)
         if self.match == "bipartite":
-            src, dst = self._bipartite(feat, score, cls, r)
+            lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
+            penalty = self.delta_penalty * (score - lo) / (hi - lo).clamp(min=1e-12)
+            src, dst = bipartite_match(feat, protected, r, penalty)
         else:
-            src = least(self._source_rank(score), cls, r)  # (B, r)
-            dst = self._destinations(feat, src, cls)
-        w = state.size * (score if self.weight == "size_delta" else 1.0)
-        plan = plan_from_selection(state.length, src, dst, w)
+            eligible = ~protected
+            src = self._sources(score, eligible, r)  # (B, r)
+            leaving = torch.zeros_like(eligible).scatter_(1, src, True)
+            allowed = eligible & ~leaving & ~self._top_band(score, eligible, r)
+            dst = self._destinations(feat, src, allowed)
+        w = state.size
+        if self.weight == "size_delta":
+            w = w * delta_importance(ssm).float()
+        elif self.weight == "plain":
+            w = torch.ones_like(w)
+        plan = plan_from_selection(length, src, dst, w)
         return plan.with_slots_at(score) if self.placement == "important" else plan
 
-    def _source_rank(self, score):
-        """(B, L) -> the key whose r smallest non-class entries leave."""
+    def _sources(self, score, eligible, r):
+        """(B, L) score and eligibility -> (B, r) leaving tokens by the `sources` rule."""
+        if self.sources in ("spread", "uniform"):
+            return spread_sources(score if self.sources == "spread" else torch.zeros_like(score), eligible, r)
+        if self.sources == "pairs":
+            return pair_sources(score, eligible, r)
         if self.sources == "most_delta":
-            return -score
-        if self.sources == "random":
-            return torch.rand(score.shape, generator=self._generator).to(score.device)
-        return score
+            key = -score
+        elif self.sources == "random":
+            key = torch.rand(score.shape, generator=self._generator).to(score.device)
+        else:
+            key = score
+        return key.masked_fill(~eligible, float("inf")).topk(r, dim=1, largest=False).indices
 
-    def _destinations(self, feat, src, cls):
-        """Most cosine-similar surviving non-class token for each leaving token. feat (B, L, D), src (B, r).
-        The leaving token's own norm does not change which token is most similar to it."""
-        batch, length, _ = feat.shape
-        leaving = torch.zeros(batch, length, dtype=torch.bool, device=feat.device).scatter_(1, src, True)
-        sim = (take_rows(feat, src) @ feat.transpose(1, 2)) / token_norms(feat)[:, None, :]  # (B, r, L)
-        blocked = (leaving | cls)[:, None, :]
+    def _top_band(self, score, eligible, r):
+        """(B, L) bool: the keep_top most important eligible tokens."""
+        return top_band(score, eligible, round(self.keep_top * (score.shape[1] - 1)), r)
+
+    def _destinations(self, feat, src, allowed):
+        """Most cosine-similar allowed token for each leaving token, within `window` positions for
+        match="window" where one is allowed there. feat (B, L, D), src (B, r), allowed (B, L)."""
+        sim = similarities(feat, src)  # (B, r, L)
+        local = None
         if self.match == "window":
-            near = (torch.arange(length, device=feat.device)[None, None, :] - src[..., None]).abs() <= self.window
-            local = sim.masked_fill(blocked | ~near, NEG)
-            anywhere = sim.masked_fill(blocked, NEG).argmax(dim=-1)
-            has_local = torch.isfinite(local).any(dim=-1)
-            return torch.where(has_local, local.argmax(dim=-1), anywhere)
-        return sim.masked_fill(blocked, NEG).argmax(dim=-1)
-
-    def _bipartite(self, feat, score, cls, r):
-        """ToMe's alternating split; an edge scores its similarity minus the penalty times its
-        source's importance, normalised to [0, 1] per image."""
-        lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
-        penalty = self.delta_penalty * (score - lo) / (hi - lo).clamp(min=1e-12)
-        return bipartite_match(feat, cls, r, penalty)
+            local = (torch.arange(feat.shape[1], device=feat.device)[None, None, :] - src[..., None]).abs() <= self.window
+        return most_similar(sim, allowed, self.cap, local)

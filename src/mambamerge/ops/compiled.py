@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -75,32 +76,77 @@ def _run(cmd):
     return result.stdout
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(lib: Path) -> bool:
+    """The cached library is the file its build recorded (a truncated or altered one would crash the
+    process with SIGBUS or worse on its first call, past any Python error handling)."""
+    record = lib.with_suffix(".sha256")
+    try:
+        return lib.is_file() and record.read_text().strip() == _digest(lib)
+    except OSError:
+        return False
+
+
+def _remove_stale_builds(out_dir: Path) -> None:
+    """Temp folders of builds whose process no longer runs (killed mid-build)."""
+    for folder in out_dir.glob(".build-*-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _build(cxx):
-    """Compiles the kernel unless cached; returns the path of the shared library."""
+    """Compiles the kernel unless an intact copy is cached; returns the path of the shared library."""
     source = _SOURCE.read_text()
     key = "\0".join(
         [source, _run([cxx, "--version"]), *_COMPILE_FLAGS, *_LINK_FLAGS, *_LIBS, _cpu_flags()]
     )
     out_dir = _cache_root() / hashlib.sha256(key.encode()).hexdigest()[:16]
     lib = out_dir / "_cpu_kernels.so"
-    if lib.exists():
+    if out_dir.is_dir():
+        _remove_stale_builds(out_dir)
+    if _intact(lib):
         return lib
+    if lib.with_suffix(".sha256").exists():  # (a library without a record is an older version's: replaced)
+        warnings.warn(f"the cached kernel library {lib} is damaged or incomplete (its SHA-256 differs from the "
+                      f"one its build recorded); rebuilding it", stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".build-{os.getpid()}-") as tmp:
         src, obj, so = (Path(tmp) / name for name in ("scan.cpp", "scan.o", "scan.so"))
         src.write_text(source)
         _run([cxx, *_COMPILE_FLAGS, "-c", str(src), "-o", str(obj)])
         _run([cxx, *_LINK_FLAGS, str(obj), "-o", str(so), *_LIBS])
-        os.replace(so, lib)  # atomic: concurrent builders all end with a complete file
+        record = Path(tmp) / "scan.sha256"
+        record.write_text(_digest(so))
+        # each rename is atomic: concurrent builders end with complete files, and a record that does
+        # not match its library (another builder's) only costs a rebuild
+        os.replace(record, lib.with_suffix(".sha256"))
+        os.replace(so, lib)
     return lib
+
+
+def _trial(lib) -> None:
+    """One tiny call checked against torch before the library is trusted with real work."""
+    x = torch.linspace(-30.0, 30.0, 7)
+    y = torch.empty_like(x)
+    if lib.mm_softplus_f32(x.data_ptr(), y.data_ptr(), None, 1, 7, 1, None) != 0 or not torch.allclose(
+            y, torch.nn.functional.softplus(x), rtol=1e-5, atol=1e-6):
+        raise RuntimeError("the compiled library gives wrong results on a trial call; using torch")
+
+
+class _Unsupported(RuntimeError):
+    """A machine the kernels are not built for: the torch path is expected there, no warning."""
 
 
 def _load():
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
-        raise RuntimeError(f"the compiled kernel targets Linux x86_64, not {sys.platform} {platform.machine()}")
+        raise _Unsupported(f"the compiled kernel targets Linux x86_64, not {sys.platform} {platform.machine()}")
     cxx = shutil.which(_CXX)
     if cxx is None:
-        raise RuntimeError(f"no C++ compiler ({_CXX}) on PATH")
+        raise _Unsupported(f"no C++ compiler ({_CXX}) on PATH")
     lib = ctypes.CDLL(str(_build(cxx)))
     for suffix in _SUFFIX.values():
         for name, args in (("forward", _FORWARD_ARGS), ("backward", _BACKWARD_ARGS)):
@@ -113,6 +159,7 @@ def _load():
             fn.restype = _INT
     lib.mm_plan_from_selection.argtypes = [_P] * 4 + [_I64] * 3
     lib.mm_plan_from_selection.restype = _INT
+    _trial(lib)
     return lib
 
 
@@ -147,8 +194,12 @@ def _library():
                 try:
                     _state["lib"] = _load()
                     _state["launcher"] = _openmp_launcher()
+                except _Unsupported as exc:
+                    _state["error"] = str(exc)
                 except (OSError, RuntimeError) as exc:
                     _state["error"] = str(exc)
+                    warnings.warn(f"compiled CPU kernels unavailable, using the slower torch path: {exc}",
+                                  stacklevel=3)
                 _state["tried"] = True
     return _state["lib"]
 
