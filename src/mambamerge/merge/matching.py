@@ -35,7 +35,7 @@ def least_per_group(score: torch.Tensor, eligible: torch.Tensor, groups: torch.T
     device = score.device
     counts = eligible.sum(dim=1)  # (B,)
     rank = eligible.long().cumsum(dim=1) - 1
-    n_groups = most if most is not None else (int(groups.max()) if batch else 0)
+    n_groups = (most if most is not None else int(groups.max())) if batch else 0
     group = (rank * groups[:, None]).div(counts.clamp(min=1)[:, None], rounding_mode="floor")
     group = torch.where(eligible, group, n_groups)  # ineligible tokens go to a spare run, dropped below
     key = score.float().masked_fill(~eligible, float("inf"))
