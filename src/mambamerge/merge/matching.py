@@ -54,7 +54,7 @@ def spread_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch
     counts = eligible.sum(dim=1)
     if r == 0:
         return torch.zeros(score.shape[0], 0, dtype=torch.long, device=score.device)
-    if not torch.compiler.is_compiling() and int(counts.min()) < r:  # a data-dependent check: eager only
+    if not torch.compiler.is_compiling() and counts.numel() and int(counts.min()) < r:  # eager only
         raise ValueError(f"{r} sources asked but an image has only {int(counts.min())} eligible tokens")
     return least_per_group(score, eligible, torch.full_like(counts, r), most=r)
 
