@@ -30,9 +30,9 @@ def class_feature_similarity(model, images, method, reduction, **options):
     """Mean cosine similarity of the class feature with and without reduction."""
     with torch.inference_mode():
         mambamerge.unpatch(model)
-        dense = model.forward_features(images)
+        dense = model.pooled_features(images)
         mambamerge.patch(model, method, reduction=reduction, **options)
-        reduced = model.forward_features(images)
+        reduced = model.pooled_features(images)
         mambamerge.unpatch(model)
     return torch.cosine_similarity(dense, reduced, dim=-1).mean().item()
 

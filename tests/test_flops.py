@@ -84,6 +84,25 @@ def test_other_input_size_uses_its_grid():
     assert flops(model, (224, 224)) == flops(model)
 
 
+def test_timm_style_input_size_with_channels():
+    model = mambamerge.create_model("vim_tiny")
+    assert flops(model, (3, 448, 448)) == flops(model, (448, 448))
+    assert flops(model, [3, 224, 224]) == flops(model)
+    with pytest.raises(ValueError, match="has 1 channels but the model takes 3"):
+        flops(model, (1, 224, 224))
+
+
+def test_parameters_counted_by_hand():
+    block = (192 + 192 * 768 + 384 * 192  # norm, in_proj, out_proj
+             + 2 * (384 * 4 + 384 + 384 * 44 + 12 * 384 + 384 + 384 * 16 + 384))  # per direction
+    expected = 3 * 256 * 192 + 192 + 192 + 197 * 192 + 24 * block + 192 + 192 * 1000 + 1000
+    report = flops(mambamerge.create_model("vim_tiny"))
+    assert report.params == expected
+    assert report.summary()["params"] == expected
+    assert round(expected / 1e6) == 7  # Vim-Ti's published size
+    assert "7.15 M parameters" in str(report)
+
+
 def test_strided_patches_follow_the_grid():
     report = flops(mambamerge.create_model("vim_tiny_plus"))
     assert report.tokens[0] == 27 * 27 + 1  # (224 - 16) // 8 + 1 = 27

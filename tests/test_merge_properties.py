@@ -57,7 +57,7 @@ def run_patched(method, options, grid, depth, batch, seed, removals):
     hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1])) for b in model.layers]
     images = torch.randn(batch, 3, 4 * grid, 4 * grid, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        feats = model.forward_features(images)
+        feats = model.pooled_features(images)
     for h in hooks:
         h.remove()
     return model, images, feats, seen
@@ -100,7 +100,7 @@ def test_a_batch_equals_its_images_one_by_one(setup):
     batch = setup[4]
     model, images, feats, _ = run_patched(*setup)
     with torch.no_grad():
-        single = torch.cat([model.forward_features(images[i:i + 1]) for i in range(batch)])
+        single = torch.cat([model.pooled_features(images[i:i + 1]) for i in range(batch)])
     torch.testing.assert_close(feats, single, rtol=1e-9, atol=1e-9)
 
 

@@ -32,6 +32,7 @@ class FlopsReport:
     blocks_one_direction:   MACs of each block, scan branch counted once, length depth.
     blocks_both_directions: MACs of each block, both scan branches, length depth.
     merge_overhead:         MACs of every reduction step's scoring and matching.
+    params:                 parameters of the model (all of them, head included).
     """
 
     tokens: Tuple[int, ...]
@@ -40,6 +41,7 @@ class FlopsReport:
     blocks_one_direction: Tuple[int, ...]
     blocks_both_directions: Tuple[int, ...]
     merge_overhead: int
+    params: int
 
     @property
     def one_direction(self) -> int:
@@ -67,6 +69,7 @@ class FlopsReport:
         """Plain numbers, GMACs ("GFLOPs") and per-block lists."""
         return {
             "unit": "GMACs (the literature's GFLOPs)",
+            "params": self.params,
             "one_direction": self.one_direction / GIGA,
             "both_directions": self.both_directions / GIGA,
             "merge_overhead": self.merge_overhead / GIGA,
@@ -87,7 +90,7 @@ class FlopsReport:
                 f"{s['both_directions']:.3f} both directions; merge overhead {s['merge_overhead']:.4f}; "
                 f"totals {s['total_one_direction']:.3f} / {s['total_both_directions']:.3f}; "
                 f"tokens per block: average {s['average_tokens']:.1f}, first {self.tokens[0]}, "
-                f"final {self.tokens[-1]}")
+                f"final {self.tokens[-1]}; {self.params / 1e6:.2f} M parameters")
 
 
 def _token_macs(mixer) -> Tuple[int, int, int]:
@@ -121,18 +124,33 @@ def _merge_overhead(model: nn.Module, counts: List[int]) -> int:
                for b, r in enumerate(reducer.schedule.removals) if r > 0)
 
 
+def _without_channels(model: nn.Module, input_size):
+    """input_size in the form the model's token_layout takes: a whole sample shape (model.input_shape's
+    form, e.g. (C, H, W) as timm's pretrained_cfg and ptflops give it) loses its channel axis, which
+    must be the model's."""
+    in_chans = getattr(model.cfg, "in_chans", None)
+    if in_chans is None or not isinstance(input_size, (tuple, list)) or len(input_size) != len(model.input_shape):
+        return input_size
+    channels, *rest = input_size
+    if channels != in_chans:
+        raise ValueError(f"input_size {tuple(input_size)} has {channels!r} channels but the model takes {in_chans}")
+    return tuple(rest)
+
+
 def flops(model: nn.Module, input_size=None) -> FlopsReport:
-    """Count the MACs of one input sample through `model` (any family, patched or not).
+    """Count the MACs and the parameters of one input sample through `model` (any family, patched or not).
 
     input_size: count at another input size, in the family's form (Vim: (H, W) or int; see the
-        model's `token_layout`); the model's own size by default. A patched model's schedule removes
+        model's `token_layout`) or as a whole sample shape with channels (model.input_shape's form:
+        Vim (C, H, W) as timm and ptflops give it, VideoMamba (C, T, H, W)); the model's own size
+        by default. A patched model's schedule removes
         the same number of tokens before each block at any size.
     Token counts per block follow the model's token reducer (mambamerge.patch) when there is one.
     "one_direction" counts one convolution + projection branch and one scan per block, whatever the
     mixer runs; "both_directions" counts what it runs (Vim: two branches and two scans; AuM's Fo-Bi
     one branch and two scans; a one-direction mixer one of each).
     """
-    layout = model.token_layout(input_size)
+    layout = model.token_layout(_without_channels(model, input_size))
     counts = _token_counts(model, layout)
     mixer = model.layers[0].mixer
     shared, branch, scan = _token_macs(mixer)
@@ -144,4 +162,5 @@ def flops(model: nn.Module, input_size=None) -> FlopsReport:
         blocks_one_direction=tuple(t * (shared + branch + scan) for t in counts),
         blocks_both_directions=tuple(t * (shared + mixer.branches * branch + mixer.scans * scan) for t in counts),
         merge_overhead=_merge_overhead(model, counts),
+        params=sum(p.numel() for p in model.parameters()),
     )

@@ -4,18 +4,18 @@ An image that cannot be decoded (corrupt, truncated, a decompression bomb) is sk
 warning, never a traceback: its batch comes out without it, and the dataset's `unreadable` set
 names it (what evaluate() and the commands report).
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Set, Tuple
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, default_collate
 
 from mambamerge.data.datasets import ImageSet
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_NAMES = {"train", "val", "test"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -54,12 +54,34 @@ def probe_folder(root, per_class: int = 3) -> Tuple[int, Optional[int]]:
     return (1 if grey and sizes else 3), side
 
 
+def normalisation(channels: int):
+    """(mean, std) per channel of images in [0, 1]: ImageNet's for 3 channels, 0.5 / 0.5 otherwise."""
+    return (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+
+
+def eval_transform(img_size: int = 224, in_chans: int = 3, crop_pct: float = 0.875, interpolation: str = "bicubic",
+                   mean=None, std=None):
+    """The official Vim evaluation transform (DeiT's): resize the short side to floor(img_size / crop_pct)
+    with `interpolation`, centre crop img_size, to a tensor, normalise (`normalisation(in_chans)` unless
+    mean and std are given); grey images for in_chans=1. A model's `pretrained_cfg`
+    holds these settings."""
+    from torchvision import transforms
+
+    mode = transforms.InterpolationMode(interpolation)
+    resize = transforms.Resize(math.floor(img_size / crop_pct), interpolation=mode)
+    steps = [resize, transforms.CenterCrop(img_size)]
+    if in_chans == 1:
+        steps.append(transforms.Grayscale(1))
+    if mean is None or std is None:
+        mean, std = normalisation(in_chans)
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
 def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional[Augment] = None):
-    """torchvision ImageFolder with Vim's evaluation transform (resize the short side to
-    img_size / 0.875, centre crop, ImageNet normalisation), or with `augment` the training transform
-    of timm's factory (random resized crop, flip, RandAugment, colour jitter, random erasing). The
-    dataset gets an `info` ImageSet. Missing folders, folders without class sub-folders or without
-    images are clear errors."""
+    """torchvision ImageFolder with Vim's evaluation transform (`eval_transform`), or with `augment` the
+    training transform of timm's factory (random resized crop, flip, RandAugment, colour jitter, random
+    erasing). The dataset gets an `info` ImageSet. Missing folders, folders without class sub-folders or
+    without images are clear errors."""
     from torchvision import datasets, transforms
 
     root = Path(root)
@@ -71,15 +93,13 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional
     if set(classes) <= SPLIT_NAMES:
         raise ValueError(f"{root} holds the split folders {', '.join(classes)}, not class folders: give one split's "
                          f"folder, e.g. {root / classes[-1]}")
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
-    steps = [transforms.Grayscale(1)] if in_chans == 1 else []
     if augment is None:
-        steps += [transforms.Resize(int(round(img_size / 0.875))), transforms.CenterCrop(img_size),
-                  transforms.ToTensor(), transforms.Normalize(mean, std)]
+        transform = eval_transform(img_size, in_chans)
     else:
-        steps.append(augment.transform(img_size, mean, std))
+        steps = [transforms.Grayscale(1)] if in_chans == 1 else []
+        transform = transforms.Compose(steps + [augment.transform(img_size, *normalisation(in_chans))])
     try:
-        ds = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
+        ds = datasets.ImageFolder(str(root), transform=transform)
     except FileNotFoundError as err:
         raise ValueError(f"{root}: no images found ({err}); supported extensions: "
                          f"{', '.join(datasets.folder.IMG_EXTENSIONS)}") from None

@@ -20,20 +20,22 @@ def near_class_token(cls_index: torch.Tensor, length: int, width: int) -> torch.
     return (idx - cls_index[:, None]).abs() <= width
 
 
-def least_per_group(score: torch.Tensor, eligible: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def least_per_group(score: torch.Tensor, eligible: torch.Tensor, groups: torch.Tensor,
+                    most: Optional[int] = None) -> torch.Tensor:
     """The lowest-scoring token of each run of consecutive eligible tokens.
 
     score: (B, L); eligible: (B, L) bool; groups: (B,) long, how many runs of (nearly) equal length
     each image's eligible tokens are cut into (1 <= groups <= its eligible tokens). The eligible tokens
     are numbered k = 0 .. n-1 in sequence order and token k is in run floor(k * groups / n). Returns
     (B, G) indices, G = the most runs of any image, the lowest index among ties; an image with fewer
-    runs has -1 in its missing ones.
+    runs has -1 in its missing ones. most: G when the caller knows it (torch.compile then needs no
+    Python int from a tensor).
     """
     batch, length = score.shape
     device = score.device
     counts = eligible.sum(dim=1)  # (B,)
     rank = eligible.long().cumsum(dim=1) - 1
-    n_groups = int(groups.max()) if batch else 0
+    n_groups = (most if most is not None else int(groups.max())) if batch else 0
     group = (rank * groups[:, None]).div(counts.clamp(min=1)[:, None], rounding_mode="floor")
     group = torch.where(eligible, group, n_groups)  # ineligible tokens go to a spare run, dropped below
     key = score.float().masked_fill(~eligible, float("inf"))
@@ -50,11 +52,11 @@ def spread_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch
     consecutive tokens of (nearly) equal length, and the lowest-scoring token of each run leaves.
     score, eligible: (B, L); every image needs r eligible tokens. Returns (B, r)."""
     counts = eligible.sum(dim=1)
-    if r == 0 or score.shape[0] == 0:
+    if r == 0 or score.shape[0] == 0:  # nothing leaves, or no image
         return torch.zeros(score.shape[0], r, dtype=torch.long, device=score.device)
-    if int(counts.min()) < r:
+    if not torch.compiler.is_compiling() and int(counts.min()) < r:  # eager only
         raise ValueError(f"{r} sources asked but an image has only {int(counts.min())} eligible tokens")
-    return least_per_group(score, eligible, torch.full_like(counts, r))
+    return least_per_group(score, eligible, torch.full_like(counts, r), most=r)
 
 
 def pair_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch.Tensor:

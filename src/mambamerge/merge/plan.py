@@ -29,6 +29,13 @@ def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         batch, index.shape[1], channels)
 
 
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Where each row of mask is True, ascending: mask (B, L) bool with `count` True entries in every row
+    -> (B, count) long. A stable sort rather than nonzero() or boolean indexing, so the output shape
+    does not depend on the data and torch.compile captures it in one graph."""
+    return (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """One reduction step for a batch.
@@ -60,7 +67,8 @@ class MergePlan:
         ascending old-index order. key: (B, L). Values are unchanged; positions and order follow.
         For plans that drop nothing (every old token joins a new one)."""
         batch, length = self.assign.shape
-        if bool((self.assign == DROP).any()):
+        # a data-dependent check: eager only (under torch.compile it would split the graph)
+        if not torch.compiler.is_compiling() and bool((self.assign == DROP).any()):
             raise ValueError("with_slots_at needs a plan that drops no token")
         key = key.float()
         best = torch.full((batch, self.new_length), float("-inf"), device=key.device)
@@ -72,7 +80,7 @@ class MergePlan:
         order = rep.argsort(dim=1)
         assign = order.argsort(dim=1).gather(1, self.assign)
         rep = rep.gather(1, order)
-        movers = old[old != rep.gather(1, assign)].view(batch, length - self.new_length)
+        movers = true_indices(old != rep.gather(1, assign), length - self.new_length)
         return MergePlan(rep=rep, assign=assign, weight=self.weight, movers=movers,
                          targets=rep.gather(1, assign.gather(1, movers)), mode=self.mode)
 
@@ -139,7 +147,7 @@ def plan_from_selection(length: int, src: torch.Tensor, dst: Optional[torch.Tens
         survivors, assign = compiled.plan_from_selection_compiled(src, dst, length)
     else:
         keep = torch.ones(batch, length, dtype=torch.bool, device=device).scatter_(1, src, False)
-        survivors = keep.nonzero()[:, 1].view(batch, length - r)
+        survivors = true_indices(keep, length - r)
         if order is not None:
             survivors = survivors.gather(1, order)
         assign = torch.full((batch, length), DROP, dtype=torch.long, device=device)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import ReductionMethod, delta_importance, least
-from mambamerge.merge.plan import MergePlan, plan_from_selection
+from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
 from mambamerge.tokens import SSMStats, TokenLayout
@@ -118,7 +118,7 @@ class EViT(ReductionMethod):
         fused = least(score, state.cls_mask(), r + 1)  # (B, r + 1), ascending score
         src, rep = fused[:, :r], fused[:, r:]  # the most important of them keeps the slot
         keep = torch.ones(batch, length, dtype=torch.bool, device=score.device).scatter_(1, src, False)
-        survivors = torch.arange(length, device=score.device).expand(batch, -1)[keep].view(batch, length - r)
+        survivors = true_indices(keep, length - r)
         key = state.pos.gather(1, survivors).float()
         if self.fused_slot == "cls_next":
             slot = state.pos.gather(1, state.cls_index[:, None]).float() + 0.5

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
-from mambamerge.merge.plan import MergePlan, plan_from_selection
+from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
 from mambamerge.tokens import SSMStats, TokenLayout
@@ -92,6 +92,15 @@ class STM(ReductionMethod):
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         return length * dim
 
+    def _check_sides(self, available: torch.Tensor, counts: torch.Tensor) -> None:
+        """available, counts: (B, 2) candidates and merges on each side of the class token."""
+        short = counts > available
+        if bool(short.any()):
+            image, side = (int(i) for i in short.nonzero()[0])
+            raise ValueError(f"stm: {int(counts[image, side])} merges asked on one side of the class token but only "
+                             f"{int(available[image, side])} adjacent pairs are available outside the protected "
+                             f"window (w_protect={self.w_protect}); lower the reduction or w_protect")
+
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
         feat = stream(state, self.feature)  # (B, L, D)
         batch, length, _ = feat.shape
@@ -125,21 +134,17 @@ class STM(ReductionMethod):
         dst_all = src_all + torch.where(go_out, outward_step, -outward_step)
 
         # an odd r gives its extra merge to the longer side, so the sides never drift apart; a class
-        # token at the head has one side
-        left_len = int(state.cls_index.min())
-        r_left = 0 if left_len == 0 else r // 2 + (r % 2 if left_len > length - 1 - left_len else 0)
-        sides = torch.isfinite(score).view(batch, 2, n_k).sum(dim=2).amin(dim=0).tolist()  # per side, worst image
-        picks = []
-        for offset, count, available in ((0, r_left, sides[0]), (n_k, r - r_left, sides[1])):
-            if count == 0:
-                continue
-            side_score = score[:, offset:offset + n_k]
-            if count > available:
-                raise ValueError(f"stm: {count} merges asked on one side of the class token but only {available} "
-                                 f"adjacent pairs are available outside the protected window (w_protect="
-                                 f"{self.w_protect}); lower the reduction or w_protect")
-            picks.append(side_score.topk(count, dim=1).indices + offset)
-        picks = torch.cat(picks, dim=1)
+        # token at the head has one side. Counts per image, as tensors: torch.compile needs no Python ints
+        cls = state.cls_index
+        r_left = torch.where(cls == 0, 0, r // 2 + (r % 2) * (2 * cls > length - 1).long())  # (B,)
+        counts = torch.stack((r_left, r - r_left), dim=1)  # (B, 2) merges left and right of the class token
+        if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+            self._check_sides(torch.isfinite(score).view(batch, 2, n_k).sum(dim=2), counts)
+        # the best `counts` candidates of each side, left ones first, each side best first
+        ranked = score.view(batch, 2, n_k).topk(min(r, n_k), dim=2).indices  # (B, 2, k)
+        ranked = ranked + torch.arange(0, 2 * n_k, n_k, device=device)[None, :, None]
+        chosen = torch.arange(ranked.shape[2], device=device) < counts[..., None]  # (B, 2, k)
+        picks = ranked.view(batch, -1).gather(1, true_indices(chosen.view(batch, -1), r))  # (B, r)
         src, dst = src_all.gather(1, picks), dst_all.gather(1, picks)
         w = state.size
         if self.weight == "injection":

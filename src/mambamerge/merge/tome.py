@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
-from mambamerge.merge.plan import MergePlan, plan_from_selection
+from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
 from mambamerge.tokens import SSMStats, TokenLayout
@@ -57,7 +57,7 @@ def even_then_odd(length: int, src: torch.Tensor) -> torch.Tensor:
     tokens, then the odd ones, each group in index order. src: (B, r) -> (B, L - r)."""
     batch, r = src.shape
     keep = torch.ones(batch, length, dtype=torch.bool, device=src.device).scatter_(1, src, False)
-    survivors = torch.arange(length, device=src.device).expand(batch, -1)[keep].view(batch, length - r)
+    survivors = true_indices(keep, length - r)
     return ((survivors % 2) * length + survivors).argsort(dim=1)
 
 

@@ -134,9 +134,9 @@ class AudioMamba(MambaClassifier):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self._init_weights()
 
-    @property
-    def input_shape(self) -> Tuple[int, int]:
-        mel_bins, frames = self.cfg.spec_size
+    @classmethod
+    def input_shape_for(cls, cfg: AuMConfig) -> Tuple[int, int]:
+        mel_bins, frames = cfg.spec_size
         return (frames, mel_bins)
 
     def token_layout(self, input_size: Optional[Tuple[int, int]] = None) -> TokenLayout:

@@ -43,6 +43,13 @@ MODEL_CONFIGS: Dict[str, Tuple[str, dict]] = {
                                            patch_size=8, in_chans=1, num_classes=40)),
 }
 
+# refinements of a named model's pretrained_cfg (MambaClassifier.default_pretrained_cfg): the demo model
+# takes Fashion-MNIST as mambamerge's IDX loader gives it (28x28 resized bilinearly, no crop, its
+# training pixels' mean / std)
+PRETRAINED_CFGS: Dict[str, dict] = {
+    "vim_nano": dict(interpolation="bilinear", crop_pct=1.0, mean=(0.2860,), std=(0.3530,)),
+}
+
 # the official entry-point names of hustvl/Vim, registered with timm as aliases
 OFFICIAL_NAMES: Dict[str, str] = {
     "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny",
@@ -72,14 +79,29 @@ def build(family: str, **config) -> MambaClassifier:
     return cls(cfg)
 
 
-def create_model(name: str, **overrides) -> MambaClassifier:
-    """Build a freshly initialised model by name; keyword arguments override its config
-    (e.g. num_classes=10, img_size=56, in_chans=1, drop_path_rate=0.1)."""
+def _named(name: str) -> Tuple[str, str, dict]:
+    """(short name, family, config keyword arguments) of a model name."""
     short = OFFICIAL_NAMES.get(name, name)
     if short not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    family, config = MODEL_CONFIGS[short]
+    return (short, *MODEL_CONFIGS[short])
+
+
+def pretrained_cfg_of(name: str) -> dict:
+    """timm's pretrained_cfg of a named model with its default config, without building it."""
+    short, family, config = _named(name)
+    cls = FAMILIES[family]
+    return {**cls.default_pretrained_cfg(cls.config_class(**config)), **PRETRAINED_CFGS.get(short, {})}
+
+
+def create_model(name: str, **overrides) -> MambaClassifier:
+    """Build a freshly initialised model by name; keyword arguments override its config
+    (e.g. num_classes=10, img_size=56, in_chans=1, drop_path_rate=0.1)."""
+    short, family, config = _named(name)
     try:
-        return build(family, **{**config, **overrides})
+        model = build(family, **{**config, **overrides})
     except ValueError as err:
         raise ValueError(f"{name!r}: {err}") from None
+    if "in_chans" not in overrides:  # the refinements describe the named model's input channels
+        model.pretrained_cfg = {**model.pretrained_cfg, **PRETRAINED_CFGS.get(short, {})}
+    return model

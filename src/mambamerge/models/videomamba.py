@@ -132,9 +132,9 @@ class VideoMamba(MambaClassifier):
                           expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=False)
         self._init_weights()
 
-    @property
-    def input_shape(self) -> Tuple[int, int, int, int]:
-        return (self.cfg.in_chans, self.cfg.num_frames, *self.cfg.img_size)
+    @classmethod
+    def input_shape_for(cls, cfg: VideoMambaConfig) -> Tuple[int, int, int, int]:
+        return (cfg.in_chans, cfg.num_frames, *cfg.img_size)
 
     def token_layout(self, input_size: Optional[Size3] = None) -> TokenLayout:
         """Token grid (frames, rows, cols) for clips of input_size = (T, H, W) (the model's own when

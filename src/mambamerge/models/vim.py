@@ -119,9 +119,9 @@ class VisionMamba(MambaClassifier):
         """Index of the class token in the embedded sequence (middle of the patch tokens)."""
         return self.layout.cls_index
 
-    @property
-    def input_shape(self) -> Tuple[int, int, int]:
-        return (self.cfg.in_chans, *self.cfg.img_size)
+    @classmethod
+    def input_shape_for(cls, cfg: VimConfig) -> Tuple[int, int, int]:
+        return (cfg.in_chans, *cfg.img_size)
 
     def token_layout(self, input_size: Union[None, int, Size2] = None) -> TokenLayout:
         """Patch grid at `input_size` ((H, W) or int; the model's own size when None), class token in

@@ -7,7 +7,9 @@ hash covering the source, the compiler version, the flags and the CPU flags
 (the build uses ``-march=native``). It is loaded with ctypes, which releases
 the GIL during the call; the kernel runs on ``torch.get_num_threads()`` threads,
 taken from torch's own OpenMP team when torch uses OpenMP (see
-_openmp_launcher), else started with std::thread.
+_openmp_launcher), else started with std::thread. Each kernel is a torch custom operator
+(torch.ops.mambamerge.*) with a fake implementation and, where differentiable, a registered backward,
+so torch.compile captures models that use them without graph breaks.
 """
 import ctypes
 import hashlib
@@ -21,9 +23,9 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
 _CXX = "g++"
@@ -185,22 +187,27 @@ def _openmp_launcher():
 
 
 def _library():
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                _state["lib"] = _load()
-                _state["launcher"] = _openmp_launcher()
-            except _Unsupported as exc:
-                _state["error"] = str(exc)
-            except (OSError, RuntimeError) as exc:
-                _state["error"] = str(exc)
-                warnings.warn(f"compiled CPU kernels unavailable, using the slower torch path: {exc}", stacklevel=3)
+    """The loaded library or None; the lock is only taken until the first attempt has finished."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                try:
+                    _state["lib"] = _load()
+                    _state["launcher"] = _openmp_launcher()
+                except _Unsupported as exc:
+                    _state["error"] = str(exc)
+                except (OSError, RuntimeError) as exc:
+                    _state["error"] = str(exc)
+                    warnings.warn(f"compiled CPU kernels unavailable, using the slower torch path: {exc}",
+                                  stacklevel=3)
+                _state["tried"] = True
     return _state["lib"]
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """True if the kernel is built (building it on the first call) and loaded."""
+    """True if the kernel is built (building it on the first call) and loaded. A constant for
+    torch.compile, which calls it once while tracing."""
     return _library() is not None
 
 
@@ -255,44 +262,92 @@ def _ptrs(*tensors):
     return [t.data_ptr() for t in tensors]
 
 
-def _call(kind, dtype, tensors, dims, reverse):
-    fn = getattr(_library(), f"mm_scan_{kind}_{_SUFFIX[dtype]}")
-    if fn(*_ptrs(*tensors), *dims, int(reverse), torch.get_num_threads(), _state["launcher"]) != 0:
-        raise MemoryError(f"selective scan kernel ({kind}) failed to allocate its buffers")
+def _run_kernel(name, *args):
+    """Calls kernel `name` with args, then the thread count and the OpenMP launcher; returns its status."""
+    return getattr(_library(), name)(*args, torch.get_num_threads(), _state["launcher"])
 
 
-class _SelectiveScan(torch.autograd.Function):
-    """Inputs as in selective_scan_compiled, already checked and contiguous."""
+# The kernels as torch custom operators (torch.ops.mambamerge.*): torch.compile traces them as single
+# graph nodes (shapes from the fake implementations), autograd goes through the registered backward.
+# Each implementation allocates its outputs contiguous and calls the kernel once; the fake
+# implementations give the same shapes and strides without running anything.
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, reverse):
-        At = A.t().contiguous()  # (N, d)
-        y = torch.empty_like(u)
-        dims = (*u.shape, A.shape[1])
-        _call("forward", u.dtype, (u, delta, At, B, C, D, y), dims, reverse)
-        ctx.reverse = reverse
-        ctx.save_for_backward(u, delta, At, B, C, D)
-        return y
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        u, delta, At, B, C, D = ctx.saved_tensors
-        batch, length, d = u.shape
-        n_state = At.shape[0]
-        n_blocks = -(-d // _BLOCK)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dA = u.new_empty(batch, d, n_state)
-        dB = u.new_empty(batch, n_blocks, length, n_state)
-        dC = u.new_empty(batch, n_blocks, length, n_state)
-        dD = u.new_empty(batch, d)
-        tensors = (u, delta, At, B, C, D, dy.contiguous(), du, ddelta, dA, dB, dC, dD)
-        _call("backward", u.dtype, tensors, (batch, length, d, n_state), ctx.reverse)
-        return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), None
+def _dispatch(op, impl, args, differentiable=()):
+    """op(*args) under torch.compile or where autograd records the call (any of `differentiable` needs a
+    gradient); elsewhere impl(*args), the same kernel without the dispatcher, whose cost buys nothing in
+    eager inference (2.5% of a batch-1 Vim-Ti forward's CPU time, 12% with MaMe merging half the tokens:
+    benchmarks/dispatch.py)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
+        return op(*args)
+    return impl(*args)
+
+
+def _scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+          D: torch.Tensor, reverse: bool) -> torch.Tensor:
+    u, delta, B, C, D = (t.contiguous() for t in (u, delta, B, C, D))
+    At = A.t().contiguous()  # (N, d); every tensor passed by address stays referenced until the call returns
+    y = u.new_empty(u.shape)
+    status = _run_kernel(f"mm_scan_forward_{_SUFFIX[u.dtype]}", *_ptrs(u, delta, At, B, C, D, y), *u.shape,
+                         A.shape[1], int(reverse))
+    if status != 0:
+        raise MemoryError("selective scan kernel (forward) failed to allocate its buffers")
+    return y
+
+
+_scan_op = torch.library.custom_op("mambamerge::selective_scan", _scan, mutates_args=(), device_types="cpu")
+
+
+@_scan_op.register_fake
+def _(u, delta, A, B, C, D, reverse):
+    return u.new_empty(u.shape)
+
+
+@torch.library.custom_op("mambamerge::selective_scan_backward", mutates_args=(), device_types="cpu")
+def _scan_backward_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor, dy: torch.Tensor, reverse: bool) -> List[torch.Tensor]:
+    """Gradients of the scan for all six inputs, each shaped and laid out as a contiguous copy of its input."""
+    u, delta, B, C, D, dy = (t.contiguous() for t in (u, delta, B, C, D, dy))
+    At = A.t().contiguous()
+    batch, length, d = u.shape
+    n_state = A.shape[1]
+    n_blocks = -(-d // _BLOCK)
+    du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
+    # per-task partial sums, reduced below
+    dA = u.new_empty(batch, d, n_state)
+    dB = u.new_empty(batch, n_blocks, length, n_state)
+    dC = u.new_empty(batch, n_blocks, length, n_state)
+    dD = u.new_empty(batch, d)
+    status = _run_kernel(f"mm_scan_backward_{_SUFFIX[u.dtype]}",
+                         *_ptrs(u, delta, At, B, C, D, dy, du, ddelta, dA, dB, dC, dD),
+                         batch, length, d, n_state, int(reverse))
+    if status != 0:
+        raise MemoryError("selective scan kernel (backward) failed to allocate its buffers")
+    return [du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0)]
+
+
+@_scan_backward_op.register_fake
+def _(u, delta, A, B, C, D, dy, reverse):
+    return [t.new_empty(t.shape) for t in (u, delta, A, B, C, D)]
+
+
+def _scan_setup_context(ctx, inputs, output):
+    *tensors, reverse = inputs
+    ctx.reverse = reverse
+    ctx.save_for_backward(*tensors)
+
+
+def _scan_backward(ctx, dy):
+    grads = torch.ops.mambamerge.selective_scan_backward(*ctx.saved_tensors, dy, ctx.reverse)
+    return (*grads, None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def selective_scan_compiled(u, delta, A, B, C, D, reverse=False):
-    """Selective scan with the compiled CPU kernel; differentiable in all six inputs.
+    """Selective scan with the compiled CPU kernel (torch.ops.mambamerge.selective_scan); differentiable
+    in all six inputs (once: the backward is itself a kernel without a backward).
 
     Args:
         u, delta: (batch, L, d); A: (d, N); B, C: (batch, L, N); D: (d,). CPU
@@ -309,35 +364,60 @@ def selective_scan_compiled(u, delta, A, B, C, D, reverse=False):
         raise ValueError(f"compiled selective scan supports float32 and float64, got {u.dtype}")
     if not available():
         raise RuntimeError(f"compiled selective scan unavailable: {unavailable_reason()}")
-    args = (t.contiguous() for t in (u, delta, A, B, C, D))
-    return _SelectiveScan.apply(*args, bool(reverse))
+    args = (u, delta, A, B, C, D, bool(reverse))
+    return _dispatch(torch.ops.mambamerge.selective_scan, _scan, args, differentiable=args[:6])
 
 
 def _softplus_call(x, row_mean):
-    """softplus of a contiguous float32/float64 CPU tensor, and the mean over its last dimension of the
-    result when row_mean (else None)."""
-    y = torch.empty_like(x)
+    """softplus of a float32/float64 CPU tensor, and the mean over its last dimension of the result when
+    row_mean (else None)."""
+    x = x.contiguous()
+    y = x.new_empty(x.shape)
     if x.numel() == 0:
         return y, (y.mean(-1) if row_mean else None)
     mean = x.new_empty(x.shape[:-1]) if row_mean else None
-    fn = getattr(_library(), f"mm_softplus_{_SUFFIX[x.dtype]}")
-    status = fn(x.data_ptr(), y.data_ptr(), None if mean is None else mean.data_ptr(), x.numel() // x.shape[-1],
-                x.shape[-1], torch.get_num_threads(), _state["launcher"])
+    status = _run_kernel(f"mm_softplus_{_SUFFIX[x.dtype]}", x.data_ptr(), y.data_ptr(),
+                         None if mean is None else mean.data_ptr(), x.numel() // x.shape[-1], x.shape[-1])
     if status != 0:
         raise MemoryError("softplus kernel failed: a worker thread could not run")
     return y, mean
 
 
-class _Softplus(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _softplus_call(x, False)[0]
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return _softplus_call(x, False)[0]
 
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return dy * torch.sigmoid(x)
+
+_softplus_op = torch.library.custom_op("mambamerge::softplus", _softplus, mutates_args=(), device_types="cpu")
+
+
+@_softplus_op.register_fake
+def _(x):
+    return x.new_empty(x.shape)
+
+
+def _softplus_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _softplus_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return dy * torch.sigmoid(x)
+
+
+_softplus_op.register_autograd(_softplus_backward, setup_context=_softplus_setup_context)
+
+
+def _softplus_with_row_mean(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _softplus_call(x, True)
+
+
+_softplus_row_mean_op = torch.library.custom_op("mambamerge::softplus_with_row_mean", _softplus_with_row_mean,
+                                                mutates_args=(), device_types="cpu")
+
+
+@_softplus_row_mean_op.register_fake
+def _(x):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1])
 
 
 def _check_softplus_input(x):
@@ -354,14 +434,44 @@ def softplus_compiled(x):
     |x| <= 20 and 5e-6 for |x| <= 80 (the argument rounding of the float32 exp the scan also uses;
     CUDA Mamba's fast-math expf is of the same order); float64 under 1e-14."""
     _check_softplus_input(x)
-    return _Softplus.apply(x.contiguous())
+    return _dispatch(torch.ops.mambamerge.softplus, _softplus, (x,), differentiable=(x,))
 
 
 def softplus_with_row_mean_compiled(x):
     """(softplus(x), its mean over the last dimension) from one pass over x, without autograd: the step
     sizes of a block and each token's mean step size (x: (..., d_inner) -> (...), (...))."""
     _check_softplus_input(x)
-    return _softplus_call(x.contiguous(), True)
+    return _dispatch(torch.ops.mambamerge.softplus_with_row_mean, _softplus_with_row_mean, (x,))
+
+
+def _merge_apply(hidden: torch.Tensor, residual: Optional[torch.Tensor], size: torch.Tensor, rep: torch.Tensor,
+                 assign: torch.Tensor, movers: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                 mean: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, length, channels = hidden.shape
+    new_length, m = rep.shape[1], movers.shape[1]
+    out = hidden.new_empty(batch, new_length, channels)
+    size_out = size.new_empty(batch, new_length)
+    streams = [None if t is None else t.contiguous() for t in (residual, hidden)]
+    index = [t.contiguous() for t in (rep, assign, movers, targets)]
+    weight = weight.to(hidden.dtype).contiguous()
+    size = size.contiguous()
+    status = _run_kernel(f"mm_merge_apply_{_SUFFIX[hidden.dtype]}", *(None if t is None else t.data_ptr()
+                                                                       for t in streams),
+                         *_ptrs(*index, weight, size, out, size_out), batch, length, new_length, m, channels,
+                         int(mean))
+    if status != 0:
+        raise MemoryError("merge kernel failed to allocate its buffers")
+    return out, size_out
+
+
+_merge_apply_op = torch.library.custom_op("mambamerge::merge_apply", _merge_apply, mutates_args=(),
+                                          device_types="cpu")
+
+
+@_merge_apply_op.register_fake
+def _(hidden, residual, size, rep, assign, movers, targets, weight, mean):
+    batch, new_length = rep.shape
+    return hidden.new_empty(batch, new_length, hidden.shape[2]), size.new_empty(batch, new_length)
 
 
 def merge_apply_compiled(hidden, residual, size, rep, assign, movers, targets, weight, mean: bool):
@@ -369,27 +479,11 @@ def merge_apply_compiled(hidden, residual, size, rep, assign, movers, targets, w
     (mambamerge.merge.state.MergePlan documents the arguments): (B, L, C) streams of one dtype, float32
     or float64 (residual may be None), float32 sizes (B, L) -> (B, L', C), (B, L'). Untouched tokens are
     residual + hidden bit for bit."""
-    batch, length, channels = hidden.shape
-    new_length, m = rep.shape[1], movers.shape[1]
-    out = hidden.new_empty(batch, new_length, channels)
-    size_out = size.new_empty(batch, new_length)
-    hidden = hidden.contiguous()
-    residual = None if residual is None else residual.contiguous()
-    index = [t.contiguous() for t in (rep, assign, movers, targets)]
-    weight = weight.to(hidden.dtype).contiguous()
-    fn = getattr(_library(), f"mm_merge_apply_{_SUFFIX[hidden.dtype]}")
-    status = fn(None if residual is None else residual.data_ptr(), hidden.data_ptr(),
-                *_ptrs(*index, weight, size.contiguous(), out, size_out), batch, length, new_length, m, channels,
-                int(mean), torch.get_num_threads(), _state["launcher"])
-    if status != 0:
-        raise MemoryError("merge kernel failed to allocate its buffers")
-    return out, size_out
+    args = (hidden, residual, size, rep, assign, movers, targets, weight, mean)
+    return _dispatch(torch.ops.mambamerge.merge_apply, _merge_apply, args)
 
 
-def plan_from_selection_compiled(src, dst, length: int):
-    """rep (B, L - r), the survivors in ascending order, and assign (B, L), each token's new index or -1,
-    from src (B, r) the tokens that leave and dst (B, r) the survivor each joins (None: dropped); CPU
-    int64 tensors."""
+def _plan(src: torch.Tensor, dst: Optional[torch.Tensor], length: int) -> Tuple[torch.Tensor, torch.Tensor]:
     batch, r = src.shape
     rep = src.new_empty(batch, length - r)
     assign = src.new_empty(batch, length)
@@ -400,3 +494,19 @@ def plan_from_selection_compiled(src, dst, length: int):
     if status != 0:
         raise ValueError("plan_from_selection: src must hold distinct tokens of the sequence and dst survivors")
     return rep, assign
+
+
+_plan_op = torch.library.custom_op("mambamerge::plan_from_selection", _plan, mutates_args=(), device_types="cpu")
+
+
+@_plan_op.register_fake
+def _(src, dst, length):
+    batch, r = src.shape
+    return src.new_empty(batch, length - r), src.new_empty(batch, length)
+
+
+def plan_from_selection_compiled(src, dst, length: int):
+    """rep (B, L - r), the survivors in ascending order, and assign (B, L), each token's new index or -1,
+    from src (B, r) the tokens that leave and dst (B, r) the survivor each joins (None: dropped); CPU
+    int64 tensors."""
+    return _dispatch(torch.ops.mambamerge.plan_from_selection, _plan, (src, dst, length))

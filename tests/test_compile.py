@@ -1,0 +1,102 @@
+"""torch.compile captures dense and token-reducing models whole on CPU: the compiled kernels are torch
+custom ops (torch.ops.mambamerge.*) and the reduction steps have data-independent shapes."""
+import os
+
+import pytest
+import torch
+
+import mambamerge
+from mambamerge.ops import compiled
+
+from conftest import perturb_
+
+needs_compiled = pytest.mark.skipif(not compiled.available(), reason=f"{compiled.unavailable_reason()}")
+
+# the default settings of each method, and the options that take another code path in the plan
+CASES = [
+    (None, {}),
+    ("mame", {}),
+    ("mame", {"placement": "important"}),
+    ("stm", {"w_protect": 0}),
+    ("tome_unordered", {}),
+    ("evit", {}),
+]
+
+
+def make_model(method, options, depth=2):
+    torch.manual_seed(0)
+    model = perturb_(mambamerge.create_model("vim_pico", depth=depth)).eval()
+    if method is not None:
+        mambamerge.patch(model, method, schedule=[0, 5] + [0] * (depth - 2), **options)
+    return model
+
+
+class GraphRecorder:
+    """A torch.compile backend that keeps the FX graphs dynamo captures and runs them as they are."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def custom_ops(self):
+        """Names of the mambamerge custom ops called in the captured graphs, with repeats."""
+        return sorted(str(node.target).removesuffix(".default") for gm in self.graphs for node in gm.graph.nodes
+                      if node.op == "call_function" and str(node.target).startswith("mambamerge."))
+
+
+@needs_compiled
+@pytest.mark.parametrize("method, options", CASES)
+def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(method, options):
+    torch._dynamo.reset()
+    model = make_model(method, options)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    recorder = GraphRecorder()
+    with torch.no_grad():
+        expected = model(images)
+        got = torch.compile(model, backend=recorder, fullgraph=True)(images)  # fullgraph: a break is an error
+    assert len(recorder.graphs) == 1
+    ops = recorder.custom_ops()
+    # every block: two scans and two softplus passes (the row-mean variant where the method reads Δ)
+    assert ops.count("mambamerge.selective_scan") == 4
+    assert sum(op.startswith("mambamerge.softplus") for op in ops) == 4
+    if method is not None:
+        assert "mambamerge.merge_apply" in ops
+    if method in ("mame", "stm"):  # the others reorder the survivors, which the planning kernel does not
+        assert "mambamerge.plan_from_selection" in ops
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@needs_compiled
+def test_compiled_training_step_of_a_merging_model_has_the_eager_gradients():
+    """AOTAutograd traces the registered backward of the scan and softplus ops, and the differentiable
+    merge (torch operations) between the blocks."""
+    torch._dynamo.reset()
+    model = make_model("tome", {}).train()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def grads(fn):
+        model.zero_grad()
+        fn(images).square().sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected = grads(model)
+    got = grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@needs_compiled
+@pytest.mark.skipif(not os.environ.get("MAMBAMERGE_SLOW_TESTS"),
+                    reason="inductor compiles C++ for minutes on a loaded CPU; set MAMBAMERGE_SLOW_TESTS=1")
+@pytest.mark.parametrize("method", [None, "mame"])
+def test_inductor_compiled_model_matches_eager(method):
+    torch._dynamo.reset()
+    model = make_model(method, {})
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(images)
+        got = torch.compile(model, fullgraph=True)(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,132 @@
+"""timm sees mambamerge's models as its own: registration, pretrained_cfg, the classifier methods,
+loading a file with pretrained=True, the optimiser's weight-decay groups and the evaluation transform."""
+import importlib
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import timm.optim
+import torch
+from PIL import Image
+
+import mambamerge
+from mambamerge.data.folders import eval_transform
+from mambamerge.models import timm_registry
+
+from conftest import perturb_
+from test_checkpoint import official_file
+
+
+@pytest.mark.parametrize("name", mambamerge.list_models())
+def test_every_registered_model_builds_through_timm_runs_and_has_a_pretrained_cfg(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=1).eval()  # one block: the registration, not the size, is tested
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == model.input_shape and cfg["num_classes"] == model.num_classes
+    assert cfg["interpolation"] in ("bicubic", "bilinear") and 0 < cfg["crop_pct"] <= 1
+    assert cfg["architecture"] == name
+    assert timm.models.get_pretrained_cfg(name).input_size == model.input_shape  # registered, before any build
+    channels = getattr(model.cfg, "in_chans", None)
+    if channels is not None:
+        assert len(cfg["mean"]) == len(cfg["std"]) == channels
+    assert timm.data.resolve_model_data_config(model)["input_size"] == model.input_shape
+    with torch.no_grad():
+        out = model(torch.randn(1, *model.input_shape))
+    assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
+
+
+def test_official_vim_names_carry_the_official_evaluation_settings():
+    cfg = timm.models.get_pretrained_cfg(next(iter(mambamerge.models.OFFICIAL_NAMES))).to_dict()
+    assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+
+
+def test_importing_the_registry_again_overwrites_nothing_and_warns_nothing():
+    before = timm.models.model_entrypoint("vim_tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(timm_registry)
+    assert timm.models.model_entrypoint("vim_tiny") is before
+
+
+@pytest.fixture
+def pico_file(tmp_path):
+    torch.manual_seed(0)
+    model = perturb_(mambamerge.create_model("vim_pico")).eval()
+    return official_file(tmp_path / "vim_pico.pth", model, input_size=32, name="vim_pico"), model
+
+
+def test_pretrained_true_loads_an_official_file_through_our_loader(pico_file):
+    path, model = pico_file
+    loaded = timm.create_model("vim_pico", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    assert loaded.pretrained_cfg["file"] == str(path) and loaded.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_pretrained_true_applies_timms_options(pico_file):
+    path, model = pico_file
+    tuned = timm.create_model("vim_pico", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              num_classes=5, drop_rate=0.0, drop_path_rate=0.2).eval()
+    assert tuned.num_classes == 5 and tuned.get_classifier().out_features == 5
+    assert tuned.drop_path.p == 0.2  # the final addition's stochastic depth (block 1 gets block 0's rate, 0)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # a new head on the same trunk
+        torch.testing.assert_close(tuned.pooled_features(images), model.pooled_features(images), rtol=0, atol=0)
+        assert tuned(images).shape == (2, 5)
+
+
+def test_pretrained_true_refuses_what_it_cannot_honour(pico_file):
+    path, _ = pico_file
+    with pytest.raises(ValueError, match="no weights to download.*pretrained_cfg_overlay=dict\\(file=PATH\\)"):
+        timm.create_model("vim_pico", pretrained=True)
+    with pytest.raises(ValueError, match="does not hold a vim_tiny: embed_dim=32 \\(not 192\\)"):
+        timm.create_model("vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(ValueError, match="architecture from the file; unsupported option\\(s\\): depth"):
+        timm.create_model("vim_pico", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=3)
+
+
+@pytest.mark.parametrize("method", [None, "tome"])
+def test_forward_features_forward_head_follow_timm(tiny_model, method):
+    if method:
+        mambamerge.patch(tiny_model, method, schedule=[0, 4, 3])
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = tiny_model.forward_features(images)
+        assert tokens.shape == (3, 17 - (7 if method else 0), 32)
+        pooled = tiny_model.forward_head(tokens, pre_logits=True)
+        torch.testing.assert_close(pooled, tiny_model.pooled_features(images), rtol=0, atol=0)
+        torch.testing.assert_close(tiny_model.forward_head(tokens), tiny_model(images), rtol=0, atol=0)
+        if method:  # the class token moved per image; tokens of another call cannot be read
+            assert not torch.equal(tiny_model.token_reducer.last_state.cls_index, torch.full((3,), 8))
+            with pytest.raises(ValueError, match="not those of this token-reducing model's last forward_features"):
+                tiny_model.forward_head(tokens[:2])
+
+
+def test_reset_classifier_and_weight_decay_groups(tiny_model):
+    tiny_model.reset_classifier(4)
+    assert tiny_model.num_classes == 4 and tiny_model.pretrained_cfg["num_classes"] == 4
+    assert tiny_model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    tiny_model.reset_classifier(0)
+    with torch.no_grad():
+        images = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(tiny_model(images), tiny_model.pooled_features(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reads its class token; global_pool='avg'"):
+        tiny_model.reset_classifier(4, global_pool="avg")
+    assert tiny_model.no_weight_decay() == {"pos_embed", "cls_token"}
+    optimizer = timm.optim.create_optimizer_v2(tiny_model, "adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"pos_embed", "cls_token", "layers.0.mixer.D"} <= no_decay
+    assert "layers.0.mixer.in_proj.weight" not in no_decay
+
+
+def test_evaluation_transform_is_timms_from_the_pretrained_cfg():
+    model = mambamerge.create_model("vim_tiny", depth=1)
+    timm_transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 411, 3), dtype=np.uint8))
+    ours = eval_transform(224)(image)
+    assert ours.shape == (3, 224, 224)
+    assert torch.equal(ours, timm_transform(image))
