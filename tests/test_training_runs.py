@@ -153,10 +153,9 @@ def sum_and_keep(values, device):
     return total
 
 cli_train.train, evaluate.sum_all = train_and_keep, sum_and_keep
-commands = " ".join(sys.argv[2:]).split(" THEN ")  # several commands, one after the other
-codes = [main(command.split()) for command in commands]
-torch.save(sums, f"{out}/sums{rank}.pt")
-sys.exit(max(codes))
+code = main(sys.argv[3:])
+torch.save(sums, f"{out}/sums{rank}-{sys.argv[2]}.pt")
+sys.exit(code)
 """
 
 
@@ -170,10 +169,12 @@ def test_train_and_eval_in_two_processes_under_torchrun(tmp_path):
             "--out", str(out), "--device", "cpu"]
     evaluate = ["eval", "--checkpoint", str(out / "model.safetensors"), "--data", str(data / "val"), "--runs", "1",
                 "--batch", "4", "--threads", "1", "--workers", "0", "--device", "cpu"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(out), *argv, "THEN", *evaluate], env=child_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {}
+    for tag, command in (("train", argv), ("eval", evaluate)):  # two launches, as a user runs them
+        runs[tag] = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                    "2", str(script), str(out), tag, *command], env=child_env(), capture_output=True,
+                                   text=True, timeout=600)
+        assert runs[tag].returncode == 0, runs[tag].stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
@@ -182,20 +183,21 @@ def test_train_and_eval_in_two_processes_under_torchrun(tmp_path):
 
     # every validation (5) and test (6) image counted once, the same sums on both processes: by train
     # (2 epochs, then the test split), then by eval on the test split
-    sums = [torch.load(out / f"sums{r}.pt", weights_only=True) for r in range(2)]
+    sums = [[total for tag in ("train", "eval") for total in torch.load(out / f"sums{r}-{tag}.pt", weights_only=True)]
+            for r in range(2)]
     assert sums[0] == sums[1]
     evaluations = sums[0]
     assert [total for _, total in evaluations] == [5, 5, 6, 6]
     test_top1 = json.loads((out / "summary.json").read_text())["test_accuracy"]
     assert test_top1 == evaluations[2][0] / 6 == evaluations[3][0] / 6
-    assert f"top-1       {test_top1:.2%}" in proc.stdout and proc.stdout.count("top-1       ") == 1
+    assert f"top-1       {test_top1:.2%}" in runs["eval"].stdout and runs["eval"].stdout.count("top-1       ") == 1
     # and the reported accuracy is the single-process one of the same weights on the same images
     model = mambamerge.load_checkpoint(out / "model_last.safetensors")
     plain = mambamerge.data.folders.image_folder(data / "train", img_size=16, in_chans=3)
     val = mambamerge.data.loading.subset(plain, holdout_split(len(plain), 5)[1])
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["val_accuracy"] == accuracy(model, val, 4) == evaluations[1][0] / 5
-    assert "epoch 2/2" in proc.stdout and proc.stdout.count("epoch 2/2") == 1  # one process reports
+    assert "epoch 2/2" in runs["train"].stdout and runs["train"].stdout.count("epoch 2/2") == 1  # one process reports
 
 
 @pytest.mark.parametrize("mode, size, chans", [("L", 28, 1), ("RGB", 64, 3)])
