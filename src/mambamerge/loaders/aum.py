@@ -9,9 +9,8 @@ another spec_size interpolates the table bilinearly (antialiased), as the offici
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from mambamerge.loaders.common import depth_of, mixer_config, pair, require
+from mambamerge.loaders.common import depth_of, mixer_config, pair, require, resize_head_table
 from mambamerge.models.aum import AuMConfig
 
 FAMILY = "aum"
@@ -38,13 +37,7 @@ def _grid(size: Tuple[int, int], patch: Tuple[int, int], stride: Tuple[int, int]
 
 def interpolate_table(table: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
     """(1, 1 + old F'T', D), class entry first -> (1, 1 + new F'T', D), the patch part bilinear, antialiased."""
-    if tuple(old_grid) == tuple(new_grid):
-        return table
-    cls, patches = table[:, :1], table[:, 1:]
-    dim = patches.shape[-1]
-    grid = patches.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", antialias=True)
-    return torch.cat((cls, grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(table.dtype)), dim=1)
+    return resize_head_table(table, old_grid, new_grid, mode="bilinear", antialias=True)
 
 
 def _train_spec_size(slots: int, patch, stride, train_spec_size) -> Tuple[int, int]:

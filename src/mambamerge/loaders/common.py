@@ -4,6 +4,7 @@ import re
 from typing import Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 def depth_of(sd: Dict[str, torch.Tensor]) -> int:
@@ -55,3 +56,16 @@ def pair(value, what: str, most: int = MAX_SIZE) -> Tuple[int, int]:
             or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= most for v in items)):
         raise ValueError(f"{what} is {value!r}: expected a whole number from 1 to {most} or a pair of them")
     return int(items[0]), int(items[1])
+
+
+def resize_head_table(table: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int],
+                      **interpolation) -> torch.Tensor:
+    """(1, 1 + old G1*G2, D), class entry first -> (1, 1 + new G1*G2, D): the patch part resized on its
+    2-D grid with F.interpolate(**interpolation), the class entry kept."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    cls, patches = table[:, :1], table[:, 1:]
+    dim = patches.shape[-1]
+    grid = patches.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), **interpolation)
+    return torch.cat((cls, grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(table.dtype)), dim=1)

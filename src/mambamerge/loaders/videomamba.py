@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mambamerge.loaders.common import depth_of, mixer_config, pair, require, whole
+from mambamerge.loaders.common import depth_of, mixer_config, pair, require, resize_head_table, whole
 from mambamerge.models.videomamba import VideoMambaConfig
 
 FAMILY = "videomamba"
@@ -30,13 +30,7 @@ def matches(sd: Dict[str, torch.Tensor]) -> bool:
 
 def interpolate_spatial(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
     """(1, 1 + old H'W', D), class entry first -> (1, 1 + new H'W', D); the patch part resized bicubically."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    dim = patches.shape[-1]
-    grid = patches.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
-    return torch.cat((cls, grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)), dim=1)
+    return resize_head_table(pos_embed, old_grid, new_grid, mode="bicubic", align_corners=False)
 
 
 def interpolate_temporal(table: torch.Tensor, frames: int) -> torch.Tensor:

@@ -17,15 +17,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from mambamerge.models.base import MambaClassifier
+from mambamerge.models.base import MambaClassifier, to_2tuple
 from mambamerge.tokens import TokenLayout
 
 # variant -> (mixer variant, divide_out)
 AUM_VARIANTS = {"Bi-Bi": ("bi", True), "Fo-Bi": ("bi_shared", False), "Fo-Fo": ("forward", False)}
-
-
-def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 @dataclass
@@ -49,9 +45,9 @@ class AuMConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self):
-        self.spec_size = _pair(self.spec_size)
-        self.patch_size = _pair(self.patch_size)
-        self.stride = _pair(self.stride)
+        self.spec_size = to_2tuple(self.spec_size)
+        self.patch_size = to_2tuple(self.patch_size)
+        self.stride = to_2tuple(self.stride)
         if self.variant not in AUM_VARIANTS:
             raise ValueError(f"AuMConfig.variant must be one of {', '.join(AUM_VARIANTS)}, got {self.variant!r}")
         if self.dt_rank is None:

@@ -20,6 +20,11 @@ from mambamerge.runner import class_feature, run_blocks
 from mambamerge.tokens import TokenLayout
 
 
+def to_2tuple(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    """An int or a (height, width) pair -> a pair of ints."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 class MambaClassifier(nn.Module):
     """embed -> blocks (two streams: hidden, residual; tokens reduced between blocks once patched with
     mambamerge.patch) -> final add + RMSNorm -> feature at the class token -> head.

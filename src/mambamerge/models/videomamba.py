@@ -12,14 +12,10 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from mambamerge.models.base import MambaClassifier
+from mambamerge.models.base import MambaClassifier, to_2tuple
 from mambamerge.tokens import TokenLayout
 
 Size3 = Tuple[int, int, int]
-
-
-def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 @dataclass
@@ -46,8 +42,8 @@ class VideoMambaConfig:
     head_drop_rate: float = 0.0
 
     def __post_init__(self):
-        self.img_size = _pair(self.img_size)
-        self.patch_size = _pair(self.patch_size)
+        self.img_size = to_2tuple(self.img_size)
+        self.patch_size = to_2tuple(self.patch_size)
         if self.dt_rank is None:
             self.dt_rank = math.ceil(self.embed_dim / 16)
         for name in ("embed_dim", "depth", "num_frames", "tubelet", "in_chans", "d_state", "d_conv", "expand",

@@ -11,14 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamerge.models.base import MambaClassifier
+from mambamerge.models.base import MambaClassifier, to_2tuple
 from mambamerge.tokens import TokenLayout
 
 Size2 = Tuple[int, int]
-
-
-def to_2tuple(v: Union[int, Tuple[int, int]]) -> Size2:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 @dataclass
