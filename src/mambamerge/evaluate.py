@@ -39,12 +39,12 @@ def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = No
 
 def check_fit(model, info, data_name: str = "the dataset") -> None:
     """Raise a ValueError naming both sides when `model` cannot be evaluated on a dataset (its info:
-    classes and input_shape, the shape of one sample): number of classes, then for images the
-    channels and the size, for other inputs the sample shape."""
-    if model.num_classes != info.num_classes:
+    classes and input_shape, the shape of one sample): the kind of input (images, clips, spectrograms),
+    the number of classes, then for images the channels and the size, for other inputs the sample shape."""
+    want, got = tuple(model.input_shape), tuple(info.input_shape)
+    if len(want) == len(got) and model.num_classes != info.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but {data_name} has {info.num_classes}; "
                          f"evaluate it on data with {model.num_classes} classes (or fine-tune its head first)")
-    want, got = tuple(model.input_shape), tuple(info.input_shape)
     if want == got:
         return
     if model.family == "vim" and len(got) == 3:

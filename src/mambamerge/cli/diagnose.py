@@ -9,35 +9,37 @@ from typing import Tuple
 import torch
 
 from mambamerge.atomic import write_files
-from mambamerge.checkpoint import load_checkpoint
-from mambamerge.data import IDX_SETS, IdxDataset, load_dataset
+from mambamerge.cli.eval import open_data
+from mambamerge.data import batches
+from mambamerge.data.loading import subset
 from mambamerge.diagnostics.report import PARTS, Settings, diagnose
-from mambamerge.evaluate import check_fit
 from mambamerge.results import check_writable, environment
+from mambamerge.threads import default_threads
 
 HELP = ("diagnose a checkpoint: decay kernels, implicit attention, sequential dependence, token order, "
         "leave-one-out token worth against Δ statistics, prune vs merge")
 
 
-def add_inputs(p: argparse.ArgumentParser, default_images: int) -> None:
-    """Arguments shared with `mambamerge visualize`: checkpoint, data and which images."""
+def add_inputs(p: argparse.ArgumentParser, default_count: int) -> None:
+    """Arguments shared with `mambamerge visualize`: checkpoint, data and which inputs."""
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model checkpoint (.safetensors or .pth)")
     p.add_argument("--data", required=True, metavar="SPEC",
-                   help="fashion-mnist or mnist (optionally NAME:/folder/with/idx/files), or an image folder")
-    p.add_argument("--split", default="train",
-                   help="train or test for fashion-mnist and mnist (default: train; settings chosen from these "
-                        "numbers must not come from the test split)")
+                   help="what the model takes: fashion-mnist or mnist (images), moving-fashion-mnist or moving-mnist "
+                        "(clips), fsdd (spoken digits), each optionally NAME:/folder/with/its/files, or a folder "
+                        "<folder>/<class name>/<inputs> of images, clips or sound files")
+    p.add_argument("--split", help="train (default), val (fsdd and moving-*) or test for the named data sets; settings "
+                                   "chosen from these numbers must not come from the test split")
     p.add_argument("--first", type=int, default=0, metavar="I",
-                   help="index of the first image used (default 0; e.g. 55000 for the held-out MNIST images)")
-    p.add_argument("--images", type=int, default=default_images, metavar="N",
-                   help=f"number of images (default {default_images})")
-    p.add_argument("--img-size", type=int, metavar="PIXELS", help="resolution (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+                   help="index of the first input used (default 0; e.g. 55000 for the held-out MNIST images)")
+    p.add_argument("--images", type=int, default=default_count, metavar="N",
+                   help=f"number of inputs: images, clips or spectrograms (default {default_count})")
+    p.add_argument("--img-size", type=int, metavar="PIXELS", help="image or frame size (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the outputs (created if needed)")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    add_inputs(p, default_images=256)
+    add_inputs(p, default_count=256)
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, metavar="PART",
                    help=f"diagnostics to run (default: all: {', '.join(PARTS)})")
     p.add_argument("--loo-images", type=int, default=16, metavar="N",
@@ -51,38 +53,25 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="target reductions of the prune-vs-merge comparison (default 0.2 0.4 0.6)")
 
 
-def load_images(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
-    """(model in eval mode, images (N, C, H, W), labels (N,), a label of the data) from the shared arguments."""
+def load_batch(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+    """(model in eval mode, inputs (N, *model.input_shape), labels (N,), a label of the data) from the shared
+    arguments, loaded as `mambamerge eval` loads them (cli.eval.open_data): images, clips or spectrograms."""
     for name in ("images", "img_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.first < 0:
         raise ValueError(f"--first must be >= 0, got {args.first}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.checkpoint, img_size=args.img_size).eval()
-    if len(model.layout.grid) != 2:
-        raise ValueError(f"{Path(args.checkpoint).name} is not an image model ({model.layout.describe()}); the "
-                         f"commands read image data so far: use the library functions in mambamerge.diagnostics")
-    height, width = model.cfg.img_size
-    if height != width:
-        raise ValueError(f"{Path(args.checkpoint).name} runs at {height}x{width} images but datasets are loaded "
-                         f"square; pass --img-size N")
-    is_idx = args.data.partition(":")[0] in IDX_SETS
-    dataset = load_dataset(args.data, args.split, img_size=height, in_chans=model.cfg.in_chans,
-                           limit=args.first + args.images)
-    label = f"{args.data} {args.split}" if is_idx else args.data
-    check_fit(model, dataset.info, label)
+    torch.set_num_threads(default_threads(args.threads))
+    model, dataset, label = open_data(args, default_split="train", limit=args.first + args.images)
     if len(dataset) <= args.first:
-        raise ValueError(f"{label} holds {len(dataset)} images; --first {args.first} is past its end")
-    index = list(range(args.first, len(dataset)))
-    if isinstance(dataset, IdxDataset):
-        images, labels = dataset.batch(index)
-    else:
-        pairs = [dataset[i] for i in index]
-        images, labels = torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
-    return model, images, labels, f"{label} images {args.first}..{args.first + len(index) - 1}"
+        raise ValueError(f"{label} holds {len(dataset)} inputs; --first {args.first} is past its end")
+    index = range(args.first, len(dataset))
+    read = list(batches(subset(dataset, index), len(index)))
+    if not read:
+        raise ValueError(f"{label}: none of inputs {index.start}..{index.stop - 1} could be read")
+    inputs, labels = read[0]
+    return model.eval(), inputs, labels, f"{label} inputs {index.start}..{index.stop - 1}"
 
 
 def _finite(value):
@@ -105,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 <= reduction < 1.0:
             raise ValueError(f"--reductions must be in [0, 1), got {reduction}")
     out = check_writable(args.out)
-    model, images, labels, data = load_images(args)
+    model, inputs, labels, data = load_batch(args)
     settings = Settings(parts=args.parts, loo_blocks=args.loo_blocks, attention_blocks=args.attention_blocks,
                         loo_images=args.loo_images, reductions=args.reductions)
-    report = diagnose(model, images, labels, settings, title=Path(args.checkpoint).stem)
+    report = diagnose(model, inputs, labels, settings, title=Path(args.checkpoint).stem)
     header = [f"mambamerge diagnose: {Path(args.checkpoint).name} on {data}", ""]
     payload = {"checkpoint": str(args.checkpoint), "data": data, "model": model.cfg.to_dict(),
                "environment": environment(next(model.parameters()).device), **report.numbers}

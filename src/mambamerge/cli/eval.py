@@ -119,14 +119,22 @@ def check_reduction(reduction: float) -> None:
 
 
 def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]:
-    """(model, dataset, data label) from --checkpoint, --data, --split, --limit, --img-size (and torch
-    set to --threads); every way they do not fit each other is a ValueError naming both sides."""
+    """(model on --device, dataset, data label) from --checkpoint, --data, --split (default test), --limit,
+    --img-size, with torch set to --threads; see open_data."""
+    torch.set_num_threads(default_threads(args.threads))
+    device = setup_device(args)
+    model, dataset, label = open_data(args, default_split="test", limit=args.limit)
+    return model.to(device), dataset, label
+
+
+def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]) -> Tuple[torch.nn.Module, object, str]:
+    """(model on the CPU, dataset of its first `limit` inputs, data label) from --checkpoint, --data,
+    --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
+    Every way they do not fit each other is a ValueError naming both sides."""
     named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)
     if args.split and not named:
         raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
                          f"folder is one split: pass the split's own folder (e.g. imagenet/val) as --data")
-    torch.set_num_threads(default_threads(args.threads))
-    device = setup_device(args)
     model = load_checkpoint(args.checkpoint, img_size=args.img_size)
     shape, name = tuple(model.input_shape), Path(args.checkpoint).name
     if len(shape) == 3 and shape[1] != shape[2]:
@@ -134,14 +142,14 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
                          f"--img-size N to evaluate at NxN")
     if len(shape) == 3 and not named and shape[0] not in (1, 3):
         raise ValueError(f"{name} takes {shape[0]}-channel images but image folders give 1 (grey) or 3 (RGB)")
-    split = args.split or "test"
-    dataset = load_dataset(args.data, split, input_shape=shape, limit=args.limit)
+    split = args.split or default_split
+    dataset = load_dataset(args.data, split, input_shape=shape, limit=limit)
     label = f"{args.data} {split}" if named else args.data
     if len(dataset) == 0:
         raise ValueError(f"{label} holds no inputs")
     check_fit(model, dataset.info, label)
     check_classes(model, dataset.info, label)
-    return model.to(device), dataset, label
+    return model, dataset, label
 
 
 def describe(model, checkpoint: str) -> str:

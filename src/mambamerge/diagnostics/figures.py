@@ -4,7 +4,7 @@ Every function takes plain numbers (lists, tensors) and returns PNG bytes.
 """
 import io
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from matplotlib import colormaps
@@ -127,43 +127,52 @@ def prune_merge_png(result: dict, title: str) -> bytes:
     return _png(fig)
 
 
-def _group_colours(groups: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """One random colour per group id. groups (n,) long, -1 for dropped -> (n, 3) in [0, 1]."""
-    generator = torch.Generator().manual_seed(seed)
-    palette = 0.15 + 0.85 * torch.rand(int(groups.max()) + 2, 3, generator=generator)
-    colours = palette[groups.clamp(min=0)]
-    return torch.where(groups[:, None] < 0, torch.zeros(3), colours)
+def merge_groups_png(planes: torch.Tensor, axes: Sequence[str], steps: List[dict],
+                     importance: Optional[torch.Tensor], title: str,
+                     panels: Sequence[Tuple[int, str]] = ((0, ""),)) -> bytes:
+    """Per input: the input, its Δ importance map, then the token groups after each step.
 
+    planes: (B, *extent) inputs along the grid axes (canvas.grid_planes); axes: the grid's axis names,
+    the last two a picture's rows and columns (a "freq" row axis is drawn with low frequencies at the
+    bottom); steps: [{"block": before which block, "tokens": tokens after it, "picture": (B, *extent, 3)
+    RGB in [0, 1] (canvas.group_pictures)}]; importance: (B, *extent), NaN where no patch lies, or None;
+    panels: the pictures along the axes before the last two (a clip's frames), (flat index, label)
+    (canvas.leading_panels). With one panel an input is one row (input, Δ, steps); with several (a clip)
+    it gets a row per kind (input, Δ, each step) and a column per panel."""
+    batch, extent = planes.shape[0], tuple(planes.shape[1:])
+    index = torch.tensor([flat for flat, _ in panels])
 
-def merge_groups_png(image: torch.Tensor, grid: Sequence[int], steps: List[dict],
-                     importance: Optional[torch.Tensor], title: str) -> bytes:
-    """One row per image: the input, the Δ importance map, then the token groups after each step.
+    def pick(x: torch.Tensor) -> torch.Tensor:  # (B, *extent, ...) -> (B, panels, rows, cols, ...)
+        return x.reshape(batch, -1, *x.shape[len(extent) - 1:])[:, index]
 
-    image: (B, C, H, W) in display range; grid: (rows, cols) of patches; steps: [{"block": before which
-    block, "groups": (B, rows*cols) group id per patch, -1 where dropped, "tokens": tokens after it}];
-    importance: (B, rows*cols) or None."""
-    batch = image.shape[0]
-    columns = 1 + (importance is not None) + len(steps)
-    fig = _figure(1.9 * columns + 0.6, 2.0 * batch + 0.6)
-    axes = fig.subplots(batch, columns, squeeze=False)
-    rows, cols = grid
+    entries = [("input", pick(planes), "gray")]
+    if importance is not None:
+        entries.append(("Δ importance", pick(importance), "viridis"))
+    entries += [(f"before block {s['block']}: {s['tokens']} tokens", pick(s["picture"]), None) for s in steps]
+    across = len(panels) == 1
+    rows, columns = (batch, len(entries)) if across else (batch * len(entries), len(panels))
+    panel = 1.9 * min(2.5, max(0.6, extent[-1] / extent[-2]))
+    fig = _figure(panel * columns + 0.6, 2.0 * rows + 0.6)
+    grid = fig.subplots(rows, columns, squeeze=False)
+    origin = "lower" if axes[-2] == "freq" else "upper"
     for b in range(batch):
-        grey = image[b].mean(0)
-        grey = (grey - grey.min()) / (grey.max() - grey.min()).clamp(min=1e-12)
-        panels = [("input", grey[..., None].expand(-1, -1, 3), None)]
-        if importance is not None:
-            panels.append(("Δ importance", importance[b].view(rows, cols), "viridis"))
-        for step in steps:
-            colours = _group_colours(step["groups"][b]).view(rows, cols, 3)
-            patch_h, patch_w = grey.shape[0] // rows, grey.shape[1] // cols
-            up = colours.repeat_interleave(patch_h, 0).repeat_interleave(patch_w, 1)
-            shade = grey[:up.shape[0], :up.shape[1], None]
-            panels.append((f"before block {step['block']}\n{step['tokens']} tokens", 0.55 * up + 0.45 * shade, None))
-        for ax, (name, picture, cmap) in zip(axes[b], panels):
-            ax.imshow(picture.numpy(), cmap=cmap, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if b == 0:
-                ax.set_title(name, fontsize=8)
+        for e, (name, pictures, cmap) in enumerate(entries):
+            limits = {} if cmap is None else {"vmin": float(pictures[b].nan_to_num(float("inf")).min()),
+                                             "vmax": float(pictures[b].nan_to_num(float("-inf")).max())}
+            for f, (_, label) in enumerate(panels):
+                ax = grid[b, e] if across else grid[b * len(entries) + e, f]
+                ax.imshow(pictures[b, f].numpy(), cmap=cmap, interpolation="nearest", origin=origin, aspect="auto",
+                          **limits)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if across and b == 0:
+                    ax.set_title(name, fontsize=8)
+                if not across and f == 0:
+                    ax.set_ylabel(name.replace(": ", "\n"), fontsize=7)
+                if not across and e == 0:
+                    ax.set_title(label, fontsize=8)
+        if across:
+            grid[b, 0].set_xlabel(f"{axes[-1]} →", fontsize=7)
+            grid[b, 0].set_ylabel(f"{axes[-2]} {'↑' if origin == 'lower' else '↓'}", fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _png(fig)

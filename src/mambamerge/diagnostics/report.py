@@ -96,7 +96,7 @@ def _attention(model, images, settings, report: Report, title: str) -> None:
     report.numbers["attention"] = {
         str(block): {d: {"class_row_share_within_8": _share_near(m[d][cls], cls, 8)} for d in DIRECTIONS}
         for block, m in maps.items()}
-    report.figures["attention.png"] = figures.attention_png(maps, cls, f"{title}: implicit attention (one image)")
+    report.figures["attention.png"] = figures.attention_png(maps, cls, f"{title}: implicit attention (one input)")
     report.summary.append("attention: share of the class token's |α| row within 8 tokens of it (fwd, bwd):")
     for block, entry in report.numbers["attention"].items():
         report.summary.append(f"  block {block}: {entry['fwd']['class_row_share_within_8']:.2f}, "

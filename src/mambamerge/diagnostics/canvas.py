@@ -1,0 +1,127 @@
+"""Where the patches of a token layout lie on the input, for pictures of images, spectrograms and clips.
+
+Every family embeds its input with one convolution whose spatial axes are the token grid's axes in
+grid order: Vim's Conv2d over an image (row, col); AuM's Conv2d over the transposed spectrogram
+(freq, time), overlapping when its stride is below its kernel; VideoMamba's Conv3d over a clip
+(frame, row, col), the tubelet as the frame kernel. Its kernel, stride and padding (`PatchGeometry`)
+say which input positions each patch covers. An input is laid out along the grid axes (`grid_planes`),
+and per-patch values are spread over those positions (`spread`): each position takes the value of
+the patch whose centre is nearest along every axis; positions no patch covers (what a stride that does
+not divide the input leaves at the end, or gaps between patches) take `fill`.
+"""
+import itertools
+from typing import List, NamedTuple, Sequence, Tuple
+
+import torch
+
+from mambamerge.tokens import TokenLayout
+
+# the axes of one input, model.input_shape's order, for each input rank: (C, H, W) images,
+# (C, T, H, W) clips, (T, F) spectrograms; the token layout names its grid axes from these
+INPUT_AXES = {3: ("channel", "row", "col"), 4: ("channel", "frame", "row", "col"), 2: ("time", "freq")}
+
+
+class PatchGeometry(NamedTuple):
+    """Kernel, stride and padding of the patch embedding, one entry per grid axis, grid order."""
+
+    kernel: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+
+
+def patch_geometry(model) -> PatchGeometry:
+    """The geometry of model.patch_embed.proj, the convolution every family embeds its patches with."""
+    conv = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if not isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)) or len(conv.kernel_size) != len(model.layout.grid):
+        raise ValueError(f"the pictures need a patch embedding convolution patch_embed.proj over the "
+                         f"{len(model.layout.grid)} grid axes ({model.layout.describe()}); this model has none")
+    if isinstance(conv.padding, str):
+        raise ValueError(f"patch_embed.proj pads {conv.padding!r}; the pictures need its padding in numbers")
+    return PatchGeometry(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding))
+
+
+def grid_planes(inputs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """inputs (B, *input_shape) -> (B, *extent): channels averaged, axes put in the grid's order
+    (an image (B, H, W), a spectrogram (B, F, T), a clip (B, T, H, W))."""
+    names = INPUT_AXES.get(inputs.dim() - 1)
+    if names is None or set(layout.axes) | {"channel"} != set(names) | {"channel"}:
+        raise ValueError(f"inputs of shape {tuple(inputs.shape[1:])} do not fit a layout of {layout.describe()}")
+    x = inputs.float()
+    if "channel" in names:
+        x = x.mean(dim=1 + names.index("channel"))
+        names = tuple(n for n in names if n != "channel")
+    return x.permute(0, *(1 + names.index(axis) for axis in layout.axes))
+
+
+def pixel_owners(extent: int, count: int, kernel: int, stride: int, padding: int = 0) -> torch.Tensor:
+    """(extent,) long: along one axis, the index of the patch (of `count`) whose centre is nearest each
+    position, -1 where that patch does not cover it."""
+    if (extent + 2 * padding - kernel) // stride + 1 != count:
+        raise ValueError(f"{count} patches of kernel {kernel}, stride {stride}, padding {padding} do not span "
+                         f"{extent} positions")
+    position = torch.arange(extent, dtype=torch.float64)
+    nearest = torch.round((position + padding - (kernel - 1) / 2) / stride).long().clamp(0, count - 1)
+    start = nearest * stride - padding
+    covered = (position >= start) & (position < start + kernel)
+    return torch.where(covered, nearest, -1)
+
+
+def spread(values: torch.Tensor, grid: Sequence[int], geometry: PatchGeometry, extent: Sequence[int],
+           fill: float = float("nan")) -> torch.Tensor:
+    """Per-patch values (B, M, *rest), patches in grid order, at the input positions: (B, *extent, *rest)."""
+    owners = [pixel_owners(e, g, k, s, p) for e, g, k, s, p in zip(extent, grid, *geometry)]
+    flat = torch.zeros(tuple(extent), dtype=torch.long)
+    covered = torch.ones(tuple(extent), dtype=torch.bool)
+    for axis, owner in enumerate(owners):
+        shape = [1] * len(owners)
+        shape[axis] = -1
+        flat = flat * grid[axis] + owner.clamp(min=0).view(shape)
+        covered &= owner.view(shape) >= 0
+    out = values[:, flat.to(values.device)].clone()
+    out[:, ~covered.to(values.device)] = fill
+    return out
+
+
+def leading_panels(extent: Sequence[int], layout: TokenLayout, geometry: PatchGeometry) -> List[Tuple[int, str]]:
+    """The pictures worth drawing along the grid axes before the last two (a clip's frames): one per
+    patch position there, the first input position it covers, as (flat index into extent[:-2], label),
+    e.g. (2, "frame 2-3") for the second tubelet of two frames. [(0, "")] when there are none."""
+    lead = len(layout.grid) - 2
+    choices = []
+    for axis in range(lead):
+        owner = pixel_owners(extent[axis], layout.grid[axis], *(g[axis] for g in geometry))
+        choices.append([(int((owner == i).nonzero()[0]), int((owner == i).nonzero()[-1]), layout.axes[axis])
+                        for i in range(layout.grid[axis])])
+    panels = []
+    for combination in itertools.product(*choices):
+        flat = 0
+        for axis, (first, _, _) in enumerate(combination):
+            flat = flat * extent[axis] + first
+        label = ", ".join(f"{name} {first}" + (f"-{last}" if last > first else "") for first, last, name in combination)
+        panels.append((flat, label))
+    return panels
+
+
+def group_colours(groups: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """One random colour per group id. groups (..., M) long, -1 for dropped -> (..., M, 3) in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    palette = 0.15 + 0.85 * torch.rand(int(groups.max()) + 2, 3, generator=generator)
+    return torch.where(groups[..., None] < 0, torch.zeros(3), palette[groups.clamp(min=0)])
+
+
+def shade(planes: torch.Tensor) -> torch.Tensor:
+    """Each input scaled to [0, 1] over all its positions: (B, *extent) -> (B, *extent)."""
+    flat = planes.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    scale = (high - low).clamp(min=1e-12)
+    return (planes - low.view(-1, *[1] * (planes.dim() - 1))) / scale.view(-1, *[1] * (planes.dim() - 1))
+
+
+def group_pictures(planes: torch.Tensor, groups: torch.Tensor, grid: Sequence[int],
+                   geometry: PatchGeometry) -> torch.Tensor:
+    """The input in grey under one colour per group: planes (B, *extent) from grid_planes, groups (B, M)
+    -> RGB (B, *extent, 3) in [0, 1]; positions no patch covers stay grey, dropped patches darken."""
+    grey = shade(planes)[..., None]
+    colours = spread(group_colours(groups), grid, geometry, planes.shape[1:])
+    blended = 0.55 * colours + 0.45 * grey
+    return torch.where(colours.isnan(), grey.expand_as(blended), blended)
