@@ -1,7 +1,9 @@
 """`mambamerge visualize`: which original patches each remaining token holds after every reduction step
 (one colour per group) beside the input and its Δ importance map, drawn where the patches lie on an
-image, a spectrogram (frequency x time) or each frame of a clip; writes DIR/merge_<method>.png."""
+image, a spectrogram (frequency x time) or each frame of a clip; writes DIR/merge_<method>.png and
+DIR/merge_<method>.json (the layout and, per step, each input's group id of every patch)."""
 import argparse
+import json
 from pathlib import Path
 
 from mambamerge.atomic import write_files
@@ -40,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
     listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
     title = (f"{Path(args.checkpoint).stem}: {args.method} at {args.reduction:.0%} average reduction"
              + (f" ({listed})" if listed else "") + f"; Δ map of block {steps[0]['block'] - 1}")
-    name = f"merge_{args.method}.png"
-    write_files(out, {name: merge_groups_png(planes, layout.axes, pictures, importance, title,
-                                               leading_panels(planes.shape[1:], layout, geometry))})
+    name = f"merge_{args.method}"
+    groups = {"checkpoint": str(args.checkpoint), "data": data, "method": args.method, "reduction": args.reduction,
+              "options": options, "layout": {"grid": layout.grid, "axes": layout.axes, "cls_index": layout.cls_index},
+              "steps": [{"block": s["block"], "tokens": s["tokens"], "groups": s["groups"].tolist()} for s in steps]}
+    panels = leading_panels(planes.shape[1:], layout, geometry)
+    write_files(out, {f"{name}.png": merge_groups_png(planes, layout.axes, pictures, importance, title, panels),
+                      f"{name}.json": json.dumps(groups) + "\n"})
     print(f"{data}: {len(steps)} steps, tokens {' -> '.join(str(s['tokens']) for s in steps)}")
-    print(f"wrote {Path(out) / name}")
+    print(f"wrote {name}.png and {name}.json to {out}")
     return 0
