@@ -14,8 +14,9 @@ from mambamerge.diagnostics.probe import DIRECTIONS, block_scans, class_index, t
 from mambamerge.diagnostics.prune_vs_merge import prune_vs_merge
 
 PARTS = ("decay", "attention", "dependence", "order", "importance", "prune_vs_merge")
-# MaMe's selections compared: the Δ ranking both ways and chance, and ToMe's selection for contrast
-PRUNE_CONFIGS = {"mame (least Δ leave)": {"method": "mame"},
+# MaMe's selections compared: its default, the Δ ranking both ways and chance, and ToMe's for contrast
+PRUNE_CONFIGS = {"mame (default)": {"method": "mame"},
+                 "mame (least Δ leave)": {"method": "mame", "sources": "least_delta"},
                  "mame (most Δ leave)": {"method": "mame", "sources": "most_delta"},
                  "mame (random leave)": {"method": "mame", "sources": "random"},
                  "tome (ordered)": {"method": "tome"}}
