@@ -47,7 +47,7 @@ def patch_groups(source: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
 
 
 def merge_steps(model, images: torch.Tensor, method: str, reduction: float, **options) -> List[Dict[str, object]]:
-    """Run `method` at `reduction` on images (B, C, H, W) and describe each step:
+    """Run `method` at `reduction` on inputs (B, *model.input_shape) and describe each step:
     [{"block": the block it precedes, "tokens": tokens after it, "groups": (B, M) patch group ids}].
     The model is left unpatched."""
     unpatch(model)
@@ -67,7 +67,7 @@ def merge_steps(model, images: torch.Tensor, method: str, reduction: float, **op
 
 def delta_map(model, images: torch.Tensor, block: int) -> torch.Tensor:
     """MaMe's importance (mean over channels of Δ, forward plus backward) of block `block` in the dense
-    model, per patch: (B, C, H, W) -> (B, M)."""
+    model, per patch: inputs (B, *model.input_shape) -> (B, M), patches in grid order."""
     with torch.inference_mode():
         stats = step_size_statistics(block_scans(model, trace(model, images), block))
     return stats["delta:mean:sum"][:, patch_slots(model.layout).to(images.device)].cpu()
