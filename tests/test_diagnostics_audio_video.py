@@ -124,6 +124,8 @@ def test_diagnose_and_visualize_an_audio_and_a_video_checkpoint(tmp_path, capsys
     assert {"decay", "attention", "dependence", "order", "importance", "prune_vs_merge"} <= set(numbers)
     length = model.layout.length
     assert len(numbers["dependence"]["block 1 alone"]["distance"]) == length - 1
+    summary = (tmp_path / "d" / "summary.txt").read_text()
+    assert "nan" not in summary and "n/a" in summary  # no token 64 away (25 tokens) or left of a head class token
     for figure in ("decay", "attention", "dependence", "correlation", "prune_vs_merge"):
         assert decoded(tmp_path / "d" / f"{figure}.png").size[0] > 100
     assert main(["visualize", *common, "--images", "2", "--reduction", "0.5", "--out", str(tmp_path / "v")]) == 0

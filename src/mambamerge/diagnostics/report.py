@@ -85,6 +85,12 @@ def _length(value: float) -> str:
     return ">max" if math.isinf(value) else f"{value:.0f}"
 
 
+def _cell(value: Optional[float], spec: str) -> str:
+    """A number of the summary, or n/a where there is none (no token at that distance or on that side of
+    the class token, e.g. left of a class token at the head)."""
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
 def _attention(model, images, settings, report: Report, title: str) -> None:
     maps = {}
     with torch.inference_mode():
@@ -100,16 +106,18 @@ def _attention(model, images, settings, report: Report, title: str) -> None:
     report.figures["attention.png"] = figures.attention_png(maps, cls, f"{title}: implicit attention (one input)")
     report.summary.append("attention: share of the class token's |α| row within 8 tokens of it (fwd, bwd):")
     for block, entry in report.numbers["attention"].items():
-        report.summary.append(f"  block {block}: {entry['fwd']['class_row_share_within_8']:.2f}, "
-                              f"{entry['bwd']['class_row_share_within_8']:.2f}")
+        report.summary.append(f"  block {block}: " + ", ".join(
+            _cell(entry[d]["class_row_share_within_8"], ".2f") for d in DIRECTIONS))
 
 
 def _share_near(row: torch.Tensor, cls: int, k: int) -> float:
-    """Fraction of a row's mass within k tokens of the class token (the class token itself excluded)."""
+    """Fraction of a row's mass within k tokens of the class token (the class token itself excluded);
+    NaN when the row holds nothing else (the forward row of a class token at the head)."""
     near = (torch.arange(row.numel()) - cls).abs()
     mass = row.double().clone()
     mass[cls] = 0
-    return float(mass[(near <= k) & (near > 0)].sum() / mass.sum())
+    total = float(mass.sum())
+    return float(mass[(near <= k) & (near > 0)].sum()) / total if total > 0 else float("nan")
 
 
 def _dependence(model, images, settings, report: Report, title: str) -> None:
@@ -125,7 +133,7 @@ def _dependence(model, images, settings, report: Report, title: str) -> None:
     report.summary.append("dependence (relative change of the class output; |distance| 1 / 8 / 64, left | right):")
     for label, entry in report.numbers["dependence"].items():
         at = entry["at"]
-        cells = [" / ".join(f"{at[side].get(k, float('nan')):.2g}" for k in (1, 8, 64)) for side in ("left", "right")]
+        cells = [" / ".join(_cell(at[side].get(k), ".2g") for k in (1, 8, 64)) for side in ("left", "right")]
         report.summary.append(f"  {label}: {cells[0]} | {cells[1]}")
 
 
