@@ -1,6 +1,5 @@
 """`mambamerge diagnose` and `visualize` on Audio Mamba and VideoMamba checkpoints with their data, and the
 pictures' placement of patches on spectrograms and clips (mambamerge.diagnostics.canvas)."""
-import io
 import json
 
 import pytest
@@ -159,7 +158,8 @@ def test_data_that_does_not_fit_the_checkpoint_is_a_clear_error(tmp_path, capsys
          "--split applies to the named data sets"),
     ]
     for argv, message in cases:
-        assert main([*argv, "--split", "test", "--images", "2", "--threads", "1", "--out", str(tmp_path / "out")]) == 2, argv
+        out = ["--out", str(tmp_path / "out")]
+        assert main([*argv, "--split", "test", "--images", "2", "--threads", "1", *out]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

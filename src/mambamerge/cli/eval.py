@@ -127,7 +127,8 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
     return model.to(device), dataset, label
 
 
-def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]) -> Tuple[torch.nn.Module, object, str]:
+def open_data(args: argparse.Namespace, default_split: str,
+              limit: Optional[int]) -> Tuple[torch.nn.Module, object, str]:
     """(model on the CPU, dataset of its first `limit` inputs, data label) from --checkpoint, --data,
     --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
     Every way they do not fit each other is a ValueError naming both sides."""
