@@ -1,6 +1,11 @@
 """The mixer's fused CUDA path (models/fused.py), run on CPU against stand-ins of the mamba_ssm and
 causal-conv1d kernels (fake_kernels.py) that compute the documented semantics independently and enforce
 the real kernels' contract: same outputs, SSMStats and gradients as the pure-PyTorch path."""
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -217,3 +222,37 @@ def test_unfused_mamba_ssm_scan_matches_the_reference(kernels, reverse):
     got = ops.selective_scan(u, delta, A, B, C, D, reverse=reverse, impl="mamba_ssm")
     torch.testing.assert_close(got, ops.selective_scan_reference(u, delta, A, B, C, D, reverse=reverse))
     assert kernels.count("selective_scan_fn") == 1
+
+
+def load_gpu_check(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts src/ and benchmarks/ first
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_check_without_cuda_says_so_and_measures_nothing(monkeypatch, capsys):
+    assert load_gpu_check(monkeypatch).main([]) == 2
+    captured = capsys.readouterr()
+    assert "no usable CUDA device" in captured.err and captured.out == ""
+
+
+def test_gpu_check_measures_both_paths(kernels, monkeypatch, capsys):
+    """The device check's parity and throughput, on the CPU through the stand-ins: what a GPU session runs."""
+    gpu_check = load_gpu_check(monkeypatch)
+    paths = gpu_check.gpu_paths()
+    assert paths == {"fused": "fused", "pytorch": "parallel"}
+    cpu, pico = torch.device("cpu"), dict(depth=5)
+    gpu_check.parity("vim_pico", paths, "mame", 0.5, cpu, batch=2, **pico)
+    args = gpu_check.parse_args(["--batch", "2", "--runs", "1", "--warmup", "0", "--reductions", "0.5", "0.99"])
+    gpu_check.throughput("vim_pico", paths, args, cpu, **pico)
+    out = capsys.readouterr().out
+    diffs = [float(d) for d in re.findall(r"fused vs pytorch (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-4  # dense and merged
+    assert "unreachable" in out
+    for path in paths:
+        assert re.search(rf"vim_pico\s+{path}\s+dense", out)
+        assert re.search(rf"vim_pico\s+{path}\s+50% .*ideal 1\.\d\dx", out)
