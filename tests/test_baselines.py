@@ -229,6 +229,24 @@ def test_random_is_reproducible_per_seed(model, images):
     assert torch.equal(RandomPrune(seed=5).plan(state, None, 10).rep, first)
 
 
+def test_the_draws_are_uniform_independent_and_reproducible():
+    from mambamerge.merge.noise import Draws
+
+    cpu = torch.device("cpu")
+    draws = Draws(7)
+    first = draws.uniform((2000, 20), cpu)
+    assert torch.equal(Draws(7).uniform((2000, 20), cpu), first)
+    assert not torch.equal(Draws(8).uniform((2000, 20), cpu), first)
+    assert not torch.equal(draws.uniform((2000, 20), cpu), first)  # each call draws anew
+    assert 0.0 <= first.min() and first.max() < 1.0
+    # the 5 lowest of 20 tokens: every token chosen about 2000 * 5 / 20 = 500 times (binomial sd 19)
+    counts = torch.bincount(first.topk(5, dim=1, largest=False).indices.flatten(), minlength=20)
+    assert counts.min() > 420 and counts.max() < 580, counts
+    neighbours = torch.corrcoef(torch.stack([first[:, :-1].flatten(), first[:, 1:].flatten()]))[0, 1]
+    rows = torch.corrcoef(torch.stack([first[:-1].flatten(), first[1:].flatten()]))[0, 1]
+    assert abs(neighbours) < 0.03 and abs(rows) < 0.03
+
+
 @pytest.mark.parametrize("name", ["tome", "tome_unordered", "rmeeto", "top", "evit"])
 def test_a_batch_gives_each_image_its_own_result(model, images, name):
     batched, logits = final_state(model, images, name)

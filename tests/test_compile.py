@@ -20,6 +20,8 @@ CASES = [
     ("stm", {"w_protect": 0}),
     ("tome_unordered", {}),
     ("evit", {}),
+    ("random", {}),
+    ("mame", {"sources": "random"}),
 ]
 
 
@@ -53,11 +55,14 @@ def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(met
     torch._dynamo.reset()
     model = make_model(method, options)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    eager = make_model(method, options)  # its own copy: a random method's draws advance at every forward
     recorder = GraphRecorder()
     with torch.no_grad():
-        expected = model(images)
-        got = torch.compile(model, backend=recorder, fullgraph=True)(images)  # fullgraph: a break is an error
-    assert len(recorder.graphs) == 1
+        expected = eager(images)
+        compiled_model = torch.compile(model, backend=recorder, fullgraph=True)  # fullgraph: a break is an error
+        got = compiled_model(images)
+        torch.testing.assert_close(compiled_model(images), eager(images), rtol=0, atol=0)  # the next draws too
+    assert len(recorder.graphs) == 1  # and no recompile for the second forward
     ops = recorder.custom_ops()
     # every block: two scans and two softplus passes (the row-mean variant where the method reads Δ)
     assert ops.count("mambamerge.selective_scan") == 4

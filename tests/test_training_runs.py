@@ -200,6 +200,31 @@ def test_train_and_eval_in_two_processes_under_torchrun(tmp_path):
     assert "epoch 2/2" in runs["train"].stdout and runs["train"].stdout.count("epoch 2/2") == 1  # one process reports
 
 
+def test_under_torchrun_every_process_names_the_unreadable_images_of_all_shares(tmp_path):
+    """Each process decodes its own share: the reports list the unreadable images of both shares."""
+    data = folder(tmp_path / "data", per_class=(6, 3))
+    bad = [data / "train" / "ant" / "0.png", data / "train" / "bee" / "5.png", data / "val" / "ant" / "0.png",
+           data / "val" / "bee" / "2.png"]  # in val, images 0 and 5 of 6: one in each process's share
+    for path in bad:
+        path.write_bytes(b"not an image")
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "mambamerge"]
+    trained = subprocess.run(launch + ["train", "--data", str(data), *TINY, "--img-size", "16", "--epochs", "1",
+                                       "--val-split", "2", "--out", str(out), "--device", "cpu"],
+                             env=child_env(), capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    skipped = json.loads((out / "summary.json").read_text())["unreadable_images"]
+    assert sorted(Path(p.split(" (")[0]) for p in skipped) == sorted(bad)
+    evaluated = subprocess.run(launch + ["eval", "--checkpoint", str(out / "model.safetensors"), "--data",
+                                         str(data / "val"), "--runs", "1", "--batch", "2", "--threads", "1",
+                                         "--workers", "0", "--device", "cpu"],
+                               env=child_env(), capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "skipped     2 unreadable images" in evaluated.stdout
+    assert str(bad[2]) in evaluated.stderr and str(bad[3]) in evaluated.stderr
+
+
 @pytest.mark.parametrize("mode, size, chans", [("L", 28, 1), ("RGB", 64, 3)])
 def test_a_users_own_folder_trains_at_its_size_and_channels(tmp_path, capsys, mode, size, chans):
     data = folder(tmp_path / "data", size=size, mode=mode, per_class=(4, 2))

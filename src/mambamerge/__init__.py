@@ -1,7 +1,4 @@
 """mambamerge: token merging for vision State Space Models, in pure PyTorch."""
-from mambamerge.threads import bound_spinning_for_commands
-
-bound_spinning_for_commands()  # before torch loads: see mambamerge.threads
 from mambamerge.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from mambamerge.models import (AudioMamba, AuMConfig, VideoMamba, VideoMambaConfig, VimConfig, VisionMamba,
                                create_model, list_models)

@@ -77,6 +77,17 @@ def sum_all(values, device: torch.device) -> list:
     return t.tolist()
 
 
+def union_all(items: set) -> set:
+    """Add to `items`, in place, what every other process holds in its own (strings, e.g. the names of
+    unreadable images each met in its share of the data); returns it."""
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(items))
+        for part in gathered:
+            items.update(part)
+    return items
+
+
 def shard(n: int, here: World) -> range:
     """Indices 0..n-1 of this process for evaluation: every index in exactly one process (strided, so
     shares differ by at most one; no padding, hence no image counted twice)."""

@@ -7,7 +7,7 @@ import torch
 from mambamerge.data import batches, unreadable
 from mambamerge.data.loading import subset
 from mambamerge.devices import autocast
-from mambamerge.distributed import shard, sum_all, world
+from mambamerge.distributed import shard, sum_all, union_all, world
 from mambamerge.flops import flops
 from mambamerge.patch import patch, reduction_summary, unpatch
 from mambamerge.progress import progress as bar
@@ -32,6 +32,8 @@ def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = No
             correct += (model(images.to(device, non_blocking=True)).argmax(dim=1).cpu() == labels).sum().item()
             total += len(labels)
     correct, total = sum_all([correct, total], device)
+    if getattr(dataset, "unreadable", None) is not None:
+        union_all(dataset.unreadable)  # each process met the unreadable images of its own share
     if total == 0:
         raise ValueError("the dataset is empty")
     return correct / total

@@ -1,42 +1,19 @@
-"""How many CPU threads the commands use, and how long torch's OpenMP workers spin.
+"""How many CPU threads the commands use.
 
 torch's OpenMP workers spin-wait at each barrier between ops (libgomp: 300,000 spins by default).
 When another process keeps one of the cores busy, a forward at as many threads as cores waits at
 every barrier for the worker that is not running, and collapses (20-70x slower on 2 cores).
 OMP_WAIT_POLICY=PASSIVE (never spin) avoids that but makes an idle machine 17-50% slower on small
-models, whose ops are microseconds apart. The commands' defaults avoid both:
-
-- threads: the cores this process may run on that are free when the command starts (busy time of
-  each core measured over 0.1 s from /proc/stat), at least 1; --threads N overrides it;
-- GOMP_SPINCOUNT=SPINCOUNT (set before torch loads, by `mambamerge` and `python -m mambamerge`,
-  unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set already): a worker spins for a few microseconds, long
-  enough to catch the next op on an idle machine, then sleeps instead of holding a core.
-
-No torch import here: bound_spinning() must run before torch loads.
+models, whose ops are microseconds apart, and so does a short spin bound (GOMP_SPINCOUNT=10000 measured
+25-33% slower idle than OpenMP's default, benchmarks/threads.py). The commands therefore leave
+OpenMP's waiting alone and choose the thread count instead: the cores this process may run on that are
+free when the command starts (busy time of each core measured over 0.1 s from /proc/stat), at least 1;
+--threads N overrides it. At one thread no worker waits at a barrier, so a busy machine costs nothing
+beyond the lost core.
 """
 import os
-import sys
 import time
 from typing import Dict, Optional
-
-SPINCOUNT = 10000
-
-
-def bound_spinning() -> None:
-    """Set GOMP_SPINCOUNT=SPINCOUNT for torch's OpenMP runtime, unless torch is loaded already or the
-    user chose a waiting policy."""
-    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        return
-    os.environ["GOMP_SPINCOUNT"] = str(SPINCOUNT)
-
-
-def bound_spinning_for_commands() -> None:
-    """bound_spinning() when this process is the `mambamerge` command or `python -m mambamerge` (called
-    by the package on import, before it loads torch); library users keep their own settings."""
-    argv = getattr(sys, "orig_argv", sys.argv)
-    if os.path.basename(sys.argv[0]) == "mambamerge" or any(
-            a == "-m" and b == "mambamerge" for a, b in zip(argv, argv[1:])):
-        bound_spinning()
 
 
 def _cpu_times() -> Dict[int, tuple]:

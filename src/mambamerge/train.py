@@ -39,7 +39,7 @@ from mambamerge.checkpoint import save_checkpoint
 from mambamerge.data import unreadable
 from mambamerge.data.loading import derive_seed, epoch_batches, train_batches
 from mambamerge.devices import autocast, check_amp
-from mambamerge.distributed import barrier, sum_all, world
+from mambamerge.distributed import barrier, sum_all, union_all, world
 from mambamerge.evaluate import accuracy
 from mambamerge.progress import progress
 
@@ -268,6 +268,8 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
         bar.close()
         seconds, seen_now = time.perf_counter() - began, sum(len(b) for b in batches[start:])
         seen, loss_sum = sum_all([state["seen"], state["loss_sum"]], device)
+        if getattr(train_set, "unreadable", None) is not None:
+            union_all(train_set.unreadable)  # each process met the unreadable images of its own share
         acc = accuracy(evaluated, val_set, cfg.eval_batch_size, amp=cfg.amp, workers=workers)
         state.update(epoch=epoch + 1, seen=0, loss_sum=0.0)
         state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_accuracy": acc,
@@ -294,7 +296,9 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
             f"weights selected on the validation split (reported only, never used to select)")
         snapshot()
     result = {"best_accuracy": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-              "history": state["history"], "test_accuracy": state["test_accuracy"]}
+              "history": state["history"], "test_accuracy": state["test_accuracy"],
+              "unreadable_images": sorted({name for part in (train_set, val_set, test_set) if part is not None
+                                           for name in unreadable(part)})}
     if here.is_main:
         write_bytes(out_dir / "summary.json", json.dumps(result, indent=1))
     return result

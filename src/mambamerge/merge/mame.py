@@ -18,6 +18,7 @@ import torch
 from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, stream
 from mambamerge.merge.matching import (most_similar, near_class_token, pair_capacity, pair_sources, similarities,
                                        spread_sources, top_band)
+from mambamerge.merge.noise import Draws
 from mambamerge.merge.plan import MergePlan, plan_from_selection
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
@@ -135,7 +136,7 @@ class MaMe(ReductionMethod):
         if self.importance not in ("delta", "delta_z", "injection"):
             raise ValueError(f"mame: importance must be 'delta', 'delta_z' or 'injection', got {self.importance!r}")
         check_feature(self.feature)
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._draws = Draws(self.seed)
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
         if self.match == "bipartite":
@@ -200,7 +201,7 @@ class MaMe(ReductionMethod):
         if self.sources == "most_delta":
             key = -score
         elif self.sources == "random":
-            key = torch.rand(score.shape, generator=self._generator).to(score.device)
+            key = self._draws.uniform(score.shape, score.device)
         else:
             key = score
         return key.masked_fill(~eligible, float("inf")).topk(r, dim=1, largest=False).indices

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import ReductionMethod, delta_importance, least
+from mambamerge.merge.noise import Draws
 from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
@@ -134,8 +135,9 @@ class RandomPrune(ReductionMethod):
     """Drop r random non-class tokens: the floor every method should beat.
 
     Options:
-    seed: 0 (default). The method owns a torch.Generator seeded with it at creation, so the same
-        seed and the same sequence of forwards draw the same tokens; each forward advances it.
+    seed: 0 (default). The method owns a stream of draws seeded with it at creation (merge/noise.py:
+        a counter-based hash, so torch.compile captures it), so the same seed and the same sequence
+        of forwards draw the same tokens, eager or compiled; each step advances it.
         Every image of a batch gets its own draw, so an image's draw depends on its place in the
         batch and on earlier batches (unlike the other methods, a batch is not equivalent to its
         images run one by one).
@@ -146,9 +148,9 @@ class RandomPrune(ReductionMethod):
     name = "random"
 
     def __post_init__(self):
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._draws = Draws(self.seed)
 
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
-        noise = torch.rand(state.size.shape, generator=self._generator).to(state.size.device)
+        noise = self._draws.uniform(state.size.shape, state.size.device)
         src = least(noise, state.cls_mask(), r)
         return plan_from_selection(state.length, src, None, state.size)
