@@ -27,9 +27,11 @@ def _clear_import_caches():
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """Stand-in kernels importable as mamba_ssm and causal_conv1d; yields their KernelLog."""
+    """Stand-in kernels importable as mamba_ssm and causal_conv1d, which the fused path may run on the
+    CPU; yields their KernelLog."""
     _clear_import_caches()
     log = fake_kernels.install(monkeypatch)
+    monkeypatch.setattr(fused, "KERNEL_DEVICES", ("cuda", "cpu"))
     yield log
     _clear_import_caches()
 
@@ -148,13 +150,13 @@ def test_merged_model_equals_the_pytorch_path_and_computes_delta_only_where_merg
     model = small("vim", depth=5, img_size=img_size)
     mambamerge.patch(model, method, reduction=reduction)
     seen = record_reductions(model)
-    reported, original = [], fused.reported_delta
+    reported, original = [], fused.reported_stats
 
-    def counting(*args):
-        reported.append(args)
-        return original(*args)
+    def counting(branch, bias, flipped):
+        reported.append(flipped)
+        return original(branch, bias, flipped)
 
-    monkeypatch.setattr(fused, "reported_delta", counting)
+    monkeypatch.setattr(fused, "reported_stats", counting)
     x = inputs(model, batch=3)
 
     def run():
@@ -173,7 +175,7 @@ def test_merged_model_equals_the_pytorch_path_and_computes_delta_only_where_merg
     for block in merging:
         for expected, got in zip(stats[block], f_stats[block]):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert len(reported) == len(merging) * 2  # one Δ per branch, in merging blocks only
+    assert reported == [False, True] * len(merging)  # both branches of merging blocks only
     for name, expected in grads.items():
         torch.testing.assert_close(f_grads[name], expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
@@ -201,8 +203,12 @@ def test_fused_without_the_packages_is_a_clear_error():
         model(inputs(model))
 
 
-def test_fused_refuses_what_the_kernels_cannot_run(kernels):
-    model = small("vim").double().set_scan_impl("fused")
+def test_fused_refuses_what_the_kernels_cannot_run(kernels, monkeypatch):
+    model = small("vim").set_scan_impl("fused")
+    with monkeypatch.context() as patched, pytest.raises(ValueError, match="run on CUDA tensors, the input is on cpu"):
+        patched.setattr(fused, "KERNEL_DEVICES", ("cuda",))
+        model(inputs(model))
+    model.double()
     with pytest.raises(ValueError, match="float32, float16 or bfloat16.*float64"):
         model(inputs(model).double())
     mixer = MambaMixer(16, d_conv=5)

@@ -65,7 +65,8 @@ class MambaMixer(nn.Module):
 
     scan_impl: one of mambamerge.ops.MIXER_IMPLS. "fused" runs the whole mixer through the kernels of
     causal-conv1d and mamba_ssm (models/fused.py); "auto" does so for CUDA inputs when both packages
-    import and the kernels support the mixer and dtype; any other value, and "auto" otherwise, runs the
+    import and the kernels support the mixer and dtype (models/fused.unsupported_reason); any other
+    value, and "auto" otherwise, runs the
     pure-PyTorch path below with that selective scan.
     """
 

@@ -3,7 +3,7 @@
 Channel-major, as the kernels take their inputs: (batch, channels, L), last axis contiguous. The scan
 kernel adds the step-size bias, applies softplus and gates its output with SiLU(z) itself, so the
 step size Δ is never materialised, except in blocks asked for SSMStats, which compute it once more
-outside the kernel to report it (`reported_delta`); their output is the same as without the report.
+outside the kernel to report it (`reported_stats`); their output is the same as without the report.
 A backward branch runs both kernels on the flipped sequence and its output is flipped back.
 
 Same semantics as MambaMixer's own path: the gate distributes over the sum of the two directions, so
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mambamerge.ops import FusedKernels, softplus
 from mambamerge.tokens import SSMStats
 
+KERNEL_DEVICES = ("cuda",)  # tests add "cpu" to run the path against stand-in kernels
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CONV_WIDTHS = (2, 3, 4)
 MAX_STATE = 256
@@ -38,6 +39,8 @@ class Branch(NamedTuple):
 
 def unsupported_reason(mixer, hidden: torch.Tensor) -> Optional[str]:
     """Why the kernels cannot run `mixer` on `hidden`, or None when they can."""
+    if hidden.device.type not in KERNEL_DEVICES:
+        return f"the kernels run on CUDA tensors, the input is on {hidden.device}"
     if mixer.d_conv not in CONV_WIDTHS:
         return f"causal-conv1d supports convolution widths 2 to 4, this mixer has d_conv={mixer.d_conv}"
     if mixer.d_state > MAX_STATE:
@@ -48,13 +51,14 @@ def unsupported_reason(mixer, hidden: torch.Tensor) -> Optional[str]:
     return None
 
 
-def reported_delta(dt: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Δ = softplus(dt + bias) as the scan kernel computes it internally, for SSMStats, and its mean
-    over channels. dt: (batch, d_inner, L); bias: (d_inner,) -> (batch, d_inner, L), (batch, L), in at
-    least float32 (the scan's own precision)."""
-    dtype = torch.promote_types(dt.dtype, torch.float32)
-    delta = softplus(dt.to(dtype) + bias.to(dtype)[:, None])
-    return delta, delta.mean(dim=1)
+def reported_stats(branch: Branch, bias: torch.Tensor, flipped: bool) -> Tuple[torch.Tensor, ...]:
+    """One branch's part of SSMStats in sequence order (flipped: the branch ran on the flipped sequence):
+    Δ = softplus(dt + bias) as the scan kernel computes it internally (batch, d_inner, L), B (batch,
+    d_state, L) and Δ's mean over channels (batch, L), in at least float32 (the scan's own precision)."""
+    dtype = torch.promote_types(branch.dt.dtype, torch.float32)
+    delta = softplus(branch.dt.to(dtype) + bias.to(dtype)[:, None])
+    stats = delta, branch.B.to(dtype), delta.mean(dim=1)
+    return tuple(t.flip(-1) for t in stats) if flipped else stats
 
 
 def _branch(mixer, kernels: FusedKernels, x: torch.Tensor, suffix: str) -> Branch:
@@ -79,7 +83,7 @@ def fused_forward(mixer, hidden: torch.Tensor, kernels: FusedKernels, return_ssm
     SSMStats when return_ssm."""
     xz = torch.matmul(mixer.in_proj.weight, hidden.transpose(1, 2))  # (batch, 2 d_inner, L)
     x, z = xz.chunk(2, dim=1)
-    fwd = bwd = _branch(mixer, kernels, x, "")
+    fwd = _branch(mixer, kernels, x, "")
     y = _scan(kernels, fwd, z, mixer.A_log, mixer.D, mixer.dt_proj.bias)
     if mixer.variant == "bi":
         x_b, z_b = xz.flip(-1).chunk(2, dim=1)
@@ -92,10 +96,7 @@ def fused_forward(mixer, hidden: torch.Tensor, kernels: FusedKernels, return_ssm
     out = F.linear(y.transpose(1, 2), mixer.out_proj.weight)
     if not return_ssm:
         return out
-    delta_f, mean_f = reported_delta(fwd.dt, mixer.dt_proj.bias)
-    B_f = fwd.B.to(delta_f.dtype)
-    delta_b, B_b, mean_b = delta_f, B_f, mean_f
-    if mixer.variant == "bi":
-        delta_b, mean_b = reported_delta(bwd.dt, mixer.dt_proj_b.bias)
-        delta_b, B_b, mean_b = delta_b.flip(-1), bwd.B.to(delta_b.dtype).flip(-1), mean_b.flip(-1)
+    delta_f, B_f, mean_f = forward_stats = reported_stats(fwd, mixer.dt_proj.bias, flipped=False)
+    delta_b, B_b, mean_b = (reported_stats(bwd, mixer.dt_proj_b.bias, flipped=True) if mixer.variant == "bi"
+                            else forward_stats)
     return out, SSMStats(delta_f, delta_b, B_f, B_b, mean_f, mean_b)
