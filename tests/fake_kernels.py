@@ -113,7 +113,8 @@ def make_causal_conv1d_fn(log: KernelLog):
                      "to be multiples of 8")
         _require(x.dtype in KERNEL_DTYPES, f"x must be float32, float16 or bfloat16, got {x.dtype}")
         _require(weight.dtype in KERNEL_DTYPES, f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
-        _require(weight.dim() == 2 and weight.shape[0] == dim, f"weight must be (dim, width), got {tuple(weight.shape)}")
+        _require(weight.dim() == 2 and weight.shape[0] == dim,
+                 f"weight must be (dim, width), got {tuple(weight.shape)}")
         width = weight.shape[1]
         _require(2 <= width <= 4, "causal_conv1d only supports width between 2 and 4")
         if bias is not None:

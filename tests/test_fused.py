@@ -60,7 +60,9 @@ def small_mixer(variant, divide_out, seed=0):
 
 def both_paths(model, fn):
     """fn() with the model's pure-PyTorch path, then with the fused one: (normal, fused)."""
-    set_impl = model.set_scan_impl if hasattr(model, "set_scan_impl") else lambda impl: setattr(model, "scan_impl", impl)
+    def set_impl(impl):
+        for mixer in (m for m in model.modules() if isinstance(m, MambaMixer)):
+            mixer.scan_impl = impl
     set_impl("auto")
     normal = fn()
     set_impl("fused")
@@ -194,6 +196,7 @@ def test_auto_keeps_cpu_tensors_on_the_pytorch_path(kernels):
     with torch.no_grad():
         model(inputs(model))
     assert kernels.calls == []
+    assert ops.mixer_backend("cpu") == ops.scan_backend("cpu") and ops.mixer_backend("cuda") == "fused"
 
 
 @pytest.mark.skipif(ops.fused_kernels() is not None, reason="mamba_ssm and causal-conv1d are installed")
@@ -201,6 +204,7 @@ def test_fused_without_the_packages_is_a_clear_error():
     model = small("vim").set_scan_impl("fused")
     with pytest.raises(RuntimeError, match="needs the mamba_ssm and causal-conv1d packages"):
         model(inputs(model))
+    assert ops.mixer_backend("cuda") == ops.scan_backend("cuda")
 
 
 def test_fused_refuses_what_the_kernels_cannot_run(kernels, monkeypatch):

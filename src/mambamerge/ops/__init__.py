@@ -37,6 +37,7 @@ __all__ = [
     "MIXER_IMPLS",
     "FusedKernels",
     "fused_kernels",
+    "mixer_backend",
     "scan_backend",
     "selective_scan",
     "selective_scan_compiled",
@@ -114,6 +115,14 @@ def scan_backend(device) -> str:
     if device.type == "cuda" and _mamba_ssm_fn() is not None:
         return "mamba_ssm"
     return "parallel"
+
+
+def mixer_backend(device) -> str:
+    """What a mixer with scan_impl="auto" runs for tensors on device: "fused" on CUDA when both kernel
+    packages import (for the mixers and dtypes the kernels support), else its scan's scan_backend."""
+    if torch.device(device).type == "cuda" and fused_kernels() is not None:
+        return "fused"
+    return scan_backend(device)
 
 
 def _auto_impl(u):
