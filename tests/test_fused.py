@@ -15,6 +15,7 @@ from mambamerge import ops
 from mambamerge.models import fused
 from mambamerge.models.blocks import MambaMixer
 from conftest import perturb_
+from test_families import small_aum, small_videomamba
 
 FAMILIES = ["vim", "videomamba", "aum:Bi-Bi", "aum:Fo-Bi", "aum:Fo-Fo"]
 VARIANTS = [("bi", True), ("bi", False), ("bi_shared", False), ("forward", True)]
@@ -37,16 +38,12 @@ def kernels(monkeypatch):
 
 
 def small(family, seed=0, depth=3, **vim_options):
+    if family == "videomamba":
+        return small_videomamba(seed, depth=depth)
+    if family.startswith("aum:"):
+        return small_aum(family.split(":")[1], seed, depth=depth)
     torch.manual_seed(seed)
-    if family == "vim":
-        model = mambamerge.create_model("vim_pico", depth=depth, **vim_options)
-    elif family == "videomamba":
-        model = mambamerge.create_model("videomamba_tiny", embed_dim=24, depth=depth, num_frames=4, tubelet=2,
-                                        img_size=(16, 24), patch_size=8, d_state=4, num_classes=5)
-    else:
-        model = mambamerge.create_model("aum_tiny", embed_dim=16, depth=depth, spec_size=(32, 64), patch_size=16,
-                                        stride=(8, 16), d_state=4, num_classes=6, variant=family.split(":")[1])
-    return perturb_(model, seed=seed).eval()
+    return perturb_(mambamerge.create_model("vim_pico", depth=depth, **vim_options), seed=seed).eval()
 
 
 def inputs(model, batch=2, seed=0):
