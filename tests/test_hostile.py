@@ -367,6 +367,7 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         paths = write_files(tmp_path, {"a.md": "a", "b.csv": "b"}) + [write_bytes(tmp_path / "c.json", "{}")]
+        paths.append(mambamerge.save_checkpoint(mambamerge.create_model("vim_pico"), tmp_path / "m.safetensors"))
     finally:
         os.umask(old)
     assert {stat.S_IMODE(p.stat().st_mode) for p in paths} == {mode}

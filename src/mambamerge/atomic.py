@@ -36,7 +36,6 @@ def _umask() -> int:
 def _temp_beside(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
     return tmp
 
 
@@ -97,6 +96,7 @@ def write_all(writers: Dict[Path, Callable[[str], None]]) -> List[Path]:
         for path, write in writers.items():
             temps[path] = _temp_beside(path)
             write(temps[path])
+            os.chmod(temps[path], 0o666 & ~_umask())  # after the writer: some (safetensors) recreate the file 0600
         journal = None
         if len(writers) > 1 and len(folders) == 1:
             folder = next(iter(folders))

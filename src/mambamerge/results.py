@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Tuple, Union
 import torch
 
 import mambamerge
-from mambamerge.ops import scan_backend
+from mambamerge.ops import mixer_backend
 from mambamerge.threads import openmp_waiting
 
 # (header, key, format) of the markdown table
@@ -81,7 +81,7 @@ def environment(device: torch.device) -> dict:
             "mambamerge": mambamerge.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads(),
             "openmp_waiting": openmp_waiting(),
-            "scan": scan_backend(device)}
+            "scan": mixer_backend(device)}
 
 
 def check_writable(folder: Union[str, os.PathLike], create: bool = True) -> Path:

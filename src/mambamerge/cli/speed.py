@@ -5,7 +5,7 @@ import torch
 
 from mambamerge.checkpoint import load_checkpoint
 from mambamerge.models import create_model, list_models
-from mambamerge.ops import scan_backend
+from mambamerge.ops import mixer_backend
 from mambamerge.threads import default_threads, openmp_waiting
 from mambamerge.timing import time_call
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model        {name}: {cfg.depth} blocks, width {cfg.embed_dim}, d_state {cfg.d_state}")
     print(f"parameters   {params / 1e6:.2f} M")
     print(f"tokens       {model.layout.describe()}, input {tuple(model.input_shape)} per sample")
-    print(f"scan         {scan_backend(device)} on {device}, {torch.get_num_threads()} CPU threads "
+    print(f"scan         {mixer_backend(device)} on {device}, {torch.get_num_threads()} CPU threads "
           f"({openmp_waiting()})")
     images = torch.randn(args.batch, *model.input_shape, device=device)
     with torch.inference_mode():

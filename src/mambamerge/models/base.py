@@ -16,6 +16,7 @@ from torch import nn
 
 from mambamerge.data.folders import normalisation
 from mambamerge.models.blocks import Block, DropPath, RMSNorm
+from mambamerge.ops import MIXER_IMPLS
 from mambamerge.runner import class_feature, run_blocks
 from mambamerge.tokens import TokenLayout
 
@@ -156,7 +157,10 @@ class MambaClassifier(nn.Module):
         raise NotImplementedError
 
     def set_scan_impl(self, impl: str) -> "MambaClassifier":
-        """Choose the selective-scan implementation of every mixer (see mambamerge.ops.selective_scan)."""
+        """Choose the selective-scan implementation of every mixer: one of mambamerge.ops.MIXER_IMPLS (see
+        mambamerge.ops and MambaMixer)."""
+        if impl not in MIXER_IMPLS:
+            raise ValueError(f"unknown scan impl {impl!r}; valid: {', '.join(MIXER_IMPLS)}")
         for block in self.layers:
             block.mixer.scan_impl = impl
         return self

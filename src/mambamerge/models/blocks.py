@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamerge.ops import selective_scan, softplus, softplus_with_row_mean
+from mambamerge.models.fused import fused_forward, unsupported_reason
+from mambamerge.ops import FusedKernels, fused_kernels, selective_scan, softplus, softplus_with_row_mean
 from mambamerge.tokens import SSMStats
 
 # "bi": a separate backward branch (conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b; Vim's "bimamba v2",
@@ -61,6 +62,12 @@ class MambaMixer(nn.Module):
 
     divide_out: halve the sum of the two directions (Vim, AuM Bi-Bi) instead of summing them
     (VideoMamba, AuM Fo-Bi); ignored by the one-direction variant.
+
+    scan_impl: one of mambamerge.ops.MIXER_IMPLS. "fused" runs the whole mixer through the kernels of
+    causal-conv1d and mamba_ssm (models/fused.py); "auto" does so for CUDA inputs when both packages
+    import and the kernels support the mixer and dtype (models/fused.unsupported_reason); any other
+    value, and "auto" otherwise, runs the
+    pure-PyTorch path below with that selective scan.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -132,8 +139,29 @@ class MambaMixer(nn.Module):
         A = -torch.exp(a_log.to(u.dtype))
         return selective_scan(u, delta, A, B, C, skip.to(u.dtype), reverse=reverse, impl=self.scan_impl)
 
+    def _fused_kernels(self, hidden: torch.Tensor) -> Optional[FusedKernels]:
+        """The kernels when this call takes the fused path (see scan_impl), else None."""
+        if self.scan_impl == "auto":
+            if not hidden.is_cuda or unsupported_reason(self, hidden) is not None:
+                return None
+            return fused_kernels()
+        if self.scan_impl != "fused":
+            return None
+        kernels = fused_kernels()
+        if kernels is None:
+            raise RuntimeError("scan_impl='fused' needs the mamba_ssm and causal-conv1d packages, and at least "
+                               "one of them cannot be imported; install both (they need CUDA) or use "
+                               "scan_impl='auto'")
+        reason = unsupported_reason(self, hidden)
+        if reason is not None:
+            raise ValueError(f"scan_impl='fused': {reason}; use scan_impl='auto'")
+        return kernels
+
     def forward(self, hidden: torch.Tensor, return_ssm: bool = False):
         """hidden: (batch, L, d_model) -> (batch, L, d_model), plus SSMStats when return_ssm."""
+        kernels = self._fused_kernels(hidden)
+        if kernels is not None:
+            return fused_forward(self, hidden, kernels, return_ssm)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         fwd = self._inputs(x, "", reverse=False, mean_delta=return_ssm)
         y = self._scan(fwd, self.A_log, self.D, reverse=False)

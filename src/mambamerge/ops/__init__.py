@@ -13,9 +13,14 @@ Implementations ("impl"):
     mamba_ssm  the CUDA kernel of the mamba_ssm package, if installed
     auto       CUDA: mamba_ssm if importable, else parallel;
                CPU: compiled if available, else loop (warns once)
+
+The mixer (models/blocks.py) also takes MIXER_IMPLS' "fused": convolution, scan, step-size bias and
+softplus and the SiLU(z) gate in the kernels of causal-conv1d and mamba_ssm (models/fused.py); its
+"auto" picks that on CUDA when both packages import (fused_kernels()).
 """
 import functools
 import warnings
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,10 @@ from mambamerge.ops.reference import selective_scan_reference
 
 __all__ = [
     "IMPLS",
+    "MIXER_IMPLS",
+    "FusedKernels",
+    "fused_kernels",
+    "mixer_backend",
     "scan_backend",
     "selective_scan",
     "selective_scan_compiled",
@@ -41,6 +50,7 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "compiled", "loop", "parallel", "reference", "mamba_ssm")
+MIXER_IMPLS = IMPLS + ("fused",)
 _warned_fallback = False
 
 
@@ -52,6 +62,31 @@ def _mamba_ssm_fn():
     except (ImportError, OSError):
         return None
     return selective_scan_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _causal_conv1d_fn():
+    """causal-conv1d's causal_conv1d_fn, or None when it cannot be imported."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except (ImportError, OSError):
+        return None
+    return causal_conv1d_fn
+
+
+class FusedKernels(NamedTuple):
+    """The two CUDA kernels of the fused mixer path, as their packages export them."""
+
+    causal_conv1d_fn: Callable
+    selective_scan_fn: Callable
+
+
+def fused_kernels() -> Optional[FusedKernels]:
+    """causal-conv1d's and mamba_ssm's kernels when both packages import, else None."""
+    conv_fn, scan_fn = _causal_conv1d_fn(), _mamba_ssm_fn()
+    if conv_fn is None or scan_fn is None:
+        return None
+    return FusedKernels(conv_fn, scan_fn)
 
 
 def selective_scan_mamba_ssm(u, delta, A, B, C, D, reverse=False):
@@ -80,6 +115,14 @@ def scan_backend(device) -> str:
     if device.type == "cuda" and _mamba_ssm_fn() is not None:
         return "mamba_ssm"
     return "parallel"
+
+
+def mixer_backend(device) -> str:
+    """What a mixer with scan_impl="auto" runs for tensors on device: "fused" on CUDA when both kernel
+    packages import (for the mixers and dtypes the kernels support), else its scan's scan_backend."""
+    if torch.device(device).type == "cuda" and fused_kernels() is not None:
+        return "fused"
+    return scan_backend(device)
 
 
 def _auto_impl(u):
