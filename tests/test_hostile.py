@@ -494,8 +494,8 @@ def test_commands_default_to_the_free_cores(monkeypatch, capsys):
 
 
 def test_the_command_leaves_openmp_waiting_to_the_user():
-    """A spin bound made an idle machine 25-33% slower (benchmarks/threads.py); the free-core thread
-    count alone avoids the collapse under load, so the command sets no OpenMP waiting policy."""
+    """A spin bound does not prevent the collapse under load (benchmarks/threads.py); the free-core
+    thread count does, so the command sets no OpenMP waiting policy."""
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-m", "mambamerge", "speed", "--model", "vim_pico", "--batch", "1", "--runs",
                           "1", "--threads", "1"], env=env, capture_output=True, text=True, check=True).stdout

@@ -2,11 +2,12 @@
 
 torch's OpenMP workers spin-wait at each barrier between ops (libgomp: 300,000 spins by default).
 When another process keeps one of the cores busy, a forward at as many threads as cores waits at
-every barrier for the worker that is not running, and collapses (20-70x slower on 2 cores).
-OMP_WAIT_POLICY=PASSIVE (never spin) avoids that but makes an idle machine 17-50% slower on small
-models, whose ops are microseconds apart, and so does a short spin bound (GOMP_SPINCOUNT=10000 measured
-25-33% slower idle than OpenMP's default, benchmarks/threads.py). The commands therefore leave
-OpenMP's waiting alone and choose the thread count instead: the cores this process may run on that are
+every barrier for the worker that is not running, and collapses (3-70x slower on 2 cores).
+OMP_WAIT_POLICY=PASSIVE (never spin) softens that (0.72x of one thread's speed instead of 0.36x, in
+benchmarks/threads.py) but makes an idle machine 17-50% slower on small
+models, whose ops are microseconds apart, and a bounded spin (GOMP_SPINCOUNT) does not prevent the
+collapse (benchmarks/threads.py, docs/performance.md). The commands therefore leave OpenMP's waiting
+alone and choose the thread count instead: the cores this process may run on that are
 free when the command starts (busy time of each core measured over 0.1 s from /proc/stat), at least 1;
 --threads N overrides it. At one thread no worker waits at a barrier, so a busy machine costs nothing
 beyond the lost core.
