@@ -1,7 +1,5 @@
 """torch.compile captures dense and token-reducing models whole on CPU: the compiled kernels are torch
 custom ops (torch.ops.mambamerge.*) and the reduction steps have data-independent shapes."""
-import os
-
 import pytest
 import torch
 
@@ -94,14 +92,12 @@ def test_compiled_training_step_of_a_merging_model_has_the_eager_gradients():
 
 
 @needs_compiled
-@pytest.mark.skipif(not os.environ.get("MAMBAMERGE_SLOW_TESTS"),
-                    reason="inductor compiles C++ for minutes on a loaded CPU; set MAMBAMERGE_SLOW_TESTS=1")
-@pytest.mark.parametrize("method", [None, "mame"])
+@pytest.mark.parametrize("method", [None, "mame", "random"])
 def test_inductor_compiled_model_matches_eager(method):
     torch._dynamo.reset()
-    model = make_model(method, {})
+    model, eager = make_model(method, {}), make_model(method, {})
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    compiled_model = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        expected = model(images)
-        got = torch.compile(model, fullgraph=True)(images)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        for _ in range(2):  # a random method's second draws too
+            torch.testing.assert_close(compiled_model(images), eager(images), rtol=1e-4, atol=1e-5)
