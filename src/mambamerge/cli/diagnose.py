@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 
 from mambamerge.atomic import write_files
-from mambamerge.cli.eval import open_data
+from mambamerge.cli.eval import check_at_least_one, open_data
 from mambamerge.data import batches
 from mambamerge.data.loading import subset
 from mambamerge.diagnostics.report import PARTS, Settings, diagnose
@@ -56,10 +56,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def load_batch(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
     """(model in eval mode, inputs (N, *model.input_shape), labels (N,), a label of the data) from the shared
     arguments, loaded as `mambamerge eval` loads them (cli.eval.open_data): images, clips or spectrograms."""
-    for name in ("images", "img_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_at_least_one(args, "images", "img_size", "threads")
     if args.first < 0:
         raise ValueError(f"--first must be >= 0, got {args.first}")
     torch.set_num_threads(default_threads(args.threads))
@@ -88,8 +85,7 @@ def _finite(value):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.loo_images < 1:
-        raise ValueError(f"--loo-images must be at least 1, got {args.loo_images}")
+    check_at_least_one(args, "loo_images")
     for reduction in args.reductions:
         if not 0.0 <= reduction < 1.0:
             raise ValueError(f"--reductions must be in [0, 1), got {reduction}")

@@ -83,12 +83,17 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
 
 
-def check_common(args: argparse.Namespace) -> Dict[str, object]:
-    """Validate the shared numbers; returns the parsed --option pairs."""
-    for name in ("batch", "throughput_batch", "runs", "limit", "img_size", "threads"):
+def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """A ValueError naming the flag when one of the count arguments `names` was given below 1."""
+    for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_common(args: argparse.Namespace) -> Dict[str, object]:
+    """Validate the shared numbers; returns the parsed --option pairs."""
+    check_at_least_one(args, "batch", "throughput_batch", "runs", "limit", "img_size", "threads")
     return parse_options(args.option)
 
 

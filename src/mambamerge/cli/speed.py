@@ -4,6 +4,7 @@ import argparse
 import torch
 
 from mambamerge.checkpoint import load_checkpoint
+from mambamerge.cli.eval import check_at_least_one
 from mambamerge.models import create_model, list_models
 from mambamerge.ops import mixer_backend
 from mambamerge.threads import default_threads, openmp_waiting
@@ -27,8 +28,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.runs < 1:
         raise ValueError("--batch and --runs must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    check_at_least_one(args, "threads")
     torch.set_num_threads(default_threads(args.threads))
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, img_size=args.img_size)

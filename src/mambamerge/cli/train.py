@@ -11,7 +11,8 @@ import torch
 from mambamerge import distributed
 from mambamerge.atomic import write_bytes
 from mambamerge.checkpoint import load_checkpoint
-from mambamerge.cli.eval import add_device_options, check_method, check_reduction, default_workers, setup_device
+from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction, default_workers,
+                                 setup_device)
 from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
 from mambamerge.data.folders import Augment, image_folder, probe_folder
 from mambamerge.data.loading import holdout_split, subset
@@ -74,10 +75,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> TrainConfig:
     """Every setting checked before any data is read or file written; returns the training config."""
-    for name in ("limit", "img_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_at_least_one(args, "limit", "img_size", "threads")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 (epoch ends only) or more, got {args.save_every}")
     if args.teacher == "dense" and not args.init:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mambamerge.data.audio import NUM_MEL_BINS, audio_features
+from mambamerge.data.datasets import class_folders
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 DEMO_FRAMES = 128  # 1.285 s at 10 ms a frame: all but 3 of the 3,000 FSDD clips fit whole
@@ -94,12 +95,7 @@ def _mask(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor
 def audio_folder(root, frames: int = DEMO_FRAMES, limit: Optional[int] = None, augment: bool = False) -> AudioClips:
     """A folder `<root>/<class name>/<sound files>` (label = sub-folder name, classes sorted; files in
     class then name order, the first `limit` of them)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders: expected <root>/<class name>/<sound files>")
+    root, classes = class_folders(root, "<sound files>")
     files, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):

@@ -49,6 +49,18 @@ def _find(directory: Path, stem: str) -> Optional[Path]:
     return None
 
 
+def class_folders(root, contents: str) -> Tuple[Path, List[str]]:
+    """(root, its class sub-folder names sorted) of a folder `<root>/<class name>/<contents>`; a missing
+    root is a FileNotFoundError, a root without sub-folders a ValueError saying the layout expected."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders: expected <root>/<class name>/{contents}")
+    return root, classes
+
+
 def locate_idx(name: str, split: str, root=None) -> Tuple[Path, Path]:
     """Paths of the (images, labels) IDX files of a split, or a FileNotFoundError saying where it looked
     and how to get them."""

@@ -14,7 +14,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, default_collate
 
-from mambamerge.data.datasets import ImageSet
+from mambamerge.data.datasets import ImageSet, class_folders
 
 SPLIT_NAMES = {"train", "val", "test"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -84,12 +84,7 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional
     without images are clear errors."""
     from torchvision import datasets, transforms
 
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders: expected <root>/<class name>/<images> (ImageNet layout)")
+    root, classes = class_folders(root, "<images> (ImageNet layout)")
     if set(classes) <= SPLIT_NAMES:
         raise ValueError(f"{root} holds the split folders {', '.join(classes)}, not class folders: give one split's "
                          f"folder, e.g. {root / classes[-1]}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mambamerge.data.datasets import IDX_SETS, locate_idx
+from mambamerge.data.datasets import IDX_SETS, class_folders, locate_idx
 from mambamerge.data.idx import read_idx
 from mambamerge.data.video import clip_sources, clip_tensor, read_frame_folder, read_video
 
@@ -53,13 +53,7 @@ class VideoFolder(Dataset):
     label = class folder name (sorted). Clips are decoded when indexed (data.video)."""
 
     def __init__(self, root, frames: int, size: int, in_chans: int = 3):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data folder not found: {root}")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not classes:
-            raise ValueError(f"{root} has no class sub-folders: expected <root>/<class name>/<video files or "
-                             f"folders of frames>")
+        root, classes = class_folders(root, "<video files or folders of frames>")
         self.clips = [(clip, label) for label, name in enumerate(classes) for clip in clip_sources(root / name)]
         if not self.clips:
             raise ValueError(f"{root}: no video files or frame folders in its class folders")
