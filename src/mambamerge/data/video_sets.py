@@ -12,7 +12,6 @@ seeded with `seed` and the split, so clips are the same on every machine; with `
 draws new ones (an endless stream of training clips).
 """
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
