@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambamerge.models.fused import fused_forward, unsupported_reason
-from mambamerge.ops import FusedKernels, fused_kernels, selective_scan, softplus, softplus_with_row_mean
+from mambamerge.ops import (FusedKernels, fused_kernels, selective_scan, softplus, softplus_with_row_mean,
+                            triton_kernels)
 from mambamerge.tokens import SSMStats
 
 # "bi": a separate backward branch (conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b; Vim's "bimamba v2",
@@ -64,10 +65,10 @@ class MambaMixer(nn.Module):
     (VideoMamba, AuM Fo-Bi); ignored by the one-direction variant.
 
     scan_impl: one of mambamerge.ops.MIXER_IMPLS. "fused" runs the whole mixer through the kernels of
-    causal-conv1d and mamba_ssm (models/fused.py); "auto" does so for CUDA inputs when both packages
-    import and the kernels support the mixer and dtype (models/fused.unsupported_reason); any other
-    value, and "auto" otherwise, runs the
-    pure-PyTorch path below with that selective scan.
+    causal-conv1d and mamba_ssm (models/fused.py), "triton" through torch's convolution and the Triton
+    scan; "auto" takes the first of the two whose packages import and whose kernels support the mixer
+    and the input (a CUDA tensor; models/fused.unsupported_reason); any other value, and "auto" otherwise,
+    runs the pure-PyTorch path below with that selective scan.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -140,21 +141,23 @@ class MambaMixer(nn.Module):
         return selective_scan(u, delta, A, B, C, skip.to(u.dtype), reverse=reverse, impl=self.scan_impl)
 
     def _fused_kernels(self, hidden: torch.Tensor) -> Optional[FusedKernels]:
-        """The kernels when this call takes the fused path (see scan_impl), else None."""
+        """The kernels when this call takes the channel-major kernel path (see scan_impl), else None."""
         if self.scan_impl == "auto":
-            if not hidden.is_cuda or unsupported_reason(self, hidden) is not None:
+            if not hidden.is_cuda:
                 return None
-            return fused_kernels()
-        if self.scan_impl != "fused":
+            usable = (k for k in (fused_kernels(), triton_kernels()) if k is not None)
+            return next((k for k in usable if unsupported_reason(self, hidden, k) is None), None)
+        if self.scan_impl not in ("fused", "triton"):
             return None
-        kernels = fused_kernels()
+        kernels = fused_kernels() if self.scan_impl == "fused" else triton_kernels()
         if kernels is None:
-            raise RuntimeError("scan_impl='fused' needs the mamba_ssm and causal-conv1d packages, and at least "
-                               "one of them cannot be imported; install both (they need CUDA) or use "
-                               "scan_impl='auto'")
-        reason = unsupported_reason(self, hidden)
+            needs = ("the mamba_ssm and causal-conv1d packages, and at least one of them cannot be imported; "
+                     "install both (they need CUDA)" if self.scan_impl == "fused" else
+                     "the triton package, which cannot be imported; install the one matching your torch")
+            raise RuntimeError(f"scan_impl={self.scan_impl!r} needs {needs} or use scan_impl='auto'")
+        reason = unsupported_reason(self, hidden, kernels)
         if reason is not None:
-            raise ValueError(f"scan_impl='fused': {reason}; use scan_impl='auto'")
+            raise ValueError(f"scan_impl={self.scan_impl!r}: {reason}; use scan_impl='auto'")
         return kernels
 
     def forward(self, hidden: torch.Tensor, return_ssm: bool = False):
