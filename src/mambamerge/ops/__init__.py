@@ -14,7 +14,7 @@ Implementations ("impl"):
     auto       CUDA: mamba_ssm if importable, else parallel;
                CPU: compiled if available, else loop (warns once)
 
-The mixer (models/blocks.py) also takes MIXER_IMPLS' "fused": convolution, scan, step-size bias and
+The mixer (models/mixer.py) also takes MIXER_IMPLS' "fused": convolution, scan, step-size bias and
 softplus and the SiLU(z) gate in the kernels of causal-conv1d and mamba_ssm (models/fused.py); its
 "auto" picks that on CUDA when both packages import (fused_kernels()).
 """
