@@ -15,12 +15,12 @@ Implementations ("impl"):
     auto       CUDA: mamba_ssm if importable, else triton if importable, else parallel;
                CPU: compiled if available, else loop (warns once)
 
-The mixer (models/blocks.py) also takes MIXER_IMPLS' "fused": convolution, scan, step-size bias and
+The mixer (models/mixer.py) also takes MIXER_IMPLS' "fused": convolution, scan, step-size bias and
 softplus and the SiLU(z) gate in the kernels of causal-conv1d and mamba_ssm (models/fused.py); its
 "triton" runs the same channel-major path with torch's convolution and the Triton scan, which adds the
 bias, applies softplus and the gate itself, scans backwards without flipping and reports Δ from the same
-pass; its "auto" picks "fused" on CUDA when both packages import (fused_kernels()), else "triton" when
-Triton imports (triton_kernels()).
+pass (models/fused.TritonPath); its "auto" picks "fused" on CUDA when both packages import
+(fused_kernels()), else "triton" when Triton imports (triton_kernels()).
 """
 import functools
 import warnings
@@ -93,16 +93,11 @@ def _triton_scan():
 
 
 class FusedKernels(NamedTuple):
-    """The two kernels of the channel-major mixer path, with causal-conv1d's and mamba_ssm's signatures.
-
-    in_order: both also take reverse=True (the convolution anti-causal, the scan from the last token), and
-    the scan report=True (also returns Δ and its channel mean), so the path flips nothing and computes Δ
-    once; without it the path flips a backward branch's inputs and outputs and recomputes Δ to report it.
-    """
+    """The two kernels of a channel-major mixer path, with causal-conv1d's and mamba_ssm's signatures
+    (triton_kernels' also take reverse=, and the scan report=)."""
 
     causal_conv1d_fn: Callable
     selective_scan_fn: Callable
-    in_order: bool = False
 
 
 def fused_kernels() -> Optional[FusedKernels]:
@@ -131,7 +126,7 @@ def triton_kernels() -> Optional[FusedKernels]:
     module = _triton_scan()
     if module is None:
         return None
-    return FusedKernels(depthwise_causal_conv1d, module.selective_scan_triton, in_order=True)
+    return FusedKernels(depthwise_causal_conv1d, module.selective_scan_triton)
 
 
 def triton_handles(t: torch.Tensor) -> bool:
