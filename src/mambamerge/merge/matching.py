@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import token_norms
-from mambamerge.merge.plan import take_rows
+from mambamerge.merge.plan import checks_values, take_rows
 
 NEG = float("-inf")
 
@@ -28,8 +28,8 @@ def least_per_group(score: torch.Tensor, eligible: torch.Tensor, groups: torch.T
     each image's eligible tokens are cut into (1 <= groups <= its eligible tokens). The eligible tokens
     are numbered k = 0 .. n-1 in sequence order and token k is in run floor(k * groups / n). Returns
     (B, G) indices, G = the most runs of any image, the lowest index among ties; an image with fewer
-    runs has -1 in its missing ones. most: G when the caller knows it (torch.compile then needs no
-    Python int from a tensor).
+    runs has -1 in its missing ones. most: G, or a bound on it, when the caller knows one (G = most
+    then): neither torch.compile nor a GPU then needs a Python int from a tensor.
     """
     batch, length = score.shape
     device = score.device
@@ -54,7 +54,7 @@ def spread_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch
     counts = eligible.sum(dim=1)
     if r == 0 or score.shape[0] == 0:  # nothing leaves, or no image
         return torch.zeros(score.shape[0], r, dtype=torch.long, device=score.device)
-    if not torch.compiler.is_compiling() and int(counts.min()) < r:  # eager only
+    if checks_values(counts) and int(counts.min()) < r:
         raise ValueError(f"{r} sources asked but an image has only {int(counts.min())} eligible tokens")
     return least_per_group(score, eligible, torch.full_like(counts, r), most=r)
 
@@ -67,9 +67,10 @@ def pair_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch.T
     counts = eligible.sum(dim=1)
     if score.shape[0] == 0:
         return torch.zeros(0, r, dtype=torch.long, device=score.device)
-    candidates = least_per_group(score, eligible, (counts // 2).clamp(min=1))  # (B, P)
+    # at most L // 2 pairs: a bound known without reading counts
+    candidates = least_per_group(score, eligible, (counts // 2).clamp(min=1), most=max(score.shape[1] // 2, 1))
     available = (candidates >= 0).sum(dim=1)
-    if r and (int(available.min()) < r or int(counts.min()) <= r):
+    if r and checks_values(counts) and (int(available.min()) < r or int(counts.min()) <= r):
         raise ValueError(f"{r} sources asked but an image has only {int(available.min())} pairs of eligible tokens")
     key = score.float().gather(1, candidates.clamp(min=0)).masked_fill(candidates < 0, float("inf"))
     return candidates.gather(1, key.topk(r, dim=1, largest=False).indices)
@@ -116,15 +117,16 @@ def most_similar(sim: torch.Tensor, allowed: torch.Tensor, cap: int = 0,
     if cap <= 0 or r == 0:
         return _preferred(sim, local).argmax(dim=-1)
     n_allowed = allowed.sum(dim=1)
-    if bool((n_allowed == 0).any()):
+    host = checks_values(n_allowed)
+    if host and bool((n_allowed == 0).any()):
         raise ValueError("no token may receive a merge")
     room_per = torch.maximum(torch.full_like(n_allowed, cap), (r + n_allowed - 1) // n_allowed)  # (B,)
     load = torch.zeros(batch, length, dtype=torch.long, device=sim.device)
     dst = torch.full((batch, r), -1, dtype=torch.long, device=sim.device)
     pending = torch.ones(batch, r, dtype=torch.bool, device=sim.device)
     earlier = torch.arange(r, device=sim.device)[None, :] < torch.arange(r, device=sim.device)[:, None]  # [s, s'] s' < s
-    for _ in range(r):
-        if not bool(pending.any()):
+    for _ in range(r):  # (on a GPU all r rounds, without reading `pending`: the rounds after the last are no-ops)
+        if host and not bool(pending.any()):
             break
         pref = _preferred(sim, local)
         best = pref.argmax(dim=-1)  # (B, r)

@@ -3,7 +3,8 @@ torch.Generator (dynamo cannot trace a generator argument, so every random metho
 
 Draw k of a `Draws(seed)` gives each (image, token) cell the hash of (seed, k, image, token): the same
 seed and the same sequence of draws give the same numbers, eager or compiled, on any device. The
-counter is a tensor advanced in place, so a compiled graph advances it too without a recompile.
+counter is a tensor advanced in place, so a compiled graph advances it too without a recompile; it moves
+to the device of the draws on the first one there.
 """
 from typing import Tuple
 
@@ -31,8 +32,9 @@ class Draws:
     def uniform(self, shape: Tuple[int, int], device: torch.device) -> torch.Tensor:
         """(B, L) float32 in [0, 1) (multiples of 2**-24), different at every cell and every call."""
         batch, length = shape
-        call = self.count.to(device)
-        self.count.add_(1)
+        if self.count.device != device:  # once: the counter then lives where the draws are made, so a
+            self.count = self.count.to(device)  # draw copies nothing from the host (no sync, graph-capturable)
+        call = self.count.add_(1)
         rows = torch.arange(batch, device=device)[:, None]
         cols = torch.arange(length, device=device)[None, :]
         key = hash31((hash31(call + (self.seed & _MASK)) + rows * 0x3504F333) & _MASK)

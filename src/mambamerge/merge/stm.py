@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
-from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
+from mambamerge.merge.plan import MergePlan, checks_values, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
 from mambamerge.tokens import SSMStats, TokenLayout
@@ -138,7 +138,7 @@ class STM(ReductionMethod):
         cls = state.cls_index
         r_left = torch.where(cls == 0, 0, r // 2 + (r % 2) * (2 * cls > length - 1).long())  # (B,)
         counts = torch.stack((r_left, r - r_left), dim=1)  # (B, 2) merges left and right of the class token
-        if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        if checks_values(counts):
             self._check_sides(torch.isfinite(score).view(batch, 2, n_k).sum(dim=2), counts)
         # the best `counts` candidates of each side, left ones first, each side best first
         ranked = score.view(batch, 2, n_k).topk(min(r, n_k), dim=2).indices  # (B, 2, k)
