@@ -129,11 +129,12 @@ def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1
     return batch_size / seconds["patched"], batch_size / seconds["dense"]
 
 
-def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.0, batch_size: int = 256,
+def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[float] = None, batch_size: int = 256,
              throughput_batch: int = 8, runs: int = 5, warmup: int = 1, progress: Optional[str] = None,
              amp: str = "none", workers: int = 0, **patch_options) -> dict:
     """Evaluate `model` dense (method None) or patched with `method` at target average `reduction`
-    (patch_options: schedule parameters and the method's own options, as for mambamerge.patch).
+    (patch_options: schedule parameters and the method's own options, as for mambamerge.patch; with
+    reduction None the schedule's size comes from them, e.g. r=).
 
     Returns plain numbers: method ("dense" when None), target_reduction, options, top1 (fraction),
     images, average_reduction, average_tokens, final_tokens, initial_tokens, gflops_* (GMACs: model
@@ -152,7 +153,7 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
     unpatch(model)
     try:
         if method is not None:
-            patch(model, method, reduction=reduction or None, **patch_options)
+            patch(model, method, reduction=reduction, **patch_options)
         summary = reduction_summary(model)
         gflops = flops(model).summary()
         top1 = accuracy(model, dataset, batch_size, progress, amp=amp, workers=workers)
@@ -163,7 +164,7 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
     finally:
         unpatch(model)
     return {
-        "method": method or "dense", "target_reduction": reduction, "options": dict(patch_options),
+        "method": method or "dense", "target_reduction": reduction or 0.0, "options": dict(patch_options),
         "top1": top1, "images": len(dataset) - len(unreadable(dataset)), "unreadable_images": unreadable(dataset),
         "average_reduction": summary["average_reduction"], "average_tokens": summary["average_tokens"],
         "final_tokens": summary["final_tokens"], "initial_tokens": summary["initial_tokens"],

@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     demo = DEMOS[args.task]
     out = args.out or ("outputs/demo" if args.task == "image" else f"outputs/demo-{args.task}")
     argv = ["--checkpoint", str(demo_checkpoint(args.task)), "--data", demo.data,
-            "--limit", str(args.limit or demo.limit), "--out", out]
-    if args.threads:
+            "--limit", str(demo.limit if args.limit is None else args.limit), "--out", out]
+    if args.threads is not None:
         argv += ["--threads", str(args.threads)]
     argv += ["--device", args.device, "--amp", args.amp]
     parser = argparse.ArgumentParser(prog="mambamerge sweep")

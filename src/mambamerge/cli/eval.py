@@ -16,6 +16,7 @@ from mambamerge.devices import AMP_CHOICES, check_amp, parse_device
 from mambamerge.distributed import world
 from mambamerge.evaluate import check_classes, check_fit, describe_input, evaluate
 from mambamerge.merge import METHODS
+from mambamerge.merge.schedule import check_arguments
 from mambamerge.patch import make_method
 from mambamerge.threads import default_threads
 from mambamerge.results import check_writable, environment, json_text
@@ -112,10 +113,12 @@ def parse_options(pairs) -> Dict[str, object]:
 
 
 def check_method(method: str, options: Dict[str, object]) -> None:
-    """Unknown method names and options the method does not take are errors listing the valid ones."""
+    """Unknown method names and options the method does not take are errors listing the valid ones; so
+    are option values of the wrong kind and schedule parameters out of range (before any data is read)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     make_method(method, **{k: v for k, v in options.items() if k not in SCHEDULE_KEYS})
+    check_arguments(**{k: options[k] for k in ("r", "keep", "start", "every") if k in options})
 
 
 def check_reduction(reduction: float) -> None:
@@ -170,9 +173,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--reduction and --option need --method NAME")
     if args.method is not None:
         check_method(args.method, options)
-        if args.reduction is None and not set(options) & set(SCHEDULE_KEYS):
-            raise ValueError("--method needs --reduction R (e.g. 0.4) or schedule options (e.g. --option "
-                             "schedule=constant --option r=5)")
+        if args.reduction is None and "r" not in options and "keep" not in options \
+                and not isinstance(options.get("schedule"), (list, tuple)):
+            raise ValueError("--method needs --reduction R (e.g. 0.4), --option r=N (N tokens before every block, "
+                             "as ToMe), --option keep=K or --option schedule=[per-block counts]")
     if args.reduction is not None:
         check_reduction(args.reduction)
     if args.json:
@@ -182,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     model, dataset, label = load_inputs(args)
     timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
                   workers=default_workers(args.workers))
-    result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
+    result = evaluate(model, dataset, args.method, args.reduction, progress="top-1", **timing, **options)
     distributed.teardown()
     if not world().is_main:
         return 0

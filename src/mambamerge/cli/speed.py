@@ -5,6 +5,7 @@ import torch
 
 from mambamerge.checkpoint import load_checkpoint
 from mambamerge.cli.eval import check_at_least_one
+from mambamerge.devices import parse_device
 from mambamerge.models import create_model, list_models
 from mambamerge.ops import mixer_backend
 from mambamerge.threads import default_threads, openmp_waiting
@@ -26,17 +27,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.runs < 1:
-        raise ValueError("--batch and --runs must be at least 1")
-    check_at_least_one(args, "threads")
+    check_at_least_one(args, "batch", "runs", "img_size", "threads")
+    device = parse_device(args.device)
     torch.set_num_threads(default_threads(args.threads))
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, img_size=args.img_size)
         name = args.checkpoint
     else:
-        model = create_model(args.model, **({"img_size": args.img_size} if args.img_size else {})).eval()
+        model = create_model(args.model, **({"img_size": args.img_size} if args.img_size is not None else {})).eval()
         name = args.model
-    device = torch.device(args.device)
     model = model.to(device)
     cfg = model.cfg
     params = sum(p.numel() for p in model.parameters())

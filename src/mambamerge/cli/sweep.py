@@ -51,7 +51,7 @@ def plan(model, methods: List[str], reductions: List[float], options: Dict[str, 
         for reduction in reductions:
             config = {"method": method, "target_reduction": reduction, "options": dict(options)}
             try:
-                patch(model, method, reduction=reduction or None, **options)
+                patch(model, method, reduction=reduction, **options)
             except ValueError as err:
                 config.update(status="n/a", reason=str(err))
             finally:

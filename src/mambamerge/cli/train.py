@@ -3,6 +3,8 @@ reduction active and distilled from a teacher) on a dataset; seeded, resumable, 
 torchrun unchanged."""
 import argparse
 import json
+import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
 from mambamerge.data.folders import Augment, image_folder, probe_folder
 from mambamerge.data.loading import holdout_split, subset
 from mambamerge.distributed import world
-from mambamerge.evaluate import check_classes, check_fit
+from mambamerge.evaluate import check_classes, check_fit, describe_input
+from mambamerge.loaders import FAMILY_NAMES
 from mambamerge.models import create_model, list_models
 from mambamerge.patch import patch
 from mambamerge.results import check_writable
@@ -29,6 +32,7 @@ HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an i
 # shift-and-flip augmentation only
 FOLDER_RECIPE = {"mixup": 0.8, "cutmix": 1.0}
 SKIPPED = ("amp",)  # TrainConfig fields with an option of their own (add_device_options)
+MAX_AUGMENT_OPS = 16  # operations (or chains) per image a --aa policy may ask for (timm's default RandAugment: 2)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -76,6 +80,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace) -> TrainConfig:
     """Every setting checked before any data is read or file written; returns the training config."""
     check_at_least_one(args, "limit", "img_size", "threads")
+    if not (math.isfinite(args.val_split) and args.val_split > 0):
+        raise ValueError(f"--val-split must be a fraction in (0, 1) or a number of images, got {args.val_split}")
+    if args.reprob is not None and not 0.0 <= args.reprob <= 1.0:
+        raise ValueError(f"--reprob is a probability in [0, 1], got {args.reprob}")
+    if args.aa not in (None, "none"):
+        _check_policy(args.aa)
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 (epoch ends only) or more, got {args.save_every}")
     if args.teacher == "dense" and not args.init:
@@ -96,6 +106,21 @@ def _check_args(args: argparse.Namespace) -> TrainConfig:
               for k, v in FOLDER_RECIPE.items()}
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in recipe
                           and f.name not in SKIPPED}, **recipe, amp=args.amp)
+
+
+def _check_policy(policy: str) -> None:
+    """--aa: a policy timm builds (rand-..., augmix-..., original, v0, 3a, ...) applying at most
+    MAX_AUGMENT_OPS operations to an image (`rand-n999999999` would never finish one)."""
+    try:
+        Augment(auto_augment=policy).transform(32, (0.5,), (0.5,))
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"--aa {policy!r} is not a timm augmentation policy ({err}); give one such as "
+                         f"{Augment.auto_augment}, augmix-m5-w4-d2, original or 3a, or none") from None
+    for section in policy.split("-")[1:]:
+        key, count = re.fullmatch(r"([a-z]*)(.*)", section).groups()
+        if key in ("n", "w", "d") and count.isdigit() and int(count) > MAX_AUGMENT_OPS:
+            raise ValueError(f"--aa {policy!r}: {key}{count} asks for {count} augmentations per image; at most "
+                             f"{MAX_AUGMENT_OPS}")
 
 
 def _idx_splits(args, img_size: int):
@@ -158,6 +183,10 @@ def _data(args, base):
         raise ValueError("--aa and --reprob apply to image folders; the IDX sets use their own shift-and-flip")
     elif args.in_chans == 3:
         raise ValueError(f"{args.data} is grey: its models take --in-chans 1")
+    if base is not None and len(base.input_shape) != 3:
+        raise ValueError(f"--init {args.init} ({FAMILY_NAMES.get(base.family, base.family)}) takes "
+                         f"{describe_input(base.input_shape)}, but {args.data} gives images; fine-tune it on data of "
+                         f"its kind (e.g. fsdd for audio, moving-fashion-mnist for video)")
     if base is not None:
         img_size, in_chans = base.cfg.img_size[0], base.cfg.in_chans
     elif is_idx:

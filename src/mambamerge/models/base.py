@@ -70,6 +70,20 @@ class MambaClassifier(nn.Module):
         return self.cfg.num_classes
 
     @property
+    def r(self) -> Optional[int]:
+        """Tokens each reduction step removes (ToMe's knob; see TokenReducer.r), None when dense. Set it on
+        a patched model to change the schedule in place: `model.r = 8` is `patch(model, method, r=8)` with
+        the method, options and spacing it was patched with, validated the same way."""
+        return None if self.token_reducer is None else self.token_reducer.r
+
+    @r.setter
+    def r(self, value: int) -> None:
+        if self.token_reducer is None:
+            raise ValueError("model.r sets the tokens per step of a token-reducing model; patch it first, e.g. "
+                             "mambamerge.patch(model, 'tome', r=8)")
+        self.token_reducer.r = value
+
+    @property
     def layout(self) -> TokenLayout:
         """The layout of the embedded tokens at the model's own input size."""
         return self.token_layout()
