@@ -119,7 +119,8 @@ def test_diagnose_and_visualize_an_audio_and_a_video_checkpoint(tmp_path, capsys
     assert main(["diagnose", *common, "--images", "4", "--loo-images", "2", "--loo-blocks", "2",
                  "--attention-blocks", "1", "--reductions", "0.3", "--out", str(tmp_path / "d")]) == 0
     numbers = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
-    assert numbers["data"] == f"{data} test inputs 0..3" and numbers["images"] == 4
+    assert numbers["data"] == f"{data} test inputs 0.. (4, stratified round-robin over classes, file order)"
+    assert numbers["images"] == 4
     assert {"decay", "attention", "dependence", "order", "importance", "prune_vs_merge"} <= set(numbers)
     length = model.layout.length
     assert len(numbers["dependence"]["block 1 alone"]["distance"]) == length - 1
@@ -153,7 +154,7 @@ def test_data_that_does_not_fit_the_checkpoint_is_a_clear_error(tmp_path, capsys
         (["visualize", "--checkpoint", str(video), "--data", "fsdd"],
          "the model (videomamba) takes clips of 8 frames of 1x32x32 but fsdd test gives spectrograms"),
         (["diagnose", "--checkpoint", str(audio), "--data", "fsdd", "--first", "300"],
-         "fsdd test holds 300 inputs; --first 300 is past its end"),
+         "fsdd test holds no inputs from input 300 on"),
         (["visualize", "--checkpoint", str(audio), "--data", str(tmp_path)],
          "--split applies to the named data sets"),
     ]

@@ -11,7 +11,7 @@ import torch
 from mambamerge.atomic import write_files
 from mambamerge.cli.eval import check_at_least_one, open_data
 from mambamerge.data import batches
-from mambamerge.data.loading import subset
+from mambamerge.data.datasets import SUBSET_RULE
 from mambamerge.diagnostics.report import PARTS, Settings, diagnose
 from mambamerge.results import check_writable, environment
 from mambamerge.threads import default_threads
@@ -30,9 +30,11 @@ def add_inputs(p: argparse.ArgumentParser, default_count: int) -> None:
     p.add_argument("--split", help="train (default), val (fsdd and moving-*) or test for the named data sets; settings "
                                    "chosen from these numbers must not come from the test split")
     p.add_argument("--first", type=int, default=0, metavar="I",
-                   help="index of the first input used (default 0; e.g. 55000 for the held-out MNIST images)")
+                   help="inputs before this one (file order) are left out (default 0; e.g. 55000 for the held-out "
+                        "MNIST images)")
     p.add_argument("--images", type=int, default=default_count, metavar="N",
-                   help=f"number of inputs: images, clips or spectrograms (default {default_count})")
+                   help=f"number of inputs: images, clips or spectrograms, round-robin over the classes in file "
+                        f"order (default {default_count})")
     p.add_argument("--img-size", type=int, metavar="PIXELS", help="image or frame size (default: the checkpoint's)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the outputs (created if needed)")
@@ -60,15 +62,13 @@ def load_batch(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor,
     if args.first < 0:
         raise ValueError(f"--first must be >= 0, got {args.first}")
     torch.set_num_threads(default_threads(args.threads))
-    model, dataset, label = open_data(args, default_split="train", limit=args.first + args.images)
-    if len(dataset) <= args.first:
-        raise ValueError(f"{label} holds {len(dataset)} inputs; --first {args.first} is past its end")
-    index = range(args.first, len(dataset))
-    read = list(batches(subset(dataset, index), len(index)))
+    model, dataset, label = open_data(args, default_split="train", limit=args.images, start=args.first)
+    chosen = f"{label} inputs {args.first}.. ({len(dataset)}, {SUBSET_RULE})"
+    read = list(batches(dataset, len(dataset)))
     if not read:
-        raise ValueError(f"{label}: none of inputs {index.start}..{index.stop - 1} could be read")
+        raise ValueError(f"{chosen}: none could be read")
     inputs, labels = read[0]
-    return model.eval(), inputs, labels, f"{label} inputs {index.start}..{index.stop - 1}"
+    return model.eval(), inputs, labels, chosen
 
 
 def _finite(value):

@@ -11,7 +11,7 @@ import torch
 from mambamerge import distributed
 from mambamerge.atomic import write_files
 from mambamerge.checkpoint import load_checkpoint
-from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
+from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset, subset_record
 from mambamerge.devices import AMP_CHOICES, check_amp, parse_device
 from mambamerge.distributed import world
 from mambamerge.evaluate import check_classes, check_fit, describe_input, evaluate
@@ -33,7 +33,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "(as the model takes)")
     p.add_argument("--split", help="train or test (default: test), also val for fsdd and moving-*; a folder is one "
                                    "split already")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N inputs only")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="evaluate on N inputs only: round-robin over the classes in file order (every class is "
+                        "reached; the same N for every method and run)")
     p.add_argument("--img-size", type=int, metavar="PIXELS",
                    help="resolution to evaluate at (default: the checkpoint's training resolution, else 224)")
     p.add_argument("--batch", type=int, default=64, help="batch size of the accuracy pass (default: 64)")
@@ -132,9 +134,10 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
     return model.to(device), dataset, label
 
 
-def open_data(args: argparse.Namespace, default_split: str,
-              limit: Optional[int]) -> Tuple[torch.nn.Module, object, str]:
-    """(model on the CPU, dataset of its first `limit` inputs, data label) from --checkpoint, --data,
+def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int],
+              start: int = 0) -> Tuple[torch.nn.Module, object, str]:
+    """(model on the CPU, dataset of `limit` of its inputs from `start` on (load_dataset), data label)
+    from --checkpoint, --data,
     --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
     Every way they do not fit each other is a ValueError naming both sides."""
     named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)
@@ -149,10 +152,10 @@ def open_data(args: argparse.Namespace, default_split: str,
     if len(shape) == 3 and not named and shape[0] not in (1, 3):
         raise ValueError(f"{name} takes {shape[0]}-channel images but image folders give 1 (grey) or 3 (RGB)")
     split = args.split or default_split
-    dataset = load_dataset(args.data, split, input_shape=shape, limit=limit)
+    dataset = load_dataset(args.data, split, input_shape=shape, limit=limit, start=start)
     label = f"{args.data} {split}" if named else args.data
     if len(dataset) == 0:
-        raise ValueError(f"{label} holds no inputs")
+        raise ValueError(f"{label} holds no inputs" + (f" from input {start} on" if start else ""))
     check_fit(model, dataset.info, label)
     check_classes(model, dataset.info, label)
     return model, dataset, label
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"throughput  {result['images_per_s']:.1f} images/s ({timed})")
     if args.json:
-        payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label,
+        payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label, **subset_record(args.limit),
                    "environment": environment(next(model.parameters()).device), "result": result}
         path = Path(args.json)
         path.resolve().parent.mkdir(parents=True, exist_ok=True)

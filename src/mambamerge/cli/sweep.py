@@ -8,7 +8,7 @@ from mambamerge import distributed
 from mambamerge.cli.eval import (add_common, check_common, check_method, check_reduction, default_workers, describe,
                                  load_inputs)
 from mambamerge.distributed import world
-from mambamerge.data import unreadable
+from mambamerge.data import subset_record, unreadable
 from mambamerge.evaluate import evaluate
 from mambamerge.merge import METHODS
 from mambamerge.patch import patch, unpatch
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     title = f"{Path(args.checkpoint).name} on {label} ({len(dataset) - len(skipped)} images)"
     payload = {"checkpoint": str(args.checkpoint), "model": model.cfg.to_dict(),
                "data": {"spec": args.data, "label": label, "images": len(dataset) - len(skipped),
-                        "unreadable_images": skipped, "classes": dataset.info.classes},
+                        "unreadable_images": skipped, "classes": dataset.info.classes, **subset_record(args.limit)},
                "settings": {"methods": args.methods, "reductions": args.reductions, "options": options, **timing},
                "environment": env, "rows": rows}
     plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,

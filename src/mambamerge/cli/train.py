@@ -15,7 +15,8 @@ from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_m
                                  setup_device)
 from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
 from mambamerge.data.folders import Augment, image_folder, probe_folder
-from mambamerge.data.loading import holdout_split, subset
+from mambamerge.data.datasets import subset_record
+from mambamerge.data.loading import holdout_split, limited, subset
 from mambamerge.distributed import world
 from mambamerge.evaluate import check_classes, check_fit
 from mambamerge.models import create_model, list_models
@@ -51,8 +52,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                    help="also save last.pt every STEPS steps (default: at epoch ends only)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images (after the "
-                                                            "validation split is held out)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only N training images (after the validation split is held out): round-robin over the "
+                        "classes in file order, the same N for every run")
     p.add_argument("--val-split", type=float, default=0.1, metavar="F|N",
                    help="validation images held out of the training data to select the best epoch: a fraction "
                         "(default 0.1) or a count; the same slice for every --seed and --limit")
@@ -102,7 +104,8 @@ def _idx_splits(args, img_size: int):
     """(train, validation, test) of an IDX set: validation held out of the train split."""
     full = load_dataset(args.data, "train", img_size=img_size)
     train_index, val_index = holdout_split(len(full), args.val_split)
-    return (full.subset(train_index[:args.limit], augment=True), full.subset(val_index, augment=False),
+    return (full.subset(limited(train_index, full.labels.tolist(), args.limit), augment=True),
+            full.subset(val_index, augment=False),
             load_dataset(args.data, "test", img_size=img_size))
 
 
@@ -114,7 +117,7 @@ def _folder_splits(args, img_size: int, in_chans: int):
     train_all = image_folder(root / "train", img_size=img_size, in_chans=in_chans, augment=augment)
     plain = image_folder(root / "train", img_size=img_size, in_chans=in_chans)
     train_index, val_index = holdout_split(len(plain), args.val_split)
-    return (subset(train_all, train_index[:args.limit]), subset(plain, val_index),
+    return (subset(train_all, limited(train_index, plain.targets, args.limit)), subset(plain, val_index),
             image_folder(root / "val", img_size=img_size, in_chans=in_chans))
 
 
@@ -204,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         patch(model, args.method, reduction=args.reduction)
     out = Path(args.out)
     command = {"data": args.data, "model": None if args.init else args.model, "init": args.init,
-               "teacher": args.teacher, "method": args.method, "reduction": args.reduction, "limit": args.limit,
+               "teacher": args.teacher, "method": args.method, "reduction": args.reduction, **subset_record(args.limit),
                "val_split": args.val_split, **_input_record(model),
                "augment": None if is_idx else [args.aa, args.reprob]}
     saved = load_resume(out / "last.pt", cfg, run_record(command, train_set, val_set, teacher is not None)) \
