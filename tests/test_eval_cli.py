@@ -7,7 +7,6 @@ import torch
 
 import mambamerge
 import mambamerge.evaluate
-from mambamerge.cli import sweep
 from mambamerge.cli.main import main
 from mambamerge.data import load_dataset
 from mambamerge.evaluate import accuracy
@@ -146,7 +145,7 @@ CASES = [  # (command, checkpoint, data, extra arguments, what the message must 
     ("sweep", "ok", "fashion-mnist", ["--reductions", "-0.1"], ["[0, 1)", "-0.1"]),
     ("sweep", "ok", "fashion-mnist", ["--option", "nosuch=1"], ["unknown option(s) nosuch"]),
     ("sweep", "ok", "fashion-mnist", ["--option", "r=5"], ["--option r=", "--reductions"]),
-    ("sweep", "ok", "fashion-mnist", ["--batch", "0"], ["--batch must be at least 1"]),
+    ("sweep", "ok", "fashion-mnist", ["--batch", "0"], ["--batch-size must be at least 1"]),
     ("sweep", "ok", "fashion-mnist", ["--out", "{tmp}/a_file/results"], ["cannot write results to", "a_file"]),
     ("eval", "ok", "fashion-mnist", ["--method", "nosuch", "--reduction", "0.4"], ["unknown method 'nosuch'"]),
     ("eval", "ok", "fashion-mnist", ["--reduction", "0.4"], ["need --method"]),
@@ -165,7 +164,7 @@ def test_bad_input_is_one_line_before_any_evaluation(command, ckpt, data, extra,
     def no_work(*args, **kwargs):
         raise AssertionError("an evaluation ran before the input was validated")
 
-    monkeypatch.setattr(mambamerge.evaluate, "accuracy", no_work)
+    monkeypatch.setattr(mambamerge.evaluate, "top_k_accuracy", no_work)
     out = tmp_path / "results"
     argv = [command, "--checkpoint", bad_inputs.get(ckpt, ckpt), "--data", data, *FAST, *extra]
     if command == "sweep" and "--out" not in extra:
@@ -180,7 +179,7 @@ def test_bad_input_is_one_line_before_any_evaluation(command, ckpt, data, extra,
 
 
 def test_interrupted_sweep_leaves_no_result_or_temp_file(checkpoint, tmp_path, monkeypatch, capsys):
-    real, calls = sweep.evaluate, []
+    real, calls = mambamerge.evaluate.evaluate, []
 
     def interrupted_on_third(*args, **kwargs):
         calls.append(args[2:3])
@@ -188,7 +187,7 @@ def test_interrupted_sweep_leaves_no_result_or_temp_file(checkpoint, tmp_path, m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "evaluate", interrupted_on_third)
+    monkeypatch.setattr(mambamerge.evaluate, "evaluate", interrupted_on_third)
     out = tmp_path / "sweep"
     argv = ["sweep", "--checkpoint", checkpoint, "--data", "fashion-mnist", *FAST, "--out", str(out),
             "--methods", "mame", "random", "--reductions", "0.2", "0.4"]

@@ -211,12 +211,12 @@ def test_info_refuses_partial_and_misshaped_files(tmp_path, pico_sd, capsys):
     (["--out", "{tmp}/a_file/run"], "cannot write results to"),
 ])
 def test_train_refuses_bad_arguments_before_any_work(tmp_path, data, extra, message, monkeypatch, capsys):
-    import mambamerge.cli.train as train_command
+    import mambamerge.data
 
     def no_work(*args, **kwargs):
         raise AssertionError("data was read before the arguments were checked")
 
-    monkeypatch.setattr(train_command, "load_dataset", no_work)
+    monkeypatch.setattr(mambamerge.data, "load_dataset", no_work)
     (tmp_path / "a_file").write_text("")
     argv = [a.format(tmp=tmp_path) for a in TRAIN + data + ["--out", str(tmp_path / "run")] + extra]
     assert main(argv) == 2

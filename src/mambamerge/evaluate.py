@@ -1,6 +1,6 @@
 """Accuracy and throughput of a model on a dataset."""
 import statistics
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,27 +16,38 @@ from mambamerge.timing import time_call, time_interleaved
 
 def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None, amp: str = "none",
              workers: int = 0) -> float:
-    """Top-1 accuracy of `model` (dense or patched, on the device of its parameters) on `dataset`; the model
-    is left in eval mode. amp: autocast ("none", "bf16", "fp16"); workers: DataLoader processes for
-    folder data. Under torchrun each process evaluates its share and the counts are summed: every
-    image counts exactly once."""
+    """Top-1 accuracy of `model` on `dataset`; see top_k_accuracy."""
+    return top_k_accuracy(model, dataset, (1,), batch_size, progress, amp, workers)[1]
+
+
+def top_k_accuracy(model, dataset, ks: Sequence[int] = (1, 5), batch_size: int = 256, progress: Optional[str] = None,
+                   amp: str = "none", workers: int = 0) -> Dict[int, Optional[float]]:
+    """{k: fraction of inputs whose label is among the model's k highest logits} of `model` (dense or
+    patched, on the device of its parameters) on `dataset`; None for a k not below the number of
+    classes (every label would count). The model is left in eval mode. amp: autocast ("none", "bf16",
+    "fp16"); workers: DataLoader processes for folder data. Under torchrun each process evaluates its
+    share and the counts are summed: every input counts exactly once."""
     model.eval()
     device = next(model.parameters()).device
+    wanted, ks = list(ks), [k for k in ks if k < model.num_classes or k == 1]
     here = world()
     part = subset(dataset, shard(len(dataset), here)) if here.active else dataset
-    correct = total = 0
+    correct, total = [0] * len(ks), 0
     steps = -(-len(part) // batch_size)
     loader = batches(part, batch_size, workers=workers, pin_memory=device.type == "cuda")
     with torch.inference_mode(), autocast(device, amp):
         for images, labels in bar(loader, total=steps, desc=progress, unit="batch", disable=progress is None):
-            correct += (model(images.to(device, non_blocking=True)).argmax(dim=1).cpu() == labels).sum().item()
+            ranked = model(images.to(device, non_blocking=True)).topk(max(ks), dim=1).indices.cpu()
+            hits = ranked == labels[:, None]
+            for index, k in enumerate(ks):
+                correct[index] += hits[:, :k].any(dim=1).sum().item()
             total += len(labels)
-    correct, total = sum_all([correct, total], device)
+    *correct, total = sum_all([*correct, total], device)
     if getattr(dataset, "unreadable", None) is not None:
         union_all(dataset.unreadable)  # each process met the unreadable images of its own share
     if total == 0:
         raise ValueError("the dataset is empty")
-    return correct / total
+    return {**dict.fromkeys(wanted), **{k: c / total for k, c in zip(ks, correct)}}
 
 
 def check_fit(model, info, data_name: str = "the dataset") -> None:
@@ -71,6 +82,11 @@ def describe_input(shape) -> str:
     if len(shape) == 2:
         return f"spectrograms of {shape[0]} frames x {shape[1]} mel bins"
     return f"inputs of shape {shape}"
+
+
+def input_kind(shape) -> str:
+    """What a family's inputs are called, from a per-sample input shape: images, clips or spectrograms."""
+    return {3: "images", 4: "clips", 2: "spectrograms"}.get(len(tuple(shape)), "inputs")
 
 
 def check_classes(model, info, data_name: str = "the dataset") -> None:

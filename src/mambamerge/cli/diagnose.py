@@ -4,20 +4,19 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
-import torch
-
-from mambamerge.atomic import write_files
 from mambamerge.cli.eval import check_at_least_one, open_data
-from mambamerge.data import batches
-from mambamerge.data.loading import subset
-from mambamerge.diagnostics.report import PARTS, Settings, diagnose
-from mambamerge.results import check_writable, environment
-from mambamerge.threads import default_threads
+from mambamerge.cli.names import DIAGNOSTIC_PARTS as PARTS
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = ("diagnose a checkpoint: decay kernels, implicit attention, sequential dependence, token order, "
         "leave-one-out token worth against Δ statistics, prune vs merge")
+EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --split test --out outputs/diagnose",
+            "--checkpoint model.safetensors --data fsdd --split val --parts decay importance --out outputs/diag",
+            "--checkpoint vim_t_midclstok_76p1acc.pth --data imagenet/val --images 64 --out outputs/vim-t")
 
 
 def add_inputs(p: argparse.ArgumentParser, default_count: int) -> None:
@@ -53,9 +52,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="target reductions of the prune-vs-merge comparison (default 0.2 0.4 0.6)")
 
 
-def load_batch(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+def load_batch(args: argparse.Namespace) -> Tuple["torch.nn.Module", "torch.Tensor", "torch.Tensor", str]:
     """(model in eval mode, inputs (N, *model.input_shape), labels (N,), a label of the data) from the shared
     arguments, loaded as `mambamerge eval` loads them (cli.eval.open_data): images, clips or spectrograms."""
+    import torch
+
+    from mambamerge.data import batches
+    from mambamerge.data.loading import subset
+    from mambamerge.threads import default_threads
+
     check_at_least_one(args, "images", "img_size", "threads")
     if args.first < 0:
         raise ValueError(f"--first must be >= 0, got {args.first}")
@@ -73,6 +78,8 @@ def load_batch(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.Tensor,
 
 def _finite(value):
     """JSON-ready: tensors to lists, non-finite floats to None (an effective length beyond the lags)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return _finite(value.tolist())
     if isinstance(value, float):
@@ -85,6 +92,10 @@ def _finite(value):
 
 
 def run(args: argparse.Namespace) -> int:
+    from mambamerge.atomic import write_files
+    from mambamerge.diagnostics.report import Settings, diagnose
+    from mambamerge.results import check_writable, environment
+
     check_at_least_one(args, "loo_images")
     for reduction in args.reductions:
         if not 0.0 <= reduction < 1.0:

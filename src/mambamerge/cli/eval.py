@@ -4,24 +4,18 @@ import argparse
 import ast
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-import torch
+from mambamerge.cli.names import AMP_CHOICES, METHODS
 
-from mambamerge import distributed
-from mambamerge.atomic import write_files
-from mambamerge.checkpoint import load_checkpoint
-from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
-from mambamerge.devices import AMP_CHOICES, check_amp, parse_device
-from mambamerge.distributed import world
-from mambamerge.evaluate import check_classes, check_fit, describe_input, evaluate
-from mambamerge.merge import METHODS
-from mambamerge.patch import make_method
-from mambamerge.threads import default_threads
-from mambamerge.results import check_writable, environment, json_text
+if TYPE_CHECKING:
+    import torch
 
 HELP = "evaluate a checkpoint with one token-reduction method: top-1, GFLOPs and measured throughput"
 SCHEDULE_KEYS = ("schedule", "r", "keep", "start", "every")
+EXAMPLES = ("--checkpoint vim_t_midclstok_76p1acc.pth --data imagenet/val --method mame --reduction 0.4",
+            "--checkpoint model.safetensors --data fashion-mnist --limit 1000 --json eval.json",
+            "--checkpoint model.safetensors --data fsdd --method tome --option schedule=constant --option r=4")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -36,7 +30,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N inputs only")
     p.add_argument("--img-size", type=int, metavar="PIXELS",
                    help="resolution to evaluate at (default: the checkpoint's training resolution, else 224)")
-    p.add_argument("--batch", type=int, default=64, help="batch size of the accuracy pass (default: 64)")
+    p.add_argument("--batch-size", "--batch", type=int, default=64, metavar="N",
+                   help="batch size of the accuracy pass (default: 64)")
     p.add_argument("--throughput-batch", type=int, default=8, help="batch size of the timed forwards (default: 8)")
     p.add_argument("--runs", type=int, default=5, help="timed forwards per throughput, median (default: 5)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
@@ -63,13 +58,18 @@ def default_workers(requested: Optional[int]) -> int:
         if requested < 0:
             raise ValueError(f"--workers must be 0 or more, got {requested}")
         return requested
+    from mambamerge.distributed import world
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(8, cores // world().local_size - 1))
 
 
-def setup_device(args: argparse.Namespace) -> torch.device:
+def setup_device(args: argparse.Namespace) -> "torch.device":
     """The device of this process (joining torchrun's process group when there is one), with --amp
     checked against it."""
+    from mambamerge import distributed
+    from mambamerge.devices import check_amp, parse_device
+
     device = distributed.setup(parse_device(args.device))
     check_amp(args.amp, device)
     return device
@@ -78,7 +78,7 @@ def setup_device(args: argparse.Namespace) -> torch.device:
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--method", metavar="NAME",
-                   help=f"token-reduction method: {', '.join(sorted(METHODS))} (default: none, dense only)")
+                   help=f"token-reduction method: {', '.join(METHODS)} (default: none, dense only)")
     p.add_argument("--reduction", type=float, metavar="R", help="target average reduction in [0, 1), e.g. 0.4")
     p.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
 
@@ -93,7 +93,7 @@ def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 
 def check_common(args: argparse.Namespace) -> Dict[str, object]:
     """Validate the shared numbers; returns the parsed --option pairs."""
-    check_at_least_one(args, "batch", "throughput_batch", "runs", "limit", "img_size", "threads")
+    check_at_least_one(args, "batch_size", "throughput_batch", "runs", "limit", "img_size", "threads")
     return parse_options(args.option)
 
 
@@ -114,7 +114,9 @@ def parse_options(pairs) -> Dict[str, object]:
 def check_method(method: str, options: Dict[str, object]) -> None:
     """Unknown method names and options the method does not take are errors listing the valid ones."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    from mambamerge.patch import make_method
+
     make_method(method, **{k: v for k, v in options.items() if k not in SCHEDULE_KEYS})
 
 
@@ -123,9 +125,13 @@ def check_reduction(reduction: float) -> None:
         raise ValueError(f"reductions must be in [0, 1) (fraction of token-layers removed), got {reduction}")
 
 
-def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]:
+def load_inputs(args: argparse.Namespace) -> Tuple["torch.nn.Module", object, str]:
     """(model on --device, dataset, data label) from --checkpoint, --data, --split (default test), --limit,
     --img-size, with torch set to --threads; see open_data."""
+    import torch
+
+    from mambamerge.threads import default_threads
+
     torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
     model, dataset, label = open_data(args, default_split="test", limit=args.limit)
@@ -133,10 +139,14 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
 
 
 def open_data(args: argparse.Namespace, default_split: str,
-              limit: Optional[int]) -> Tuple[torch.nn.Module, object, str]:
+              limit: Optional[int]) -> Tuple["torch.nn.Module", object, str]:
     """(model on the CPU, dataset of its first `limit` inputs, data label) from --checkpoint, --data,
     --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
     Every way they do not fit each other is a ValueError naming both sides."""
+    from mambamerge.checkpoint import load_checkpoint
+    from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
+    from mambamerge.evaluate import check_classes, check_fit
+
     named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)
     if args.split and not named:
         raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
@@ -159,12 +169,22 @@ def open_data(args: argparse.Namespace, default_split: str,
 
 
 def describe(model, checkpoint: str) -> str:
+    from mambamerge.evaluate import describe_input
+
     cfg = model.cfg
     return (f"{Path(checkpoint).name}: {model.family} model, {cfg.depth} blocks, width {cfg.embed_dim}, "
             f"{model.layout.length} tokens ({describe_input(model.input_shape)}), {cfg.num_classes} classes")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mambamerge import distributed
+    from mambamerge.atomic import write_files
+    from mambamerge.distributed import world
+    from mambamerge.evaluate import evaluate
+    from mambamerge.results import check_writable, environment, json_text
+
     options = check_common(args)
     if args.method is None and (args.reduction is not None or options):
         raise ValueError("--reduction and --option need --method NAME")
@@ -180,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
         check_writable(Path(args.json).resolve().parent, create=False)
     model, dataset, label = load_inputs(args)
-    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
+    timing = dict(batch_size=args.batch_size, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
                   workers=default_workers(args.workers))
     result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
     distributed.teardown()

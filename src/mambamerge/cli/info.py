@@ -1,11 +1,8 @@
 """`mambamerge info`: list the models, or describe what a checkpoint file holds."""
 import argparse
 
-from mambamerge.checkpoint import check_tensors, family_config, infer_config, read_checkpoint
-from mambamerge.loaders import FAMILY_NAMES, detect_family
-from mambamerge.models import OFFICIAL_NAMES, list_models
-
 HELP = "list the known models, or show the architecture inferred from a checkpoint file"
+EXAMPLES = ("--models", "vim_t_midclstok_76p1acc.pth", "model.safetensors --img-size 384")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -16,6 +13,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mambamerge.checkpoint import check_tensors, family_config, infer_config, read_checkpoint
+    from mambamerge.loaders import FAMILY_NAMES, detect_family
+    from mambamerge.models import OFFICIAL_NAMES, list_models
+
     if args.models or not args.checkpoint:
         for name in list_models():
             alias = f"  (= {OFFICIAL_NAMES[name]})" if name in OFFICIAL_NAMES else ""

@@ -4,26 +4,21 @@ import argparse
 from pathlib import Path
 from typing import Dict, List
 
-from mambamerge import distributed
 from mambamerge.cli.eval import (add_common, check_common, check_method, check_reduction, default_workers, describe,
                                  load_inputs)
-from mambamerge.distributed import world
-from mambamerge.data import unreadable
-from mambamerge.evaluate import evaluate
-from mambamerge.merge import METHODS
-from mambamerge.patch import patch, unpatch
-from mambamerge.plots import accuracy_png
-from mambamerge.progress import progress
-from mambamerge.atomic import write_files
-from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table
+from mambamerge.cli.names import METHODS
 
 HELP = "evaluate methods x reductions beside the dense model; write a table, CSV, JSON and an accuracy plot"
+EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --limit 2000 --out outputs/sweep",
+            "--checkpoint vim_t_midclstok_76p1acc.pth --data imagenet/val --methods mame tome --reductions 0.2 0.4 "
+            "--out outputs/imagenet",
+            "--checkpoint model.safetensors --data fsdd --option schedule=constant --option every=1 --out outputs/fsdd")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--methods", nargs="+", default=sorted(METHODS), metavar="NAME",
-                   help=f"methods to compare (default: all: {', '.join(sorted(METHODS))})")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="NAME",
+                   help=f"methods to compare (default: all: {', '.join(METHODS)})")
     p.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8], metavar="R",
                    help="target average reductions in [0, 1) (default: 0.2 0.4 0.6 0.8)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if needed)")
@@ -46,6 +41,8 @@ def check_sweep_options(options: Dict[str, object]) -> None:
 def plan(model, methods: List[str], reductions: List[float], options: Dict[str, object]) -> List[dict]:
     """One entry per method x reduction: method, target_reduction, options; where the method cannot
     reach the target, also status "n/a" and the reason (found by patching, which runs no image)."""
+    from mambamerge.patch import patch, unpatch
+
     configs = []
     for method in methods:
         for reduction in reductions:
@@ -63,6 +60,9 @@ def plan(model, methods: List[str], reductions: List[float], options: Dict[str, 
 def measure(model, dataset, configs: List[dict], options: Dict[str, object], **timing) -> List[dict]:
     """The dense row, then one row per configuration (n/a ones as they are), with status and
     delta_top1 against the dense row (speedup comes from each row's own interleaved timing)."""
+    from mambamerge.evaluate import evaluate
+    from mambamerge.progress import progress
+
     runnable = [c for c in configs if "reason" not in c]
     with progress(total=len(runnable) + 1, desc="sweep", unit="config", leave=True) as bar:
         bar.set_postfix_str("dense")
@@ -83,6 +83,13 @@ def measure(model, dataset, configs: List[dict], options: Dict[str, object], **t
 
 
 def run(args: argparse.Namespace) -> int:
+    from mambamerge import distributed
+    from mambamerge.atomic import write_files
+    from mambamerge.data import unreadable
+    from mambamerge.distributed import world
+    from mambamerge.plots import accuracy_png
+    from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table
+
     options = check_common(args)
     check_sweep_options(options)
     for method in args.methods:
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out, create=False)  # created when the results are written: a failed run leaves none
     model, dataset, label = load_inputs(args)
     configs = plan(model, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.reductions)), options)
-    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
+    timing = dict(batch_size=args.batch_size, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
                   amp=args.amp, workers=default_workers(args.workers))
     rows = measure(model, dataset, configs, options, **timing)
     distributed.teardown()

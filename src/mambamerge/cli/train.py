@@ -6,25 +6,16 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
-from mambamerge import distributed
-from mambamerge.atomic import write_bytes
-from mambamerge.checkpoint import load_checkpoint
 from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction, default_workers,
                                  setup_device)
-from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
-from mambamerge.data.folders import Augment, image_folder, probe_folder
-from mambamerge.data.loading import holdout_split, subset
-from mambamerge.distributed import world
-from mambamerge.evaluate import check_classes, check_fit
-from mambamerge.models import create_model, list_models
-from mambamerge.patch import patch
-from mambamerge.results import check_writable
-from mambamerge.threads import default_threads
-from mambamerge.train import TrainConfig, load_resume, run_record, train
+from mambamerge.cli.names import IDX_SETS, MODELS, VAL_SPLIT_SETS
+from mambamerge.train_settings import Augment, TrainConfig
 
 HELP = "train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run)"
+EXAMPLES = ("--data fashion-mnist --epochs 10 --out outputs/fmnist",
+            "--data imagenet/ --init vim_t_midclstok_76p1acc.pth --method mame --reduction 0.4 --teacher dense "
+            "--epochs 5 --out outputs/vim-t-mame",
+            "--data fashion-mnist --epochs 10 --out outputs/fmnist --resume")
 # defaults that depend on the data: image folders get Vim's ImageNet recipe, the IDX sets their own
 # shift-and-flip augmentation only
 FOLDER_RECIPE = {"mixup": 0.8, "cutmix": 1.0}
@@ -32,10 +23,11 @@ SKIPPED = ("amp",)  # TrainConfig fields with an option of their own (add_device
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, mnist (optionally name:/folder/with/idx), or a folder with train/ and val/ "
-                        "sub-folders in the ImageNet layout (val/ is the test split: reported, never used to select)")
-    p.add_argument("--model", default="vim_nano", choices=list_models(), metavar="NAME",
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="fashion-mnist, mnist (optionally name:/folder/with/idx), fsdd, moving-fashion-mnist, "
+                        "moving-mnist, or a folder with train/ and val/ sub-folders in the ImageNet layout (val/ is "
+                        "the test split: reported, never used to select)")
+    p.add_argument("--model", default="vim_nano", choices=MODELS, metavar="NAME",
                    help="architecture for training from scratch (default vim_nano: the demo model)")
     p.add_argument("--img-size", type=int, metavar="PIXELS",
                    help="training resolution (default: a folder's own square image size, else the model's; with "
@@ -70,11 +62,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         default = None if f.name in FOLDER_RECIPE else f.default
         note = (f"default {FOLDER_RECIPE[f.name]} for image folders, 0 for the named sets" if f.name in FOLDER_RECIPE
                 else f"default {f.default}")
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default, help=note)
+        flags = ["--" + f.name.replace("_", "-")] + (["--batch"] if f.name == "batch_size" else [])  # eval's name
+        p.add_argument(*flags, type=type(f.default), default=default, help=note)
 
 
 def _check_args(args: argparse.Namespace) -> TrainConfig:
     """Every setting checked before any data is read or file written; returns the training config."""
+    from mambamerge.results import check_writable
+
     check_at_least_one(args, "limit", "img_size", "threads")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 (epoch ends only) or more, got {args.save_every}")
@@ -100,6 +95,9 @@ def _check_args(args: argparse.Namespace) -> TrainConfig:
 
 def _idx_splits(args, img_size: int):
     """(train, validation, test) of an IDX set: validation held out of the train split."""
+    from mambamerge.data import load_dataset
+    from mambamerge.data.loading import holdout_split
+
     full = load_dataset(args.data, "train", img_size=img_size)
     train_index, val_index = holdout_split(len(full), args.val_split)
     return (full.subset(train_index[:args.limit], augment=True), full.subset(val_index, augment=False),
@@ -108,6 +106,9 @@ def _idx_splits(args, img_size: int):
 
 def _folder_splits(args, img_size: int, in_chans: int):
     """(train, validation, test) of an image folder: validation held out of train/, test = val/."""
+    from mambamerge.data.folders import image_folder
+    from mambamerge.data.loading import holdout_split, subset
+
     root = Path(args.data)
     augment = Augment(**{k: v for k, v in (("auto_augment", None if args.aa == "none" else args.aa),
                                            ("re_prob", args.reprob)) if v is not None})
@@ -121,12 +122,17 @@ def _folder_splits(args, img_size: int, in_chans: int):
 def _named_splits(args, input_shape):
     """(train, validation, test) of a named set that holds out its own validation split from its
     training data (fsdd, moving-*), for a model taking inputs of `input_shape`."""
+    from mambamerge.data import load_dataset
+
     return tuple(load_dataset(args.data, split, input_shape=input_shape, augment=split == "train",
                               limit=args.limit if split == "train" else None) for split in ("train", "val", "test"))
 
 
 def _family_data(args, base):
     """(train, validation, test, model) of the audio and video sets: the model is built as named."""
+    from mambamerge.evaluate import check_classes, check_fit
+    from mambamerge.models import create_model
+
     if args.aa is not None or args.reprob is not None or args.img_size or args.in_chans:
         raise ValueError(f"--aa, --reprob, --img-size and --in-chans apply to image data; {args.data} gives inputs "
                          f"of the shape its model is built for")
@@ -146,6 +152,10 @@ def _family_data(args, base):
 
 def _data(args, base):
     """(train, validation, test, model) with the model built for the data (or checked against it)."""
+    from mambamerge.data.folders import probe_folder
+    from mambamerge.evaluate import check_classes, check_fit
+    from mambamerge.models import create_model
+
     if args.data.partition(":")[0] in VAL_SPLIT_SETS:
         return _family_data(args, base)
     is_idx = args.data.partition(":")[0] in IDX_SETS
@@ -186,6 +196,17 @@ def _input_record(model) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     cfg = _check_args(args)
+    import torch
+
+    from mambamerge import distributed
+    from mambamerge.atomic import write_bytes
+    from mambamerge.checkpoint import load_checkpoint
+    from mambamerge.distributed import world
+    from mambamerge.evaluate import check_classes, check_fit
+    from mambamerge.patch import patch
+    from mambamerge.threads import default_threads
+    from mambamerge.train import load_resume, run_record, train
+
     torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
     is_idx = args.data.partition(":")[0] in IDX_SETS
