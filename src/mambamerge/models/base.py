@@ -35,6 +35,8 @@ class MambaClassifier(nn.Module):
     """
 
     cfg = None
+    classes = None  # the class names a checkpoint records (load_checkpoint)
+    merge_recipe = None  # the token reduction a fine-tuned checkpoint records (load_checkpoint; a MergeRecipe)
     # leaf names of the parameters timm's optimiser factory keeps out of weight decay (with every bias and
     # 1-D parameter), as the official trainings do
     no_weight_decay_leaves = ("pos_embed", "cls_token", "temporal_pos_embedding")
