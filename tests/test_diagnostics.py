@@ -13,7 +13,7 @@ from mambamerge.diagnostics.decay import decay_factors, effective_lengths
 from mambamerge.diagnostics.dependence import order_effect, perturbation_curve, token_orders
 from mambamerge.diagnostics.groups import merge_steps
 from mambamerge.diagnostics.importance import average_ranks, candidate_statistics, leave_one_out, spearman
-from mambamerge.diagnostics.probe import block_scans, mixer_input, mixer_output, scan_inputs, trace
+from mambamerge.diagnostics.probe import block_scans, mixer_input, scan_inputs, trace
 from mambamerge.diagnostics.prune_vs_merge import PruneInstead, prune_vs_merge
 from mambamerge.merge import MaMe
 from mambamerge.merge.state import TokenState
@@ -41,12 +41,13 @@ def test_scan_inputs_are_the_mixers_own(pico64):
     tokens = pico64.embed(x)
     block = pico64.layers[0]
     hidden, _, ssm = block(tokens, None, return_ssm=True)
-    scans = scan_inputs(block.mixer, mixer_input(block, tokens, None))
+    x = mixer_input(block, tokens, None)
+    scans = scan_inputs(block.mixer, x)
     torch.testing.assert_close(scans["fwd"].delta.transpose(1, 2), ssm.delta_fwd, rtol=0, atol=1e-12)
     torch.testing.assert_close(scans["bwd"].B.transpose(1, 2), ssm.B_bwd, rtol=0, atol=1e-12)
-    ys = {d: selective_scan_reference(*s[:6], reverse=s.reverse) for d, s in scans.items()}
-    torch.testing.assert_close(mixer_output(block.mixer, mixer_input(block, tokens, None), ys), hidden,
-                               rtol=0, atol=1e-12)
+    assert not scans["fwd"].reverse and scans["bwd"].reverse
+    torch.testing.assert_close(block.mixer(x, scan=lambda s: selective_scan_reference(*s)), hidden, rtol=0,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
@@ -67,9 +68,8 @@ def test_implicit_attention_reproduces_the_scan_exactly(pico64, direction):
 def test_attention_of_both_directions_gives_the_blocks_output(pico64):
     tr = trace(pico64, images(pico64))
     block = pico64.layers[2]
-    scans = block_scans(pico64, tr, 2)
-    ys = {d: apply_attention(implicit_attention(s), s) for d, s in scans.items()}
-    out = mixer_output(block.mixer, mixer_input(block, tr.hidden[2], tr.residual[2]), ys)
+    out = block.mixer(mixer_input(block, tr.hidden[2], tr.residual[2]),
+                      scan=lambda s: apply_attention(implicit_attention(s), s))
     torch.testing.assert_close(out, tr.hidden[3], rtol=1e-10, atol=1e-12)
 
 
@@ -196,10 +196,10 @@ def test_implicit_attention_gives_every_mixer_variants_output(variant):
     block = perturb_(Block(16, d_state=4, variant=variant, divide_out=variant == "bi")).double()
     tokens = torch.randn(2, 9, 16, dtype=torch.float64)
     hidden, _ = block(tokens, None)
-    x = mixer_input(block, tokens, None)
-    scans = scan_inputs(block.mixer, x)
-    ys = {d: apply_attention(implicit_attention(s), s) for d, s in scans.items()}
-    torch.testing.assert_close(mixer_output(block.mixer, x, ys), hidden, rtol=1e-10, atol=1e-12)
+    out = block.mixer(mixer_input(block, tokens, None), scan=lambda s: apply_attention(implicit_attention(s), s))
+    torch.testing.assert_close(out, hidden, rtol=1e-10, atol=1e-12)
+    scans = scan_inputs(block.mixer, mixer_input(block, tokens, None))
+    assert (scans["fwd"] is scans["bwd"]) == (variant == "forward")
 
 
 def test_diagnose_and_visualize_commands(tmp_path, capsys):

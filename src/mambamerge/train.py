@@ -55,8 +55,6 @@ from mambamerge.distributed import barrier, sum_all, union_all, world
 from mambamerge.evaluate import accuracy
 from mambamerge.progress import progress
 
-NO_DECAY = ("pos_embed", "cls_token", "A_log", "A_b_log", "D", "D_b")
-
 
 @dataclass
 class TrainConfig:
@@ -97,13 +95,14 @@ class TrainConfig:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
-    """AdamW groups: no decay for norms, biases, position/class embeddings and the SSM's A_log and D."""
+    """AdamW groups: no decay for 1-D parameters (norms, biases) and those of model.no_weight_decay()
+    (position and class embeddings, the SSM's A_log and D), as timm's optimiser factory groups them."""
+    spared = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        (no_decay if p.ndim <= 1 or leaf in NO_DECAY or name in NO_DECAY else decay).append(p)
+        (no_decay if p.ndim <= 1 or name in spared else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
