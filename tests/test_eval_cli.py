@@ -41,15 +41,16 @@ def test_eval_prints_the_numbers_and_writes_json(checkpoint, tmp_path, capsys):
             "--reduction", "0.4", "--json", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for word in ("top-1", "GFLOPs", "images/s", "dense", "speed-up", "40.0% of token-layers"):
+    for word in ("top-1", "top-5", "GMACs", "images/s", "dense", "speed-up", "40.0% of token-layers"):
         assert word in printed
     payload = json.loads(out.read_text())
     result = payload["result"]
-    assert result["method"] == "mame" and result["images"] == 64 and 0.0 <= result["top1"] <= 1.0
+    assert result["method"] == "mame" and result["inputs"] == 64 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    assert result["input_kind"] == "images"
     assert result["average_reduction"] == pytest.approx(0.4, abs=0.02)
-    assert result["gflops_one_direction"] < result["gflops_both_directions"]
-    assert result["images_per_s"] > 0 and result["speedup"] == pytest.approx(
-        result["images_per_s"] / result["dense_images_per_s"])
+    assert result["gmacs_one_direction"] < result["gmacs_both_directions"]
+    assert result["inputs_per_s"] > 0 and result["speedup"] == pytest.approx(
+        result["inputs_per_s"] / result["dense_inputs_per_s"])
     assert payload["environment"]["torch"] == torch.__version__
     assert [f.name for f in tmp_path.iterdir()] == ["eval.json"]
 
@@ -91,7 +92,7 @@ def test_sweep_writes_table_csv_json_and_plot(checkpoint, tmp_path, capsys):
     assert rows[0]["status"] == "ok" and rows[0]["speedup"] == 1.0 and rows[0]["delta_top1"] == 0.0
     for row in rows[1:]:
         if reachable[row["method"], row["target_reduction"]]:
-            assert row["status"] == "ok" and row["images"] == 64
+            assert row["status"] == "ok" and row["inputs"] == 64
             assert row["average_reduction"] == pytest.approx(row["target_reduction"], abs=0.02)
             assert row["schedule"]["removals"][0] == 0 and len(row["schedule"]["removals"]) == 2
             assert row["delta_top1"] == pytest.approx(row["top1"] - rows[0]["top1"])
@@ -111,7 +112,10 @@ def test_sweep_writes_table_csv_json_and_plot(checkpoint, tmp_path, capsys):
     assert len(table_lines) == 1 + len(rows)
     not_reached = sum(not ok for ok in reachable.values())
     assert sum("| n/a |" in line for line in table_lines) == not_reached
-    assert sum(line.startswith("- ") and "cannot reach" in line for line in markdown.splitlines()) == not_reached
+    notes = [line for line in markdown.splitlines() if line.startswith("- ")]
+    assert len(notes) == len({row.get("note", row.get("reason")) for row in rows if row["status"] == "n/a"})
+    for (method, reduction), ok in reachable.items():  # each unreachable configuration is named in one note
+        assert sum(f"{method} {reduction:.0%}" in line.split(":")[0] for line in notes) == (not ok)
 
     png = (out / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

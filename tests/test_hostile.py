@@ -205,7 +205,7 @@ def test_info_refuses_partial_and_misshaped_files(tmp_path, pico_sd, capsys):
     (["--label-smoothing", "1"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
     (["--threads", "-1"], "--threads must be at least 1, got -1"),
     (["--method", "mame"], "--method mame needs --reduction R"),
-    (["--reduction", "0.4"], "--reduction needs --method"),
+    (["--reduction", "0.4"], "--reduction and --option need --method"),
     (["--method", "mame", "--reduction", "1.2"], "[0, 1)"),
     (["--method", "mamee", "--reduction", "0.4"], "unknown method 'mamee'"),
     (["--out", "{tmp}/a_file/run"], "cannot write results to"),
@@ -399,10 +399,10 @@ def test_eval_and_sweep_skip_unreadable_images_and_say_so(tmp_path, pico_ckpt, c
     capsys.readouterr()
     assert main(["eval", *common, "--data", str(root / "val"), "--json", str(tmp_path / "damaged.json")]) == 0
     captured = capsys.readouterr()
-    assert "Traceback" not in captured.err and "skipped     2 unreadable images" in captured.out
+    assert "Traceback" not in captured.err and "skipped     2 unreadable files" in captured.out
     assert "warning: skipped an unreadable image" in captured.err and "garbage.png" in captured.err
     clean, damaged = (json.loads((tmp_path / f"{n}.json").read_text())["result"] for n in ("clean", "damaged"))
-    assert damaged["images"] == clean["images"] == 4 and damaged["top1"] == clean["top1"]
+    assert damaged["inputs"] == clean["inputs"] == 4 and damaged["top1"] == clean["top1"]
     assert [Path(p.split(" (")[0]).name for p in damaged["unreadable_images"]] == ["garbage.png", "cut.jpg"]
     out = tmp_path / "sweep"
     assert main(["sweep", *common, "--data", str(root / "val"), "--out", str(out), "--methods", "mame",

@@ -16,6 +16,7 @@ _EXPORTS = {
     "mambamerge.models": ("AudioMamba", "AuMConfig", "VideoMamba", "VideoMambaConfig", "VimConfig", "VisionMamba",
                           "create_model", "list_models"),
     "mambamerge.flops": ("FlopsReport", "flops"),
+    "mambamerge.merge.recipe": ("MergeRecipe",),
     "mambamerge.patch": ("patch", "reduction_summary", "unpatch"),
     "mambamerge.tokens": ("TokenLayout",),
 }

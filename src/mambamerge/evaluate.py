@@ -151,14 +151,17 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
     """Evaluate `model` dense (method None) or patched with `method` at target average `reduction`
     (patch_options: schedule parameters and the method's own options, as for mambamerge.patch).
 
-    Returns plain numbers: method ("dense" when None), target_reduction, options, top1 (fraction),
-    images, average_reduction, average_tokens, final_tokens, initial_tokens, gflops_* (GMACs: model
-    one_direction / both_directions, merge_overhead, total_* = model + overhead), images_per_s and
-    dense_images_per_s (medians of `runs` forwards at throughput_batch; for a method the patched and
-    dense forwards are interleaved, see paired_throughput), speedup (their ratio), throughput_batch,
-    timing_runs, schedule (removals and token counts per block). amp: autocast for every forward
-    ("none", "bf16", "fp16"); workers: DataLoader processes for folder data. Under torchrun the top-1
-    covers every image once (summed over processes); each process times its own forwards.
+    Returns plain numbers: method ("dense" when None), target_reduction, options, top1 and top5
+    (fractions; top5 None with 5 classes or fewer), inputs (how many were scored) and input_kind
+    (images, clips or spectrograms), average_reduction, average_tokens, final_tokens, initial_tokens,
+    gmacs_* (multiply-accumulates per input, what the literature calls GFLOPs: one_direction (the scan
+    branch counted once, the literature's convention) / both_directions, merge_overhead, total_* =
+    model + overhead), inputs_per_s and dense_inputs_per_s (medians of `runs` forwards at
+    throughput_batch; for a method the patched and dense forwards are interleaved, see
+    paired_throughput), speedup (their ratio), throughput_batch, timing_runs, schedule (removals and
+    token counts per block). amp: autocast for every forward ("none", "bf16", "fp16"); workers:
+    DataLoader processes for folder data. Under torchrun the accuracy covers every input once (summed
+    over processes); each process times its own forwards.
     A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
     raised before any image is run. The model is left unpatched."""
     check_fit(model, dataset.info)
@@ -170,22 +173,23 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
         if method is not None:
             patch(model, method, reduction=reduction or None, **patch_options)
         summary = reduction_summary(model)
-        gflops = flops(model).summary()
-        top1 = accuracy(model, dataset, batch_size, progress, amp=amp, workers=workers)
+        macs = flops(model).summary()
+        top = top_k_accuracy(model, dataset, (1, 5), batch_size, progress, amp=amp, workers=workers)
         if method is None:
-            images_per_s = dense_images_per_s = throughput(model, throughput_batch, runs, warmup, amp)
+            per_s = dense_per_s = throughput(model, throughput_batch, runs, warmup, amp)
         else:
-            images_per_s, dense_images_per_s = paired_throughput(model, throughput_batch, runs, warmup, amp)
+            per_s, dense_per_s = paired_throughput(model, throughput_batch, runs, warmup, amp)
     finally:
         unpatch(model)
     return {
         "method": method or "dense", "target_reduction": reduction, "options": dict(patch_options),
-        "top1": top1, "images": len(dataset) - len(unreadable(dataset)), "unreadable_images": unreadable(dataset),
+        "top1": top[1], "top5": top[5], "inputs": len(dataset) - len(unreadable(dataset)),
+        "input_kind": input_kind(model.input_shape), "unreadable_images": unreadable(dataset),
         "average_reduction": summary["average_reduction"], "average_tokens": summary["average_tokens"],
         "final_tokens": summary["final_tokens"], "initial_tokens": summary["initial_tokens"],
-        **{f"gflops_{key}": gflops[key] for key in ("one_direction", "both_directions", "merge_overhead",
-                                                    "total_one_direction", "total_both_directions")},
-        "images_per_s": images_per_s, "dense_images_per_s": dense_images_per_s,
-        "speedup": images_per_s / dense_images_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
+        **{f"gmacs_{key}": macs[key] for key in ("one_direction", "both_directions", "merge_overhead",
+                                                 "total_one_direction", "total_both_directions")},
+        "inputs_per_s": per_s, "dense_inputs_per_s": dense_per_s,
+        "speedup": per_s / dense_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
         "schedule": {"removals": summary["removals"], "token_counts": summary["token_counts"]},
     }

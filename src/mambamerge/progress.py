@@ -14,16 +14,16 @@ LOG_EVERY = 30.0  # seconds between plain progress lines off a terminal
 
 
 class Bar(tqdm):
-    """tqdm with `finished`, which a terminal's bar does not need: the bar already shows the count."""
+    """tqdm with `finished`: one piece of work done, which the bar counts (the text is for log lines)."""
 
     def finished(self, text: str) -> None:
-        """Say that one piece of work finished (plain lines off a terminal only)."""
+        self.update()
 
 
 class LogLines:
     """The part of tqdm's interface the package uses, writing plain lines to stderr: `finished(text)`
-    writes one with the count, the elapsed time and an estimate of the time left, and otherwise one
-    is written at most every `every` seconds as the work advances."""
+    counts one piece of work done and writes a line with the count, `text`, the elapsed time and an
+    estimate of the time left; `update` (and iterating) writes one at most every `every` seconds."""
 
     def __init__(self, iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: Optional[str] = None,
                  unit: str = "it", every: float = LOG_EVERY, **_):
@@ -49,16 +49,20 @@ class LogLines:
     def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
         self.postfix = text
 
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
     def update(self, n: int = 1) -> None:
         self.n += n
-        if time.monotonic() - self.last >= self.every:
-            self._write(self.postfix)
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self._write(self.postfix, now)
 
     def finished(self, text: str) -> None:
-        self._write(text)
+        self.n += 1
+        self._write(text, time.monotonic())
 
-    def _write(self, text: str) -> None:
-        now = time.monotonic()
+    def _write(self, text: str, now: float) -> None:
         elapsed, count = now - self.start, f"{self.n}/{self.total}" if self.total else str(self.n)
         left = ""
         if self.total and 0 < self.n < self.total:

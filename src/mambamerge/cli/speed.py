@@ -1,9 +1,9 @@
-"""`mambamerge speed`: build a model (or load one), report its size and measure its forward throughput on
-random inputs, dense or beside the dense model with a token-reduction method (no data needed)."""
+"""`mambamerge speed`: build a model (or load one), report its size and measure its forward throughput,
+dense or with a token-reduction method beside the dense forward (random inputs: no data needed)."""
 import argparse
 
-from mambamerge.cli.eval import SCHEDULE_KEYS, check_at_least_one, check_method, check_reduction, parse_options
-from mambamerge.cli.names import METHODS, MODELS
+from mambamerge.cli.eval import add_method_options, check_at_least_one, check_method_args, parse_options, recorded_merge
+from mambamerge.cli.names import MODELS
 
 HELP = "build a model (or load a checkpoint) and measure its forward throughput, dense or with a method"
 EXAMPLES = ("--model vim_tiny --batch-size 16", "--model vim_small --method mame --reduction 0.4 --device cuda",
@@ -21,35 +21,17 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores free at start)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--method", metavar="NAME",
-                   help=f"also time this token-reduction method, interleaved with the dense forwards: "
-                        f"{', '.join(METHODS)}")
-    p.add_argument("--reduction", type=float, metavar="R", help="target average reduction in [0, 1) for --method")
+    add_method_options(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="schedule parameter or method option, as for mambamerge.patch; repeatable")
 
 
-def _check(args: argparse.Namespace) -> dict:
-    """The parsed --option pairs, after every argument is checked."""
+def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.runs < 1:
         raise ValueError("--batch-size and --runs must be at least 1")
     check_at_least_one(args, "threads")
     options = parse_options(args.option)
-    if args.method is None:
-        if args.reduction is not None or options:
-            raise ValueError("--reduction and --option need --method NAME")
-        return options
-    check_method(args.method, options)
-    if args.reduction is None and not set(options) & set(SCHEDULE_KEYS):
-        raise ValueError("--method needs --reduction R (e.g. 0.4) or schedule options (e.g. --option "
-                         "schedule=constant --option r=5)")
-    if args.reduction is not None:
-        check_reduction(args.reduction)
-    return options
-
-
-def run(args: argparse.Namespace) -> int:
-    options = _check(args)
+    check_method_args(args, options)
     import torch
 
     from mambamerge.checkpoint import load_checkpoint
@@ -70,30 +52,34 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(args.model, **({"img_size": args.img_size} if args.img_size else {})).eval()
         name = args.model
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
+    model = model.to(device)
     cfg = model.cfg
     params = sum(p.numel() for p in model.parameters())
     print(f"model        {name}: {cfg.depth} blocks, width {cfg.embed_dim}, d_state {cfg.d_state}")
-    print(f"parameters   {params / 1e6:.2f} M")
+    print(f"parameters   {params / 1e6:.2f} M; GMACs per input {flops(model).summary()['one_direction']:.4g} (one scan "
+          f"direction, the literature's \"GFLOPs\")")
     print(f"tokens       {model.layout.describe()}, input {tuple(model.input_shape)} per sample")
     print(f"scan         {mixer_backend(device)} on {device}, {torch.get_num_threads()} CPU threads "
           f"({openmp_waiting()})")
-    if args.method is None:
-        inputs = torch.randn(args.batch_size, *model.input_shape, device=device)
-        with torch.inference_mode():
-            times = time_call(lambda: model(inputs), device, warmup=1, runs=args.runs)
-        best, median = min(times), sorted(times)[len(times) // 2]
-        print(f"forward      batch {args.batch_size}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
-              f"{args.batch_size / median:.1f} inputs/s")
+    recipe = recorded_merge(model, args.checkpoint, "speed", "timing it that way (--method none times it dense)") \
+        if args.method is None and args.checkpoint else None
+    if recipe:
+        patch(model, recipe)
+    elif args.method not in (None, "none"):
+        patch(model, args.method, reduction=args.reduction, **options)
+    if model.token_reducer is not None:
+        summary = reduction_summary(model)
+        print(f"merging      {recipe.describe() if recipe else args.method}: {summary['average_reduction']:.1%} "
+              f"average reduction, final tokens {summary['final_tokens']} of {summary['initial_tokens']}, GMACs "
+              f"{flops(model).summary()['total_one_direction']:.4g} with the merge overhead")
+        merged, dense = paired_throughput(model, args.batch_size, args.runs)
+        print(f"forward      batch {args.batch_size}: {merged:.1f} inputs/s merged, {dense:.1f} dense, timed interleaved "
+              f"(median of {args.runs}): speed-up {merged / dense:.2f}x")
         return 0
-    dense_macs = flops(model).summary()["one_direction"]
-    patch(model, args.method, reduction=args.reduction, **options)
-    summary, macs = reduction_summary(model), flops(model).summary()
-    print(f"method       {args.method}: {summary['average_reduction']:.1%} of token-layers removed, final "
-          f"{summary['final_tokens']} of {summary['initial_tokens']} tokens")
-    print(f"GMACs        {macs['total_one_direction']:.4g} per input with the merge overhead, dense {dense_macs:.4g} "
-          f"(one direction, the literature's convention)")
-    patched, dense = paired_throughput(model, args.batch_size, runs=args.runs)
-    print(f"forward      batch {args.batch_size}, random inputs, median of {args.runs} interleaved runs: "
-          f"{patched:.1f} inputs/s with {args.method}, {dense:.1f} dense: speed-up {patched / dense:.2f}x")
+    images = torch.randn(args.batch_size, *model.input_shape, device=device)
+    with torch.inference_mode():
+        times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)
+    best, median = min(times), sorted(times)[len(times) // 2]
+    print(f"forward      batch {args.batch_size}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
+          f"{args.batch_size / median:.1f} inputs/s")
     return 0

@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from mambamerge.cli.diagnose import add_inputs, load_batch
+from mambamerge.cli.diagnose import add_inputs, check_reachable, load_batch
 from mambamerge.cli.eval import check_method, check_reduction, parse_options
 
 HELP = "draw which original patches each token holds after every merge step, and the Δ importance map"
-EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --split test --out outputs/visualize",
-            "--checkpoint model.safetensors --data fsdd --split test --method tome --reduction 0.4 --out outputs/vis",
+EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --out outputs/visualize",
+            "--checkpoint model.safetensors --data fsdd --method tome --reduction 0.4 --out outputs/visualize-audio",
             "--checkpoint model.safetensors --data photos/ --images 8 --out outputs/photos")
 
 
@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     check_method(args.method, options)
     check_reduction(args.reduction)
-    out = check_writable(args.out)
-    model, inputs, _, data = load_batch(args)
+    out = check_writable(args.out, create=False)  # created when the results are written: a refused run leaves none
+    model, inputs, _, data = load_batch(args, lambda model: check_reachable(
+        model, {args.method: {"method": args.method, **options}}, [args.reduction], "--reduction"))
     layout, geometry = model.layout, patch_geometry(model)
     steps = merge_steps(model, inputs, args.method, args.reduction, **options)
     if not steps:
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     colour = colour_planes(inputs, layout, *normalisation(3))  # what image folders normalise RGB with
     mark = class_token_mark(layout, geometry, planes.shape[1:])
     png = merge_groups_png(planes, layout.axes, pictures, importance, title, panels, colour, mark)
+    out.mkdir(parents=True, exist_ok=True)
     write_files(out, {f"{name}.png": png,
                       f"{name}.json": json.dumps(groups) + "\n"})
     print(f"{data}: {len(steps)} steps, tokens {' -> '.join(str(s['tokens']) for s in steps)}")
