@@ -13,7 +13,7 @@ from mambamerge.cli.eval import check_at_least_one, open_data
 from mambamerge.data import batches
 from mambamerge.data.loading import subset
 from mambamerge.diagnostics.report import PARTS, Settings, diagnose
-from mambamerge.patch import patch, unpatch
+from mambamerge.patch import make_reducer
 from mambamerge.results import check_writable, environment
 from mambamerge.threads import default_threads
 
@@ -74,19 +74,17 @@ def load_batch(args: argparse.Namespace, check: Callable[[torch.nn.Module], None
 
 
 def check_reachable(model, configs: Dict[str, dict], reductions: Sequence[float], flag: str) -> None:
-    """Each {label: {"method": name, **options}} at each target reduction, patched on `model` (and
-    unpatched: no input runs), so that one the model cannot reach is refused before any work, naming
-    the command-line `flag` that asked for it."""
+    """Each {label: {"method": name, **options}} at each target reduction resolved for `model` (which
+    is only read; no input runs), so that one it cannot reach is refused before any work, naming the
+    command-line `flag` that asked for it."""
     for label, config in configs.items():
         options = {k: v for k, v in config.items() if k != "method"}
         for reduction in reductions:
             try:
-                patch(model, config["method"], reduction=reduction or None, **options)
+                make_reducer(model, config["method"], reduction=reduction or None, **options)
             except ValueError as err:
                 raise ValueError(f"{flag} {reduction:g}: {label} cannot reach it on this {len(model.layers)}-block "
                                  f"model ({err}); lower {flag}") from None
-            finally:
-                unpatch(model)
 
 
 def _finite(value):
