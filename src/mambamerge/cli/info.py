@@ -35,4 +35,6 @@ def run(args: argparse.Namespace) -> int:
               f"{cfg.grid_size[0]}x{cfg.grid_size[1]}")
     for key, value in cfg.to_dict().items():
         print(f"  {key:15s} {value}")
+    if cfg.num_classes == 0:
+        print("no classification head: a feature extractor (its forward gives the pooled feature)")
     return 0
