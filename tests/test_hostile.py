@@ -205,7 +205,7 @@ def test_info_refuses_partial_and_misshaped_files(tmp_path, pico_sd, capsys):
     (["--label-smoothing", "1"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
     (["--threads", "-1"], "--threads must be at least 1, got -1"),
     (["--method", "mame"], "--method mame needs --reduction R"),
-    (["--reduction", "0.4"], "--reduction needs --method"),
+    (["--reduction", "0.4"], "--reduction and --option need --method"),
     (["--method", "mame", "--reduction", "1.2"], "[0, 1)"),
     (["--method", "mamee", "--reduction", "0.4"], "unknown method 'mamee'"),
     (["--out", "{tmp}/a_file/run"], "cannot write results to"),

@@ -36,6 +36,8 @@ class MambaClassifier(nn.Module):
     """
 
     cfg = None
+    classes = None  # the class names a checkpoint records (load_checkpoint)
+    merge_recipe = None  # the token reduction a fine-tuned checkpoint records (load_checkpoint; a MergeRecipe)
     # leaf names of the embeddings kept out of weight decay (see no_weight_decay)
     no_weight_decay_leaves = ("pos_embed", "cls_token", "temporal_pos_embedding")
 

@@ -1,10 +1,13 @@
-"""The mixer's fused CUDA path: causal-conv1d's convolution and mamba_ssm's selective scan.
+"""The mixer's fused CUDA paths: causal-conv1d's convolution and mamba_ssm's selective scan (FusedPath),
+or torch's convolution and the Triton scan (TritonPath).
 
 Channel-major, as the kernels take their inputs: (batch, channels, L), last axis contiguous. The scan
 kernel adds the step-size bias, applies softplus and gates its output with SiLU(z) itself, so the
 step size Δ is never materialised, except in blocks asked for SSMStats, which compute it once more
 outside the kernel to report it (`reported_stats`); their output is the same as without the report.
-A backward branch runs both kernels on the flipped sequence and its output is flipped back.
+A backward branch runs both kernels on the flipped sequence and its output is flipped back. The Triton
+kernels take the direction as an argument instead, so that path flips nothing, and they report Δ and its
+channel mean from the scan itself.
 
 Same semantics as the PyTorch path: the gate distributes over the sum of the two directions, so
 gating each direction inside the kernel and then summing (and halving, where the model divides)
@@ -15,7 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mambamerge.ops import FusedKernels, softplus
+from mambamerge.ops import FusedKernels, softplus, triton_handles
 
 KERNEL_DEVICES = ("cuda",)  # tests add "cpu" to run the path against stand-in kernels
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,6 +50,15 @@ def unsupported_reason(mixer, hidden: torch.Tensor) -> Optional[str]:
     for what, dtype in (("input", hidden.dtype), ("weight", mixer.in_proj.weight.dtype)):
         if dtype not in KERNEL_DTYPES:
             return f"the kernels take float32, float16 or bfloat16, the mixer's {what} is {dtype}"
+    return None
+
+
+def triton_unsupported_reason(mixer, hidden: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run `mixer` on `hidden`, or None when they can."""
+    for what, t in (("input", hidden), ("weight", mixer.in_proj.weight)):
+        if not triton_handles(t):
+            return (f"the Triton kernels take float32, float16 or bfloat16 CUDA tensors, the mixer's {what} is "
+                    f"{t.dtype} on {t.device}")
     return None
 
 
@@ -100,3 +112,46 @@ class FusedPath:
 
     def stats(self, inputs: KernelInputs, branch):
         return reported_stats(inputs, getattr(self.mixer, "dt_proj" + branch.suffix).bias, flipped=branch.reverse)
+
+
+class TritonInputs(NamedTuple):
+    """A branch's scan inputs in sequence order (as KernelInputs), and `reported`: the list its first scan
+    fills with (Δ, mean Δ) when the block was asked for SSMStats (report), else left empty."""
+
+    u: torch.Tensor
+    dt: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    report: bool
+    reported: list
+
+
+class TritonPath(FusedPath):
+    """FusedPath's steps through torch's convolution and the Triton scan (ops.triton_kernels): a backward
+    branch convolves and scans backwards in place, and Δ for SSMStats comes from the scan's own pass."""
+
+    def branch(self, x: torch.Tensor, branch, mean_delta: bool) -> TritonInputs:
+        mixer = self.mixer
+        conv = getattr(mixer, "conv1d" + branch.suffix)
+        u = self.kernels.causal_conv1d_fn(x, conv.weight[:, 0], conv.bias, activation="silu", reverse=branch.reverse)
+        dt, B, C = torch.matmul(getattr(mixer, "x_proj" + branch.suffix).weight, u).split(
+            [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=1)
+        return TritonInputs(u, torch.matmul(getattr(mixer, "dt_proj" + branch.suffix).weight, dt), B, C,
+                            mean_delta, [])
+
+    def scan(self, inputs: TritonInputs, branch, scan, z: torch.Tensor) -> torch.Tensor:
+        mixer = self.mixer
+        report = inputs.report and not inputs.reported
+        out = self.kernels.selective_scan_fn(
+            inputs.u, inputs.dt, -torch.exp(getattr(mixer, scan.a_log).float()), inputs.B, inputs.C,
+            getattr(mixer, "D" + branch.suffix).float(), z=z,
+            delta_bias=getattr(mixer, "dt_proj" + branch.suffix).bias.float(), delta_softplus=True,
+            reverse=scan.reverse, report=report)
+        if not report:
+            return out
+        inputs.reported.extend(out[1:])
+        return out[0]
+
+    def stats(self, inputs: TritonInputs, branch):
+        delta, mean = inputs.reported
+        return delta, inputs.B.to(delta.dtype), mean

@@ -1,6 +1,6 @@
 """The Mamba mixer shared by all model families: its variants (one table, MIXER_VARIANTS) and its one
 forward, which runs the variant's branches and scans through a path of steps: PyTorch's (TorchPath,
-here) or the fused CUDA kernels' (FusedPath, models/fused.py).
+here), the fused CUDA kernels' (FusedPath, models/fused.py) or the Triton kernels' (TritonPath, there).
 
 The PyTorch path runs sequence-major, channels last: (batch, L, channels). A backward scan runs in
 reverse instead of flipping the sequence twice, so its per-token quantities come out already in
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamerge.models.fused import FusedPath, unsupported_reason
-from mambamerge.ops import fused_kernels, selective_scan, softplus, softplus_with_row_mean
+from mambamerge.models.fused import FusedPath, TritonPath, triton_unsupported_reason, unsupported_reason
+from mambamerge.ops import fused_kernels, selective_scan, softplus, softplus_with_row_mean, triton_kernels
 from mambamerge.tokens import SSMStats
 
 
@@ -145,6 +145,11 @@ class TorchPath:
         return inputs.delta.transpose(1, 2), inputs.B.transpose(1, 2), inputs.delta_mean
 
 
+# the kernel paths, in the order "auto" tries them: (path, its kernels or None, why they cannot run a call)
+_KERNEL_PATHS = {"fused": (FusedPath, fused_kernels, unsupported_reason),
+                 "triton": (TritonPath, triton_kernels, triton_unsupported_reason)}
+
+
 class MambaMixer(nn.Module):
     """Mamba mixer in one of the MIXER_VARIANTS, with the official parameter names and shapes: in_proj,
     out_proj, then per branch conv1d, x_proj, dt_proj, D (suffix "_b" for the backward branch) and per
@@ -154,8 +159,9 @@ class MambaMixer(nn.Module):
     (VideoMamba, AuM Fo-Bi); ignored by the one-direction variant.
 
     scan_impl: one of mambamerge.ops.MIXER_IMPLS. "fused" runs the whole mixer through the kernels of
-    causal-conv1d and mamba_ssm (models/fused.py); "auto" does so for CUDA inputs when both packages
-    import and the kernels support the mixer and dtype (models/fused.unsupported_reason); any other
+    causal-conv1d and mamba_ssm (models/fused.py), "triton" through torch's convolution and the Triton
+    scan; "auto" takes the first of the two whose packages import and whose kernels support the mixer
+    and the input, a CUDA tensor (models/fused.unsupported_reason, triton_unsupported_reason); any other
     value, and "auto" otherwise, runs the PyTorch path (TorchPath) with that selective scan.
     """
 
@@ -219,21 +225,28 @@ class MambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def _path(self, hidden: torch.Tensor, scan: Optional[Callable[[ScanInputs], torch.Tensor]]):
-        """The steps this call runs: the fused kernels' (see scan_impl) unless `scan` is given, else PyTorch's."""
-        if scan is not None or self.scan_impl not in ("auto", "fused"):
+        """The steps this call runs: the fused or Triton kernels' (see scan_impl) unless `scan` is given, else
+        PyTorch's."""
+        if scan is not None or self.scan_impl not in ("auto", *_KERNEL_PATHS):
             return TorchPath(self, scan)
         if self.scan_impl == "auto":
-            kernels = fused_kernels() if hidden.is_cuda and unsupported_reason(self, hidden) is None else None
-            return TorchPath(self) if kernels is None else FusedPath(self, kernels)
-        kernels = fused_kernels()
+            if hidden.is_cuda:
+                for path, kernels_of, reason_of in _KERNEL_PATHS.values():
+                    kernels = kernels_of()
+                    if kernels is not None and reason_of(self, hidden) is None:
+                        return path(self, kernels)
+            return TorchPath(self)
+        path, kernels_of, reason_of = _KERNEL_PATHS[self.scan_impl]
+        kernels = kernels_of()
         if kernels is None:
-            raise RuntimeError("scan_impl='fused' needs the mamba_ssm and causal-conv1d packages, and at least "
-                               "one of them cannot be imported; install both (they need CUDA) or use "
-                               "scan_impl='auto'")
-        reason = unsupported_reason(self, hidden)
+            needs = ("the mamba_ssm and causal-conv1d packages, and at least one of them cannot be imported; "
+                     "install both (they need CUDA)" if self.scan_impl == "fused" else
+                     "the triton package, which cannot be imported; install the one matching your torch")
+            raise RuntimeError(f"scan_impl={self.scan_impl!r} needs {needs} or use scan_impl='auto'")
+        reason = reason_of(self, hidden)
         if reason is not None:
-            raise ValueError(f"scan_impl='fused': {reason}; use scan_impl='auto'")
-        return FusedPath(self, kernels)
+            raise ValueError(f"scan_impl={self.scan_impl!r}: {reason}; use scan_impl='auto'")
+        return path(self, kernels)
 
     def forward(self, hidden: torch.Tensor, return_ssm: bool = False,
                 scan: Optional[Callable[[ScanInputs], torch.Tensor]] = None):
