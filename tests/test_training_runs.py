@@ -131,6 +131,27 @@ def test_resume_of_another_run_or_a_corrupt_state_is_refused_and_touches_nothing
     assert files(out) == before
 
 
+def test_a_rerun_into_a_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    data = folder(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), *TINY, "--img-size", "16", "--epochs", "1", "--out", str(out)]
+    assert main(argv) == 0
+    before = files(out)
+    for again in (argv, argv + ["--lr", "0.5"], argv + ["--resume", "--overwrite"]):
+        assert main(again) == 2
+        err = capsys.readouterr().err
+        assert "--resume" in err and "--overwrite" in err and "Traceback" not in err, again
+        assert files(out) == before
+    (out / "notes.txt").write_text("mine")
+    assert main(argv + ["--lr", "0.5", "--overwrite", "--epochs", "2"]) == 0
+    assert json.loads((out / "command.json").read_text())["train"]["lr"] == 0.5
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    # an empty folder is no run: training into it needs neither flag
+    (tmp_path / "empty").mkdir()
+    assert main(argv[:-1] + [str(tmp_path / "empty")]) == 0
+
+
 # Every process saves the weights it ends with and the (correct, total) counts of every evaluation.
 SPY = """
 import os, sys
@@ -231,7 +252,7 @@ def test_a_users_own_folder_trains_at_its_size_and_channels(tmp_path, capsys, mo
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), *TINY, "--model", "vim_nano", "--epochs", "1", "--out", str(out)]) == 0
     log = capsys.readouterr().out
-    assert "\x1b[" not in log and "images/s" in log and "test top-1" in log
+    assert "\x1b[" not in log and "images/s" in log and f"{data / 'val'} top-1" in log and "test top-1" not in log
     model = mambamerge.load_checkpoint(out / "model.safetensors")
     assert (model.cfg.in_chans, model.cfg.img_size, model.classes) == (chans, (size, size), ["ant", "bee"])
     fashion = ["eval", "--checkpoint", str(out / "model.safetensors"), "--data", str(data / "val"), "--runs", "1"]

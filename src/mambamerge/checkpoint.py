@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from mambamerge.atomic import atomic_write, file_kind
 from mambamerge.loaders import FAMILY_NAMES, LOADERS, detect_family
+from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.models.base import MambaClassifier
 from mambamerge.models.registry import FAMILIES
 from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed
@@ -33,6 +34,7 @@ PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "mambamerge_config"
 CLASSES_METADATA_KEY = "mambamerge_classes"
 FAMILY_METADATA_KEY = "mambamerge_family"
+MERGE_METADATA_KEY = "mambamerge_merge"
 _MAX_LISTED = 8
 MAX_PIXELS = 16384  # the largest image side or stride a file may record
 
@@ -51,6 +53,7 @@ class RawCheckpoint:
     classes: Optional[List[str]] = None
     family: Optional[str] = None  # from our metadata (files without it are recognised by their keys)
     config: Optional[dict] = None  # our saved config of a family other than Vim
+    merge: Optional[MergeRecipe] = None  # the token reduction it was saved running (fine-tuned with)
 
 
 def _listing(keys, shapes=None) -> str:
@@ -119,6 +122,12 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
             raise CheckpointError(f"{path}: the {CLASSES_METADATA_KEY} metadata is not a JSON list of class names; "
                                   f"the file is damaged: re-save it")
         raw.classes = classes
+    if MERGE_METADATA_KEY in metadata:
+        try:
+            raw.merge = MergeRecipe.from_json(metadata[MERGE_METADATA_KEY])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: the {MERGE_METADATA_KEY} metadata (the token reduction it was fine-tuned "
+                                  f"with) {err}; the file is damaged or from another version: re-save it") from None
     return raw
 
 
@@ -404,7 +413,10 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     trust_pickle: allow arbitrary pickled objects (weights_only=False); never for untrusted files.
 
     model.classes: the class names the file records (our safetensors written by `mambamerge train`),
-    else None. Every tensor is checked against the inferred architecture before the model is built.
+    else None. model.merge_recipe: the token reduction a fine-tuned file was trained with (a
+    MergeRecipe: method, options, per-block schedule), else None; the model comes back dense:
+    `mambamerge.patch(model, model.merge_recipe)` applies it. Every tensor is checked against the
+    inferred architecture before the model is built.
     """
     path = Path(path)
     raw = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
@@ -420,7 +432,15 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     sd = dict(raw.state_dict)
     sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid, cfg.grid_size)
     model.load_state_dict(sd, strict=True)
-    model.classes = raw.classes
+    return _described(model, raw, path)
+
+
+def _described(model: MambaClassifier, raw: RawCheckpoint, path: PathLike) -> MambaClassifier:
+    """The freshly built `model` in eval mode, with the class names and merge recipe the file records."""
+    if raw.merge is not None and len(raw.merge.removals) != len(model.layers):
+        raise CheckpointError(f"{path}: the {MERGE_METADATA_KEY} metadata has a schedule for {len(raw.merge.removals)} "
+                              f"blocks but the model has {len(model.layers)}; the file is damaged: re-save it")
+    model.classes, model.merge_recipe = raw.classes, raw.merge
     return model.eval()
 
 
@@ -444,14 +464,15 @@ def _load_other_family(raw: RawCheckpoint, path: Path, family: str, **options) -
     cfg, sd = family_config(raw, path, family, **options)
     model = FAMILIES[family](cfg)
     model.load_state_dict(sd, strict=True)
-    model.classes = raw.classes
-    return model.eval()
+    return _described(model, raw, path)
 
 
 def save_checkpoint(model: MambaClassifier, path: PathLike, classes: Optional[Sequence[str]] = None) -> Path:
-    """Write the weights as safetensors, with the family, the config and the class names (`classes`,
-    else the model's own `classes` attribute when it has one) in the metadata; atomic (no half-written
-    file)."""
+    """Write the weights as safetensors, with the family, the config, the class names (`classes`,
+    else the model's own `classes` attribute when it has one) and, for a patched model, the token
+    reduction it runs (method, options, per-block schedule: load_checkpoint gives it back as
+    `model.merge_recipe`) in the metadata; atomic (no half-written file). A dense model records none,
+    even one loaded with a recipe: patch it with `patch(model, model.merge_recipe)` to keep it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -461,4 +482,7 @@ def save_checkpoint(model: MambaClassifier, path: PathLike, classes: Optional[Se
         if len(classes) != model.num_classes:
             raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} classes")
         metadata[CLASSES_METADATA_KEY] = json.dumps(list(classes))
+    recipe = MergeRecipe.of(model)
+    if recipe is not None:
+        metadata[MERGE_METADATA_KEY] = recipe.to_json()
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

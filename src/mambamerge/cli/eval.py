@@ -3,8 +3,9 @@ beside the dense model's. Also the argument handling and loading that `mambamerg
 import argparse
 import ast
 import os
+import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -16,6 +17,7 @@ from mambamerge.devices import AMP_CHOICES, check_amp, parse_device
 from mambamerge.distributed import world
 from mambamerge.evaluate import check_classes, check_fit, describe_input, evaluate
 from mambamerge.merge import METHODS
+from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.patch import make_method
 from mambamerge.threads import default_threads
 from mambamerge.results import check_writable, environment, json_text
@@ -77,9 +79,7 @@ def setup_device(args: argparse.Namespace) -> torch.device:
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--method", metavar="NAME",
-                   help=f"token-reduction method: {', '.join(sorted(METHODS))} (default: none, dense only)")
-    p.add_argument("--reduction", type=float, metavar="R", help="target average reduction in [0, 1), e.g. 0.4")
+    add_method_options(p)
     p.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
 
 
@@ -118,6 +118,42 @@ def check_method(method: str, options: Dict[str, object]) -> None:
     make_method(method, **{k: v for k, v in options.items() if k not in SCHEDULE_KEYS})
 
 
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """--method, --reduction and --option of eval and speed."""
+    p.add_argument("--method", metavar="NAME",
+                   help=f"token-reduction method: {', '.join(sorted(METHODS))}, or none for the dense model "
+                        f"(default: the one a fine-tuned checkpoint records, else none)")
+    p.add_argument("--reduction", type=float, metavar="R", help="target average reduction in [0, 1), e.g. 0.4")
+
+
+def check_method_args(args: argparse.Namespace, options: Dict[str, object]) -> None:
+    """--method (a name or none), --reduction and the --option pairs agree with each other."""
+    if args.method in (None, "none") and (args.reduction is not None or options):
+        raise ValueError("--reduction and --option need --method NAME")
+    if args.method not in (None, "none"):
+        check_method(args.method, options)
+        if args.reduction is None and not set(options) & set(SCHEDULE_KEYS):
+            raise ValueError("--method needs --reduction R (e.g. 0.4) or schedule options (e.g. --option "
+                             "schedule=constant --option r=5)")
+    if args.reduction is not None:
+        check_reduction(args.reduction)
+
+
+def recorded_merge(model, checkpoint: str, command: str, doing: str, schedule: bool = True) -> Optional[MergeRecipe]:
+    """The token reduction `checkpoint` records (it was fine-tuned with it), announced on stderr with
+    `doing` (what the command does with it, and how to do otherwise); None when it records none.
+    schedule: its per-block schedule will run, so it is first checked to fit `model`."""
+    recipe = getattr(model, "merge_recipe", None)
+    if recipe is None:
+        return None
+    if schedule:
+        recipe.check_fits(model)
+    if world().is_main:
+        print(f"mambamerge {command}: {Path(checkpoint).name} was fine-tuned with {recipe.describe()}; {doing}",
+              file=sys.stderr)
+    return recipe
+
+
 def check_reduction(reduction: float) -> None:
     if not 0.0 <= reduction < 1.0:
         raise ValueError(f"reductions must be in [0, 1) (fraction of token-layers removed), got {reduction}")
@@ -132,11 +168,12 @@ def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]
     return model.to(device), dataset, label
 
 
-def open_data(args: argparse.Namespace, default_split: str,
-              limit: Optional[int]) -> Tuple[torch.nn.Module, object, str]:
+def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int],
+              check: Optional[Callable[[torch.nn.Module], None]] = None) -> Tuple[torch.nn.Module, object, str]:
     """(model on the CPU, dataset of its first `limit` inputs, data label) from --checkpoint, --data,
     --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
-    Every way they do not fit each other is a ValueError naming both sides."""
+    Every way they do not fit each other is a ValueError naming both sides. check: called with the
+    model before any data is read (to refuse settings the model cannot run before any work)."""
     named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)
     if args.split and not named:
         raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
@@ -148,8 +185,15 @@ def open_data(args: argparse.Namespace, default_split: str,
                          f"--img-size N to evaluate at NxN")
     if len(shape) == 3 and not named and shape[0] not in (1, 3):
         raise ValueError(f"{name} takes {shape[0]}-channel images but image folders give 1 (grey) or 3 (RGB)")
+    if check is not None:
+        check(model)
     split = args.split or default_split
-    dataset = load_dataset(args.data, split, input_shape=shape, limit=limit)
+    try:
+        dataset = load_dataset(args.data, split, input_shape=shape, limit=limit)
+    except FileNotFoundError as err:
+        if not named or split == "test" or ":" in args.data:
+            raise
+        raise FileNotFoundError(f"{err}; or use the test split, which ships with mambamerge: --split test") from None
     label = f"{args.data} {split}" if named else args.data
     if len(dataset) == 0:
         raise ValueError(f"{label} holds no inputs")
@@ -166,24 +210,21 @@ def describe(model, checkpoint: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     options = check_common(args)
-    if args.method is None and (args.reduction is not None or options):
-        raise ValueError("--reduction and --option need --method NAME")
-    if args.method is not None:
-        check_method(args.method, options)
-        if args.reduction is None and not set(options) & set(SCHEDULE_KEYS):
-            raise ValueError("--method needs --reduction R (e.g. 0.4) or schedule options (e.g. --option "
-                             "schedule=constant --option r=5)")
-    if args.reduction is not None:
-        check_reduction(args.reduction)
+    check_method_args(args, options)
     if args.json:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
         check_target(Path(args.json))
         check_writable(Path(args.json).parent, create=False)
     model, dataset, label = load_inputs(args)
+    recipe = recorded_merge(model, args.checkpoint, "eval", "running it that way (--method none runs it dense)") \
+        if args.method is None else None
+    method = recipe.method if recipe else None if args.method == "none" else args.method
+    if recipe:
+        options = recipe.patch_options()
     timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
                   workers=default_workers(args.workers))
-    result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
+    result = evaluate(model, dataset, method, args.reduction or 0.0, progress="top-1", **timing, **options)
     distributed.teardown()
     if not world().is_main:
         return 0
@@ -192,10 +233,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"data        {label}: {result['images']} images")
     if result["unreadable_images"]:
         print(f"skipped     {len(result['unreadable_images'])} unreadable images (named in the warnings above)")
-    if args.method:
+    if recipe:
+        print(f"method      {recipe.describe()} (recorded in the checkpoint)")
+    elif method:
         target = f"target reduction {args.reduction:.0%}" if args.reduction is not None else "schedule from options"
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        print(f"method      {args.method}, {target}" + (f" ({listed})" if listed else ""))
+        print(f"method      {method}, {target}" + (f" ({listed})" if listed else ""))
     print(f"reduction   {result['average_reduction']:.1%} of token-layers; tokens per block: average "
           f"{result['average_tokens']:.1f}, final {result['final_tokens']} of {result['initial_tokens']}")
     print(f"top-1       {result['top1']:.2%}")
@@ -205,13 +248,14 @@ def run(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     timed = (f"batch {args.throughput_batch}, median of {args.runs}, {device}, autocast {args.amp}, CPU threads: "
              f"{torch.get_num_threads()}" + (f", process 0 of {world().size}" if world().active else ""))
-    if args.method:
+    if method:
         print(f"throughput  {result['images_per_s']:.1f} images/s; dense {result['dense_images_per_s']:.1f} images/s "
               f"timed interleaved with it: speed-up {result['speedup']:.2f}x ({timed})")
     else:
         print(f"throughput  {result['images_per_s']:.1f} images/s ({timed})")
     if args.json:
         payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label,
+                   "method_from": "checkpoint" if recipe else "command line",
                    "environment": environment(next(model.parameters()).device), "result": result}
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ from mambamerge.checkpoint import check_tensors, family_config, infer_config, re
 from mambamerge.loaders import FAMILY_NAMES, detect_family
 from mambamerge.models import OFFICIAL_NAMES, list_models
 
-HELP = "list the known models, or show the architecture inferred from a checkpoint file"
+HELP = ("list the known models, or show the architecture, class names and fine-tuned token reduction of a "
+        "checkpoint file")
+_CLASSES_SHOWN = 20
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -37,4 +39,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {key:15s} {value}")
     if cfg.num_classes == 0:
         print("no classification head: a feature extractor (its forward gives the pooled feature)")
+    if raw.classes is not None:
+        shown = ", ".join(raw.classes[:_CLASSES_SHOWN])
+        more = f" ... and {len(raw.classes) - _CLASSES_SHOWN} more" if len(raw.classes) > _CLASSES_SHOWN else ""
+        print(f"classes ({len(raw.classes)}): {shown}{more}")
+    if raw.merge is not None:
+        print(f"token reduction it was saved running (fine-tuned with): {raw.merge.describe()} (eval, sweep and speed "
+              f"default to it; mambamerge.patch(model, model.merge_recipe) in Python)")
     return 0

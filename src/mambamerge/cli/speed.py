@@ -1,12 +1,15 @@
-"""`mambamerge speed`: build a model (or load one), report its size and measure its forward throughput."""
+"""`mambamerge speed`: build a model (or load one), report its size and measure its forward throughput,
+dense or with a token-reduction method beside the dense forward (random inputs: no data needed)."""
 import argparse
 
 import torch
 
 from mambamerge.checkpoint import load_checkpoint
-from mambamerge.cli.eval import check_at_least_one
+from mambamerge.cli.eval import add_method_options, check_at_least_one, check_method_args, parse_options, recorded_merge
+from mambamerge.evaluate import paired_throughput
 from mambamerge.models import create_model, list_models
 from mambamerge.ops import mixer_backend
+from mambamerge.patch import patch, reduction_summary
 from mambamerge.threads import default_threads, openmp_waiting
 from mambamerge.timing import time_call
 
@@ -23,12 +26,17 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores free at start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_method_options(p)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="schedule parameter or method option, as for mambamerge.patch; repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.runs < 1:
         raise ValueError("--batch and --runs must be at least 1")
     check_at_least_one(args, "threads")
+    options = parse_options(args.option)
+    check_method_args(args, options)
     torch.set_num_threads(default_threads(args.threads))
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, img_size=args.img_size)
@@ -45,6 +53,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"tokens       {model.layout.describe()}, input {tuple(model.input_shape)} per sample")
     print(f"scan         {mixer_backend(device)} on {device}, {torch.get_num_threads()} CPU threads "
           f"({openmp_waiting()})")
+    recipe = recorded_merge(model, args.checkpoint, "speed", "timing it that way (--method none times it dense)") \
+        if args.method is None and args.checkpoint else None
+    if recipe:
+        patch(model, recipe)
+    elif args.method not in (None, "none"):
+        patch(model, args.method, reduction=args.reduction, **options)
+    if model.token_reducer is not None:
+        summary = reduction_summary(model)
+        print(f"merging      {recipe.describe() if recipe else args.method}: {summary['average_reduction']:.1%} "
+              f"average reduction, final tokens {summary['final_tokens']} of {summary['initial_tokens']}")
+        merged, dense = paired_throughput(model, args.batch, args.runs)
+        print(f"forward      batch {args.batch}: {merged:.1f} inputs/s merged, {dense:.1f} dense, timed interleaved "
+              f"(median of {args.runs}): speed-up {merged / dense:.2f}x")
+        return 0
     images = torch.randn(args.batch, *model.input_shape, device=device)
     with torch.inference_mode():
         times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)

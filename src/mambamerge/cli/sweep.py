@@ -7,7 +7,7 @@ from typing import Dict, List
 
 from mambamerge import distributed
 from mambamerge.cli.eval import (add_common, check_common, check_method, check_reduction, default_workers, describe,
-                                 load_inputs)
+                                 load_inputs, recorded_merge)
 from mambamerge.distributed import world
 from mambamerge.data import unreadable
 from mambamerge.evaluate import evaluate
@@ -23,8 +23,9 @@ HELP = "evaluate methods x reductions beside the dense model; write a table, CSV
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--methods", nargs="+", default=sorted(METHODS), metavar="NAME",
-                   help=f"methods to compare (default: all: {', '.join(sorted(METHODS))})")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help=f"methods to compare (default: the one a fine-tuned checkpoint records, with its options; "
+                        f"else all: {', '.join(sorted(METHODS))})")
     p.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8], metavar="R",
                    help="target average reductions in [0, 1) (default: 0.2 0.4 0.6 0.8)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if needed)")
@@ -93,12 +94,22 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace, out: Path) -> int:
     options = check_common(args)
     check_sweep_options(options)
-    for method in args.methods:
+    for method in args.methods or ():
         check_method(method, options)
     for reduction in args.reductions:
         check_reduction(reduction)
     model, dataset, label = load_inputs(args)
-    configs = plan(model, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.reductions)), options)
+    methods = args.methods
+    if methods is None:
+        recipe = recorded_merge(model, args.checkpoint, "sweep", "sweeping that method with those options at each "
+                                                                 "--reductions target (--methods NAME ... compares "
+                                                                 "others)", schedule=False)
+        methods = [recipe.method] if recipe else sorted(METHODS)
+        if recipe:
+            options = {**recipe.changed_options(), **options}
+        for method in methods:
+            check_method(method, options)
+    configs = plan(model, list(dict.fromkeys(methods)), list(dict.fromkeys(args.reductions)), options)
     timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
                   amp=args.amp, workers=default_workers(args.workers))
     rows = measure(model, dataset, configs, options, **timing)
@@ -113,7 +124,7 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     payload = {"checkpoint": str(args.checkpoint), "model": model.cfg.to_dict(),
                "data": {"spec": args.data, "label": label, "images": len(dataset) - len(skipped),
                         "unreadable_images": skipped, "classes": dataset.info.classes},
-               "settings": {"methods": args.methods, "reductions": args.reductions, "options": options, **timing},
+               "settings": {"methods": methods, "reductions": args.reductions, "options": options, **timing},
                "environment": env, "rows": rows}
     plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,
                         f"batch {args.throughput_batch}, {env['device']}, threads: {env['threads']}")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from mambamerge.atomic import write_files
-from mambamerge.cli.diagnose import add_inputs, load_batch
+from mambamerge.cli.diagnose import add_inputs, check_reachable, load_batch
 from mambamerge.cli.eval import check_method, check_reduction, parse_options
 from mambamerge.diagnostics.canvas import grid_planes, group_pictures, leading_panels, patch_geometry, spread
 from mambamerge.diagnostics.figures import merge_groups_png
@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     check_method(args.method, options)
     check_reduction(args.reduction)
-    out = check_writable(args.out)
-    model, inputs, _, data = load_batch(args)
+    out = check_writable(args.out, create=False)  # created when the results are written: a refused run leaves none
+    model, inputs, _, data = load_batch(args, lambda model: check_reachable(
+        model, {args.method: {"method": args.method, **options}}, [args.reduction], "--reduction"))
     layout, geometry = model.layout, patch_geometry(model)
     steps = merge_steps(model, inputs, args.method, args.reduction, **options)
     if not steps:
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
               "options": options, "layout": {"grid": layout.grid, "axes": layout.axes, "cls_index": layout.cls_index},
               "steps": [{"block": s["block"], "tokens": s["tokens"], "groups": s["groups"].tolist()} for s in steps]}
     panels = leading_panels(planes.shape[1:], layout, geometry)
+    out.mkdir(parents=True, exist_ok=True)
     write_files(out, {f"{name}.png": merge_groups_png(planes, layout.axes, pictures, importance, title, panels),
                       f"{name}.json": json.dumps(groups) + "\n"})
     print(f"{data}: {len(steps)} steps, tokens {' -> '.join(str(s['tokens']) for s in steps)}")
