@@ -289,7 +289,7 @@ def pico_sd():
                                                               "integer with too many digits"),
     ("mambamerge_classes", "[" + "1" * 5000 + "]", r"is not JSON mambamerge can read \(it holds an integer with too "
                                                    "many digits"),
-    ("mambamerge_merge", "[" * 100000, "is not JSON"),
+    ("mambamerge_merge", "[" * 60000, "is not JSON"),
     ("mambamerge_merge", '{"tokens": ' + "9" * 5000 + "}", "is not JSON"),
 ])
 def test_metadata_that_exhausts_the_json_parser_is_named(tmp_path, pico_sd, key, text, message, capsys):
