@@ -153,6 +153,7 @@ CASES = [  # (command, checkpoint, data, extra arguments, what the message must 
     ("sweep", "ok", "fashion-mnist", ["--out", "{tmp}/a_file/results"], ["cannot write results to", "a_file"]),
     ("eval", "ok", "fashion-mnist", ["--method", "nosuch", "--reduction", "0.4"], ["unknown method 'nosuch'"]),
     ("eval", "ok", "fashion-mnist", ["--reduction", "0.4"], ["need --method"]),
+    ("eval", "ok", "fashion-mnist", ["--method", "none", "--reduction", "0.4"], ["need --method NAME"]),
     ("eval", "ok", "fashion-mnist", ["--method", "mame"], ["--method needs --reduction"]),
     ("eval", "ok", "fashion-mnist", ["--method", "mame", "--reduction", "1.5"], ["[0, 1)"]),
     ("eval", "ok", "fashion-mnist", ["--method", "tome", "--reduction", "0.6"], ["cannot reach", "60%"]),

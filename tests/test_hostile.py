@@ -434,25 +434,26 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path, pico_sd):
 
 _FORWARD_ON_THE_CACHE = """
 import warnings, torch
-from mambamerge.ops import compiled
+from mambamerge.ops import cpu_kernels
 x = torch.linspace(-5, 5, 64)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    y = compiled.softplus_compiled(x)
+    y = cpu_kernels.softplus(x)
 assert torch.allclose(y, torch.nn.functional.softplus(x), atol=1e-6)
-print(compiled.available(), *[str(w.message) for w in caught], sep="\\n")
+print(cpu_kernels.available(), *[str(w.message) for w in caught], sep="\\n")
 """
 
 
 def test_a_truncated_cached_kernel_library_is_rebuilt_with_a_warning(tmp_path):
-    from mambamerge.ops import compiled
+    from mambamerge.ops import cpu_kernels
+    from mambamerge.ops.cpu_kernels import build
 
-    if not compiled.available():
-        pytest.skip(f"no compiled kernels here: {compiled.unavailable_reason()}")
-    built = next(Path(compiled._cache_root()).glob("*/_cpu_kernels.so")).parent
+    if not cpu_kernels.available():
+        pytest.skip(f"no compiled kernels here: {cpu_kernels.unavailable_reason()}")
+    built = build.build_library("g++").parent  # this source's build (the cache may hold other versions' too)
     cache = tmp_path / "cache"
     shutil.copytree(built, cache / built.name)
-    lib = cache / built.name / "_cpu_kernels.so"
+    lib = cache / built.name / build.LIBRARY_NAME
     lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])  # a copy cut short, as a full disk leaves it
     stale = cache / built.name / ".build-999999999-x"  # what a build killed long ago left (no such pid)
     stale.mkdir()
@@ -461,7 +462,7 @@ def test_a_truncated_cached_kernel_library_is_rebuilt_with_a_warning(tmp_path):
     assert result.returncode == 0, f"returncode {result.returncode}: {result.stderr[-2000:]}"  # SIGBUS: -7
     lines = result.stdout.splitlines()
     assert lines[0] == "True" and "is damaged or incomplete" in lines[1] and "rebuilding" in lines[1]
-    assert lib.read_bytes() == (built / "_cpu_kernels.so").read_bytes() or compiled._intact(lib)
+    assert lib.read_bytes() == (built / build.LIBRARY_NAME).read_bytes() or build.intact(lib)
     assert not stale.exists()
 
 

@@ -105,7 +105,7 @@ def test_killed_mid_epoch_and_resumed_reaches_the_uninterrupted_weights(tmp_path
     assert json.loads((killed / "summary.json").read_text())["test_accuracy"] is not None
 
 
-def test_resume_of_another_run_or_a_corrupt_state_is_refused_and_touches_nothing(tmp_path, capsys):
+def test_resume_of_another_run_a_corrupt_state_or_a_rerun_is_refused_and_touches_nothing(tmp_path, capsys):
     data = folder(tmp_path / "data")
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), *TINY, "--img-size", "32", "--epochs", "1", "--out", str(out)]
@@ -130,13 +130,7 @@ def test_resume_of_another_run_or_a_corrupt_state_is_refused_and_touches_nothing
     assert "truncated or corrupt" in capsys.readouterr().err
     assert files(out) == before
 
-
-def test_a_rerun_into_a_run_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
-    data = folder(tmp_path / "data")
-    out = tmp_path / "run"
-    argv = ["train", "--data", str(data), *TINY, "--img-size", "16", "--epochs", "1", "--out", str(out)]
-    assert main(argv) == 0
-    before = files(out)
+    # a rerun into the folder without --resume is refused too, unless --overwrite replaces the run
     for again in (argv, argv + ["--lr", "0.5"], argv + ["--resume", "--overwrite"]):
         assert main(again) == 2
         err = capsys.readouterr().err
@@ -147,8 +141,7 @@ def test_a_rerun_into_a_run_folder_is_refused_unless_resumed_or_overwritten(tmp_
     assert json.loads((out / "command.json").read_text())["train"]["lr"] == 0.5
     assert len(json.loads((out / "history.json").read_text())) == 2
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
-    # an empty folder is no run: training into it needs neither flag
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty").mkdir()  # an empty folder holds no run: training into it needs neither flag
     assert main(argv[:-1] + [str(tmp_path / "empty")]) == 0
 
 

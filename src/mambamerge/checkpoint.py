@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mambamerge.atomic import atomic_write
+from mambamerge.atomic import atomic_write, file_kind
 from mambamerge.loaders import FAMILY_NAMES, LOADERS, detect_family
 from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.models.base import MambaClassifier
@@ -79,6 +80,20 @@ def _pair(value, what: str, user: bool = False) -> Tuple[int, int]:
     return int(items[0]), int(items[1])
 
 
+def _metadata_json(text: str, what: str):
+    """A metadata entry parsed as JSON; a CheckpointError naming `what` when it is not JSON, nests too
+    deeply for the parser or holds an integer too long to convert."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        why = str(err)
+    except RecursionError:
+        why = "it is nested too deeply"
+    except ValueError:  # Python's limit on the digits of an integer
+        why = "it holds an integer with too many digits"
+    raise CheckpointError(f"{what} is not JSON mambamerge can read ({why}); the file is damaged: re-save it")
+
+
 def _read_safetensors(path: Path) -> RawCheckpoint:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -90,10 +105,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
     raw = RawCheckpoint(state, family=metadata.get(FAMILY_METADATA_KEY))
     if CONFIG_METADATA_KEY in metadata:
         what = f"{path}: the {CONFIG_METADATA_KEY} metadata"
-        try:
-            cfg = json.loads(metadata[CONFIG_METADATA_KEY])
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{what} is not JSON ({err}); the file is damaged: re-save it") from None
+        cfg = _metadata_json(metadata[CONFIG_METADATA_KEY], what)
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{what} is a JSON {type(cfg).__name__}, not an object; the file is damaged: "
                                   f"re-save it")
@@ -105,10 +117,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
             if "stride" in cfg:
                 raw.stride = _pair(cfg["stride"], f"{what}'s stride")
     if CLASSES_METADATA_KEY in metadata:
-        try:
-            classes = json.loads(metadata[CLASSES_METADATA_KEY])
-        except json.JSONDecodeError:
-            classes = None
+        classes = _metadata_json(metadata[CLASSES_METADATA_KEY], f"{path}: the {CLASSES_METADATA_KEY} metadata")
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise CheckpointError(f"{path}: the {CLASSES_METADATA_KEY} metadata is not a JSON list of class names; "
                                   f"the file is damaged: re-save it")
@@ -190,16 +199,51 @@ def _pick_state_dict(obj, path: Path, ema: bool) -> RawCheckpoint:
 def read_checkpoint(path: PathLike, ema: bool = False, trust_pickle: bool = False) -> RawCheckpoint:
     """Read the tensors of a checkpoint file without building a model."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(64)
+    head = _head(path)
     if path.suffix == ".safetensors" or head[8:9] == b"{":
-        return _read_safetensors(path)
-    problem = _sniff(path, head)
-    if problem:
-        raise CheckpointError(f"{path}: {problem}; give a .pth or .safetensors checkpoint")
-    return _pick_state_dict(_torch_load(path, trust_pickle), path, ema)
+        raw = _read_safetensors(path)
+    else:
+        problem = _sniff(path, head)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; give a .pth or .safetensors checkpoint")
+        raw = _pick_state_dict(_torch_load(path, trust_pickle), path, ema)
+    _check_values(raw.state_dict, path)
+    return raw
+
+
+def _head(path: Path) -> bytes:
+    """The first 64 bytes of a checkpoint file; a FileNotFoundError when there is none, a CheckpointError
+    when it is a folder, a FIFO, a device (through a link or not) or cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror}); give a readable .pth or .safetensors "
+                              f"file") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            link = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+            raise CheckpointError(f"{path}{link} is {file_kind(mode)}, not a checkpoint file; give a .pth or "
+                                  f".safetensors file")
+        return os.read(fd, 64)
+    finally:
+        os.close(fd)
+
+
+def _check_values(state: Dict[str, torch.Tensor], path: Path) -> None:
+    """A CheckpointError naming the tensors that are not floating point (quantised or damaged weights:
+    every tensor of these models is float) or hold NaN or infinite values."""
+    integer = {k: str(v.dtype).replace("torch.", "") for k, v in state.items() if not v.is_floating_point()}
+    if integer:
+        raise CheckpointError(f"{path}: tensors that are not floating point: {_listing(integer, integer)}; the "
+                              f"models' weights are float (float32, float16 or bfloat16): the file is quantised or "
+                              f"damaged, use its float original")
+    broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path}: tensors with NaN or infinite values: {_listing(broken)}; the weights are "
+                              f"damaged or their training diverged: use another checkpoint")
 
 
 # the tensors the architecture is read from, with the dimensions a Vim gives them

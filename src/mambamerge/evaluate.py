@@ -52,9 +52,14 @@ def top_k_accuracy(model, dataset, ks: Sequence[int] = (1, 5), batch_size: int =
 
 def check_fit(model, info, data_name: str = "the dataset") -> None:
     """Raise a ValueError naming both sides when `model` cannot be evaluated on a dataset (its info:
-    classes and input_shape, the shape of one sample): the kind of input (images, clips, spectrograms),
-    the number of classes, then for images the channels and the size, for other inputs the sample shape."""
+    classes and input_shape, the shape of one sample): a model without a head, the kind of input (images,
+    clips, spectrograms), the number of classes, then for images the channels and the size, for other
+    inputs the sample shape."""
     want, got = tuple(model.input_shape), tuple(info.input_shape)
+    if model.num_classes == 0:
+        raise ValueError(f"the model has no classification head (num_classes=0: a feature extractor, its forward "
+                         f"gives {model.num_features} features, not class scores): nothing to evaluate, train or distil "
+                         f"from on {data_name}; use a checkpoint with a head")
     if len(want) == len(got) and model.num_classes != info.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but {data_name} has {info.num_classes}; "
                          f"evaluate it on data with {model.num_classes} classes (or fine-tune its head first)")

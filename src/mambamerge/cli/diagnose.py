@@ -78,21 +78,19 @@ def load_batch(args: argparse.Namespace, check: Callable[["torch.nn.Module"], No
 
 
 def check_reachable(model, configs: Dict[str, dict], reductions: Sequence[float], flag: str) -> None:
-    """Each {label: {"method": name, **options}} at each target reduction, patched on `model` (and
-    unpatched: no input runs), so that one the model cannot reach is refused before any work, naming
-    the command-line `flag` that asked for it."""
-    from mambamerge.patch import patch, unpatch
+    """Each {label: {"method": name, **options}} at each target reduction resolved for `model` (which
+    is only read; no input runs), so that one it cannot reach is refused before any work, naming the
+    command-line `flag` that asked for it."""
+    from mambamerge.patch import make_reducer
 
     for label, config in configs.items():
         options = {k: v for k, v in config.items() if k != "method"}
         for reduction in reductions:
             try:
-                patch(model, config["method"], reduction=reduction or None, **options)
+                make_reducer(model, config["method"], reduction=reduction or None, **options)
             except ValueError as err:
                 raise ValueError(f"{flag} {reduction:g}: {label} cannot reach it on this {len(model.layers)}-block "
                                  f"model ({err}); lower {flag}") from None
-            finally:
-                unpatch(model)
 
 
 def _finite(value):

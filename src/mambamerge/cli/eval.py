@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mambamerge import distributed
-    from mambamerge.atomic import write_files
+    from mambamerge.atomic import check_target, write_bytes
     from mambamerge.distributed import world
     from mambamerge.evaluate import evaluate
     from mambamerge.results import check_writable, environment, json_text
@@ -238,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
-        check_writable(Path(args.json).resolve().parent, create=False)
+        check_target(Path(args.json))
+        check_writable(Path(args.json).parent, create=False)
     model, dataset, label = load_inputs(args)
     recipe = recorded_merge(model, args.checkpoint, "eval", "running it that way (--method none runs it dense)") \
         if args.method is None else None
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
                    "method_from": "checkpoint" if recipe else "command line",
                    "environment": environment(next(model.parameters()).device), "result": result}
         path = Path(args.json)
-        path.resolve().parent.mkdir(parents=True, exist_ok=True)
-        write_files(path.resolve().parent, {path.name: json_text(payload)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, json_text(payload))
         print(f"json        {path}")
     return 0

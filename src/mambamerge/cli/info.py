@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
               f"{cfg.grid_size[0]}x{cfg.grid_size[1]}")
     for key, value in cfg.to_dict().items():
         print(f"  {key:15s} {value}")
+    if cfg.num_classes == 0:
+        print("no classification head: a feature extractor (its forward gives the pooled feature)")
     if raw.classes is not None:
         shown = ", ".join(raw.classes[:_CLASSES_SHOWN])
         more = f" ... and {len(raw.classes) - _CLASSES_SHOWN} more" if len(raw.classes) > _CLASSES_SHOWN else ""

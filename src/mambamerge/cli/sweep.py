@@ -1,6 +1,7 @@
 """`mambamerge sweep`: every method at every target reduction beside the dense model, on one checkpoint
 and dataset; writes DIR/results.md, results.csv, results.json and accuracy.png, all at the end."""
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List
 
@@ -90,13 +91,24 @@ def measure(model, dataset, configs: List[dict], options: Dict[str, object], **t
 
 
 def run(args: argparse.Namespace) -> int:
+    """The sweep, holding --out's lock all along (atomic.hold): a second sweep into it is refused at once."""
+    from mambamerge.atomic import hold
+    from mambamerge.distributed import world
+    from mambamerge.results import check_writable
+
+    out = check_writable(args.out, create=False)
+    with hold(out, "mambamerge sweep") if world().is_main else nullcontext(out):
+        return _sweep(args, out)
+
+
+def _sweep(args: argparse.Namespace, out: Path) -> int:
     from mambamerge import distributed
     from mambamerge.atomic import write_files
     from mambamerge.data import unreadable
     from mambamerge.distributed import world
     from mambamerge.evaluate import input_kind
     from mambamerge.plots import accuracy_png
-    from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table
+    from mambamerge.results import csv_text, environment, json_text, markdown_table
 
     options = check_common(args)
     check_sweep_options(options)
@@ -104,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
         check_method(method, options)
     for reduction in args.reductions:
         check_reduction(reduction)
-    out = check_writable(args.out, create=False)  # created when the results are written: a failed run leaves none
     model, dataset, label = load_inputs(args)
     methods = args.methods
     if methods is None:
@@ -136,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
                "environment": env, "rows": rows}
     plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,
                         f"batch {args.throughput_batch}, {env['device']}, threads: {env['threads']}", kind)
-    out.mkdir(parents=True, exist_ok=True)
     write_files(out, {"results.md": f"# {title}\n\n{describe(model, args.checkpoint)}\n\n{table}",
                       "results.csv": csv_text(rows), "results.json": json_text(payload), "accuracy.png": plot})
     print(table, end="")

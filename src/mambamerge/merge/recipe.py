@@ -80,7 +80,7 @@ class MergeRecipe:
             raise ValueError(f"is {len(text)} characters long, more than a record ever needs ({MAX_CHARS})")
         try:
             record = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
+        except (ValueError, RecursionError) as err:  # ValueError: also an integer of too many digits
             raise ValueError(f"is not JSON ({type(err).__name__})") from None
         if not isinstance(record, dict) or set(record) != {"method", "options", "removals", "tokens"}:
             raise ValueError("is not an object with the entries method, options, removals and tokens")
