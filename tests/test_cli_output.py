@@ -115,7 +115,7 @@ def test_a_sweep_off_a_terminal_prints_a_line_per_configuration_as_it_ends(check
         if line.startswith("sweep "):
             lines.append(line)
             if running_at_first is None:
-                running_at_first = process.poll() is None and not out.exists()
+                running_at_first = process.poll() is None and not (out / "results.json").exists()
     process.wait(timeout=300)
     assert process.returncode == 0, process.stdout.read()
     rows = json.loads((out / "results.json").read_text())["rows"]
