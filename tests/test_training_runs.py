@@ -149,12 +149,12 @@ def test_resume_of_another_run_a_corrupt_state_or_a_rerun_is_refused_and_touches
 SPY = """
 import os, sys
 import torch
-import mambamerge.cli.train as cli_train
+import mambamerge.train as training
 import mambamerge.evaluate as evaluate
 from mambamerge.cli.main import main
 
 out, rank, sums = sys.argv[1], os.environ["RANK"], []
-train, sum_all = cli_train.train, evaluate.sum_all
+train, sum_all = training.train, evaluate.sum_all
 
 def train_and_keep(model, *args, **kwargs):
     result = train(model, *args, **kwargs)
@@ -166,7 +166,7 @@ def sum_and_keep(values, device):
     sums.append(total)
     return total
 
-cli_train.train, evaluate.sum_all = train_and_keep, sum_and_keep
+training.train, evaluate.sum_all = train_and_keep, sum_and_keep  # what the CLI imports when it runs
 code = main(sys.argv[3:])
 torch.save(sums, f"{out}/sums{rank}-{sys.argv[2]}.pt")
 sys.exit(code)

@@ -39,8 +39,8 @@ def accuracy_png(rows: List[dict], title: str, throughput_label: str, kind: str 
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
     panels = [(axes[0], "gmacs_total_one_direction",
-               f"GMACs per {kind[:-1]} (the literature's GFLOPs: one scan direction, incl. merge): lower is cheaper"),
-              (axes[1], "speedup", f"measured speed-up over dense (x; {throughput_label}): higher is faster")]
+               f"GMACs per {kind[:-1]}: lower is cheaper\n(the literature's GFLOPs: one scan direction, merge included)"),
+              (axes[1], "speedup", f"measured speed-up over dense (x): higher is faster\n({throughput_label})")]
     labels = []
     for ax, key, xlabel in panels:
         for method in methods:

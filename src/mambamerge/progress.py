@@ -26,10 +26,10 @@ class LogLines:
     estimate of the time left; `update` (and iterating) writes one at most every `every` seconds."""
 
     def __init__(self, iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: Optional[str] = None,
-                 unit: str = "it", every: float = LOG_EVERY, **_):
+                 unit: str = "it", initial: int = 0, every: float = LOG_EVERY, **_):
         self.iterable, self.desc, self.unit, self.every = iterable, desc or "progress", unit, every
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.postfix = 0, ""
+        self.n, self.initial, self.postfix = initial, initial, ""  # initial: done before (a resumed epoch)
         self.start = self.last = time.monotonic()
 
     def __iter__(self):
@@ -65,8 +65,8 @@ class LogLines:
     def _write(self, text: str, now: float) -> None:
         elapsed, count = now - self.start, f"{self.n}/{self.total}" if self.total else str(self.n)
         left = ""
-        if self.total and 0 < self.n < self.total:
-            left = f", about {duration(elapsed / self.n * (self.total - self.n))} left"
+        if self.total and self.initial < self.n < self.total:
+            left = f", about {duration(elapsed / (self.n - self.initial) * (self.total - self.n))} left"
         print(f"{self.desc} {count} {self.unit}{': ' + text if text else ''} ({duration(elapsed)} elapsed{left})",
               file=sys.stderr, flush=True)
         self.last = now

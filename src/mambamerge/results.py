@@ -21,6 +21,7 @@ import mambamerge
 from mambamerge.ops import mixer_backend
 from mambamerge.threads import openmp_waiting
 
+
 def _percent(value) -> str:
     return "—" if value is None else f"{value:.2%}"
 
