@@ -5,7 +5,6 @@ warning, never a traceback: its batch comes out without it, and the dataset's `u
 names it (what evaluate() and the commands report).
 """
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Set, Tuple
 
@@ -15,26 +14,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, default_collate
 
 from mambamerge.data.datasets import ImageSet, class_folders
+from mambamerge.train_settings import Augment
 
 SPLIT_NAMES = {"train", "val", "test"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation of image folders; the defaults are Vim's (DeiT's) ImageNet recipe.
-    auto_augment: timm's RandAugment policy string, or None for none."""
-
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.3
-    re_prob: float = 0.25  # random erasing, per-pixel noise
-
-    def transform(self, img_size: int, mean, std):
-        from timm.data import create_transform
-
-        return create_transform(img_size, is_training=True, auto_augment=self.auto_augment,
-                                color_jitter=self.color_jitter, re_prob=self.re_prob, re_mode="pixel",
-                                interpolation="bicubic", mean=mean, std=std)
 
 
 def probe_folder(root, per_class: int = 3) -> Tuple[int, Optional[int]]:
