@@ -24,7 +24,8 @@ import mambamerge
 from mambamerge.cli.main import main
 from mambamerge.data import batches, load_dataset, stratified
 from mambamerge.data.audio import clip_samples, read_audio
-from mambamerge.data.folders import Augment, ReadableImages
+from mambamerge.data.folders import ReadableImages
+from mambamerge.train_settings import Augment
 from mambamerge.data.loading import limited
 
 HEADROOM = 1 << 30
@@ -212,7 +213,7 @@ def test_names_that_are_not_utf8_work_for_sound_files_and_clips(tmp_path, audio_
         os.rename(moving_clip(tmp_path / "c.mp4", 8), os.path.join(root, b"video", name, b"clip\xe9.mp4"))
     assert main(evaluate(audio_ckpt, str(tmp_path / "audio"), "--json", str(tmp_path / "a.json"))) == 0
     assert main(evaluate(video_ckpt, str(tmp_path / "video"), "--workers", "0")) == 0
-    assert json.loads((tmp_path / "a.json").read_text())["result"]["images"] == 2
+    assert json.loads((tmp_path / "a.json").read_text())["result"]["inputs"] == 2
     assert "error" not in capsys.readouterr().err
 
 
@@ -376,7 +377,7 @@ def test_a_limit_on_a_class_ordered_folder_reaches_every_class(tmp_path, image_c
     assert main(evaluate(image_ckpt, str(root), "--limit", "5", "--json", str(tmp_path / "e.json"))) == 0
     record = json.loads((tmp_path / "e.json").read_text())
     assert record["limit"] == 5 and record["subset"] == "stratified round-robin over classes, file order"
-    assert record["result"]["images"] == 5
+    assert record["result"]["inputs"] == 5
     audio = tmp_path / "audio"
     for name in ("a", "b", "c"):
         (audio / name).mkdir(parents=True)

@@ -7,7 +7,6 @@ names it (what evaluate() and the commands report).
 """
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Set, Tuple
 
@@ -18,28 +17,10 @@ from torch.utils.data import Dataset, default_collate
 
 from mambamerge.data.bounds import open_picture, walk_files
 from mambamerge.data.datasets import ImageSet, class_folders
+from mambamerge.train_settings import Augment
 
 SPLIT_NAMES = {"train", "val", "test"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation of image folders; the defaults are Vim's (DeiT's) ImageNet recipe.
-    auto_augment: timm's RandAugment policy string, or None for none."""
-
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.3
-    re_prob: float = 0.25  # random erasing, per-pixel noise
-
-    def transform(self, img_size: int, mean, std):
-        from timm.data import create_transform
-
-        transform = create_transform(img_size, is_training=True, auto_augment=self.auto_augment,
-                                     color_jitter=self.color_jitter, re_prob=self.re_prob, re_mode="pixel",
-                                     interpolation="bicubic", mean=mean, std=std)
-        _clamp_posterize(transform)
-        return transform
 
 
 def posterize(image: Image.Image, bits: int, **_) -> Image.Image:
@@ -51,7 +32,7 @@ def posterize(image: Image.Image, bits: int, **_) -> Image.Image:
     return image if bits == 8 else ImageOps.posterize(image, bits)
 
 
-def _clamp_posterize(transform) -> None:
+def clamp_posterize(transform) -> None:
     """Every timm augmentation op inside `transform` (Compose, RandAugment, AutoAugment, AugMix) that
     posterizes uses `posterize` above instead of timm's."""
     from timm.data import auto_augment
