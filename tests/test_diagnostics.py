@@ -6,19 +6,22 @@ import pytest
 import torch
 
 import mambamerge
+from mambamerge.cli.demo import demo_checkpoint
 from mambamerge.cli.main import main
 from mambamerge.diagnostics.attention import apply_attention, class_token_attention, implicit_attention
 from mambamerge.diagnostics.decay import decay_factors, effective_lengths
 from mambamerge.diagnostics.dependence import order_effect, perturbation_curve, token_orders
 from mambamerge.diagnostics.groups import merge_steps
 from mambamerge.diagnostics.importance import average_ranks, candidate_statistics, leave_one_out, spearman
-from mambamerge.diagnostics.probe import block_scans, mixer_input, mixer_output, scan_inputs, trace
+from mambamerge.diagnostics.probe import block_scans, mixer_input, scan_inputs, trace
 from mambamerge.diagnostics.prune_vs_merge import PruneInstead, prune_vs_merge
 from mambamerge.merge import MaMe
 from mambamerge.merge.state import TokenState
 from mambamerge.models.blocks import Block
 from mambamerge.ops import selective_scan_reference
 from conftest import perturb_
+
+DEMO = demo_checkpoint()  # the shipped vim_nano trained on Fashion-MNIST
 
 
 @pytest.fixture
@@ -38,12 +41,13 @@ def test_scan_inputs_are_the_mixers_own(pico64):
     tokens = pico64.embed(x)
     block = pico64.layers[0]
     hidden, _, ssm = block(tokens, None, return_ssm=True)
-    scans = scan_inputs(block.mixer, mixer_input(block, tokens, None))
+    x = mixer_input(block, tokens, None)
+    scans = scan_inputs(block.mixer, x)
     torch.testing.assert_close(scans["fwd"].delta.transpose(1, 2), ssm.delta_fwd, rtol=0, atol=1e-12)
     torch.testing.assert_close(scans["bwd"].B.transpose(1, 2), ssm.B_bwd, rtol=0, atol=1e-12)
-    ys = {d: selective_scan_reference(*s[:6], reverse=s.reverse) for d, s in scans.items()}
-    torch.testing.assert_close(mixer_output(block.mixer, mixer_input(block, tokens, None), ys), hidden,
-                               rtol=0, atol=1e-12)
+    assert not scans["fwd"].reverse and scans["bwd"].reverse
+    torch.testing.assert_close(block.mixer(x, scan=lambda s: selective_scan_reference(*s)), hidden, rtol=0,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
@@ -64,9 +68,8 @@ def test_implicit_attention_reproduces_the_scan_exactly(pico64, direction):
 def test_attention_of_both_directions_gives_the_blocks_output(pico64):
     tr = trace(pico64, images(pico64))
     block = pico64.layers[2]
-    scans = block_scans(pico64, tr, 2)
-    ys = {d: apply_attention(implicit_attention(s), s) for d, s in scans.items()}
-    out = mixer_output(block.mixer, mixer_input(block, tr.hidden[2], tr.residual[2]), ys)
+    out = block.mixer(mixer_input(block, tr.hidden[2], tr.residual[2]),
+                      scan=lambda s: apply_attention(implicit_attention(s), s))
     torch.testing.assert_close(out, tr.hidden[3], rtol=1e-10, atol=1e-12)
 
 
@@ -193,10 +196,10 @@ def test_implicit_attention_gives_every_mixer_variants_output(variant):
     block = perturb_(Block(16, d_state=4, variant=variant, divide_out=variant == "bi")).double()
     tokens = torch.randn(2, 9, 16, dtype=torch.float64)
     hidden, _ = block(tokens, None)
-    x = mixer_input(block, tokens, None)
-    scans = scan_inputs(block.mixer, x)
-    ys = {d: apply_attention(implicit_attention(s), s) for d, s in scans.items()}
-    torch.testing.assert_close(mixer_output(block.mixer, x, ys), hidden, rtol=1e-10, atol=1e-12)
+    out = block.mixer(mixer_input(block, tokens, None), scan=lambda s: apply_attention(implicit_attention(s), s))
+    torch.testing.assert_close(out, hidden, rtol=1e-10, atol=1e-12)
+    scans = scan_inputs(block.mixer, mixer_input(block, tokens, None))
+    assert (scans["fwd"] is scans["bwd"]) == (variant == "forward")
 
 
 def test_diagnose_and_visualize_commands(tmp_path, capsys):
@@ -216,3 +219,43 @@ def test_diagnose_and_visualize_commands(tmp_path, capsys):
     assert main(["diagnose", *common, "--loo-blocks", "0", "--out", str(tmp_path / "e")]) == 2
     assert "leave-one-out blocks must be in [1, 2]" in capsys.readouterr().err
     assert not (tmp_path / "e" / "diagnostics.json").exists()
+
+
+def test_diagnose_and_visualize_defaults_run_on_the_shipped_split(tmp_path, capsys):
+    common = ["--checkpoint", str(DEMO), "--data", "fashion-mnist", "--threads", "1", "--images", "4"]
+    assert main(["visualize", *common, "--out", str(tmp_path / "v")]) == 0
+    assert "fashion-mnist test inputs 0..3" in capsys.readouterr().out
+    assert json.loads((tmp_path / "v" / "merge_mame.json").read_text())["reduction"] == 0.5
+    assert main(["diagnose", *common, "--parts", "order", "prune_vs_merge", "--out", str(tmp_path / "d")]) == 0
+    summary = (tmp_path / "d" / "summary.txt").read_text()
+    assert "fashion-mnist test" in summary and all(f"{r:.0%}" in summary for r in (0.2, 0.4, 0.6))
+
+
+def test_unreachable_reductions_are_refused_before_any_work_and_leave_no_folder(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    path = mambamerge.save_checkpoint(mambamerge.create_model("vim_pico", in_chans=1), tmp_path / "pico.safetensors")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the settings were checked")
+
+    monkeypatch.setattr("mambamerge.data.load_dataset", no_data)
+    common = ["--checkpoint", str(path), "--data", "fashion-mnist", "--threads", "1"]
+    for command, flag in (("visualize", "--reduction 0.5"), ("diagnose", "--reductions 0.")):
+        assert main([command, *common, "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "2-block model" in err and f"lower {flag.split()[0]}" in err, err
+        assert not (tmp_path / command).exists()
+    assert main(["diagnose", *common, "--loo-blocks", "5", "--out", str(tmp_path / "e")]) == 2
+    assert "leave-one-out blocks must be in [1, 1]" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_a_missing_train_split_suggests_the_shipped_one(tmp_path, capsys, monkeypatch):
+    import mambamerge.data.datasets as datasets
+
+    shipped = [d for d in datasets._candidates("fashion-mnist") if "assets" in str(d)]
+    monkeypatch.setattr(datasets, "_candidates", lambda name: shipped)  # as on a machine without the Debian package
+    argv = ["visualize", "--checkpoint", str(DEMO), "--data", "fashion-mnist", "--split", "train", "--threads", "1",
+            "--out", str(tmp_path / "v")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no fashion-mnist train split" in err and "--split test" in err and not (tmp_path / "v").exists()

@@ -13,7 +13,7 @@ import fake_kernels
 import mambamerge
 from mambamerge import ops
 from mambamerge.models import fused
-from mambamerge.models.blocks import MambaMixer
+from mambamerge.models.mixer import MambaMixer
 from conftest import perturb_
 from test_families import small_aum, small_videomamba
 

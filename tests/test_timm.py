@@ -13,9 +13,11 @@ from PIL import Image
 import mambamerge
 from mambamerge.data.folders import eval_transform
 from mambamerge.models import timm_registry
+from mambamerge.train import param_groups
 
 from conftest import perturb_
 from test_checkpoint import official_file
+from test_families import small_aum, small_videomamba
 
 
 @pytest.mark.parametrize("name", mambamerge.list_models())
@@ -115,12 +117,38 @@ def test_reset_classifier_and_weight_decay_groups(tiny_model):
         torch.testing.assert_close(tiny_model(images), tiny_model.pooled_features(images), rtol=0, atol=0)
     with pytest.raises(ValueError, match="reads its class token; global_pool='avg'"):
         tiny_model.reset_classifier(4, global_pool="avg")
-    assert tiny_model.no_weight_decay() == {"pos_embed", "cls_token"}
-    optimizer = timm.optim.create_optimizer_v2(tiny_model, "adamw", lr=1e-3, weight_decay=0.05)
-    names = {id(p): n for n, p in tiny_model.named_parameters()}
-    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert {"pos_embed", "cls_token", "layers.0.mixer.D"} <= no_decay
+    ssm = {f"layers.{i}.mixer.{name}" for i in range(3) for name in ("A_log", "A_b_log", "D", "D_b")}
+    assert tiny_model.no_weight_decay() == {"pos_embed", "cls_token"} | ssm
+    no_decay = spared_by_timm(tiny_model)
+    assert {"pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.0.mixer.D"} <= no_decay
     assert "layers.0.mixer.in_proj.weight" not in no_decay
+
+
+def spared_by_timm(model):
+    """Names of the parameters timm's optimiser factory puts in a group without weight decay."""
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+
+
+@pytest.mark.parametrize("family", ["vim", "videomamba", "aum:Bi-Bi", "aum:Fo-Bi", "aum:Fo-Fo"])
+def test_training_and_timm_spare_the_same_parameters_from_weight_decay(family):
+    if family == "vim":
+        model = mambamerge.create_model("vim_pico", depth=2)
+    elif family == "videomamba":
+        model = small_videomamba(depth=2)
+    else:
+        model = small_aum(family.split(":")[1], depth=2)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert spared == spared_by_timm(model)
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - spared
+    tables = {"pos_embed", "pos_embed.pos_embed", "temporal_pos_embedding", "cls_token"} & set(names.values())
+    a_logs = {n for n in names.values() if n.endswith(("A_log", "A_b_log"))}  # 2-D: spared by name only
+    assert tables and a_logs and tables | a_logs <= model.no_weight_decay() <= spared
+    assert "temporal_pos_embedding" in tables or family != "videomamba"
+    assert len(a_logs) == 2 * (1 if family == "aum:Fo-Fo" else 2)
 
 
 def test_evaluation_transform_is_timms_from_the_pretrained_cfg():

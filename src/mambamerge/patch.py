@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 from torch import nn
 
 from mambamerge.merge import METHODS
+from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.merge.reducer import TokenReducer
 from mambamerge.merge.schedule import Schedule, resolve
 from mambamerge.models.base import MambaClassifier
@@ -52,13 +53,15 @@ def _check_option_type(method: str, name: str, value, default) -> None:
         raise ValueError(f"{method}: option {name} must be {wanted} (default {default!r}), got {value!r}")
 
 
-def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
+def patch(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional[float] = None,
           schedule: Union[None, str, Sequence[int], Schedule] = None, *, r: Optional[int] = None,
           keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
           track_source: bool = False, **options) -> nn.Module:
     """Turn `model` into a token-reducing one in place and return it.
 
-    method: a name in mambamerge.merge.METHODS ("mame", "stm", "tome", ...; see docs/merging.md).
+    method: a name in mambamerge.merge.METHODS ("mame", "stm", "tome", ...; see docs/merging.md), or
+        the MergeRecipe a fine-tuned checkpoint records (`patch(model, model.merge_recipe)`: its method,
+        options and per-block schedule, exactly as trained; nothing else may be given with it).
     reduction: target average reduction in [0, 1) (fraction of token-layers removed, averaged over
         depth); the schedule's parameter is derived from it.
     schedule: None / "geometric" (keep ratio per step from block `start`=1 every `every`=2), "constant" (r tokens
@@ -72,14 +75,31 @@ def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
     The state dict is untouched: the patched model still loads and saves the same checkpoints.
     `unpatch(model)` restores the dense model.
     """
+    model.token_reducer = make_reducer(model, method, reduction, schedule, r=r, keep=keep, start=start, every=every,
+                                       track_source=track_source, **options)
+    return model
+
+
+def make_reducer(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional[float] = None,
+                 schedule: Union[None, str, Sequence[int], Schedule] = None, *, r: Optional[int] = None,
+                 keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
+                 track_source: bool = False, **options) -> TokenReducer:
+    """The TokenReducer `patch` gives `model` for these arguments, with the same checks and errors,
+    without patching it: the model is only read (e.g. to refuse an unreachable target before any work)."""
     _check_model(model)
+    if isinstance(method, MergeRecipe):
+        given = [k for k, v in dict(reduction=reduction, schedule=schedule, r=r, keep=keep, start=start,
+                                    every=every).items() if v is not None] + sorted(options)
+        if given:
+            raise TypeError(f"a MergeRecipe fixes the method, options and schedule; got {', '.join(given)} too")
+        method.check_fits(model)
+        return make_reducer(model, method.method, track_source=track_source, **method.patch_options())
     m = make_method(method, **options)
     schedule_for = functools.partial(_schedule_for, m, len(model.layers), model.layout, start, every)
     sch = schedule_for(reduction=reduction, schedule=schedule, r=r, keep=keep)
     constant = schedule if schedule == "constant" else None  # model.r keeps R-MeeTo's spacing, else ToMe's
-    model.token_reducer = TokenReducer(m, sch, track_source=track_source,
-                                       schedule_for_r=functools.partial(schedule_for, schedule=constant))
-    return model
+    return TokenReducer(m, sch, track_source=track_source,
+                        schedule_for_r=functools.partial(schedule_for, schedule=constant))
 
 
 def _schedule_for(method, depth: int, layout, start: Optional[int], every: Optional[int], **size) -> Schedule:

@@ -10,7 +10,7 @@ j = s+1..t). The backward scan is the forward one on the reversed sequence (s >=
 """
 import torch
 
-from mambamerge.diagnostics.probe import ScanInputs
+from mambamerge.models.mixer import ScanInputs
 
 
 def implicit_attention(scan: ScanInputs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Dict
 
 import torch
 
-from mambamerge.diagnostics.probe import ScanInputs
+from mambamerge.models.mixer import ScanInputs
 
 
 def decay_factors(scan: ScanInputs, max_lag: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ from typing import Dict, List, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from mambamerge.diagnostics.probe import DIRECTIONS, ScanInputs, Trace, block_scans, class_feature_from, \
-    class_index, inverse_softplus, trace
+from mambamerge.diagnostics.probe import DIRECTIONS, Trace, block_scans, class_feature_from, class_index, \
+    inverse_softplus, trace
+from mambamerge.models.mixer import ScanInputs
 
 AGGREGATES = ("mean", "l2", "max")
 SOURCES = ("this", "next")  # the block just run before the removal (what a method can read), or the next one

@@ -16,6 +16,7 @@ from torch import nn
 
 from mambamerge.data.folders import normalisation
 from mambamerge.models.blocks import Block, DropPath, RMSNorm
+from mambamerge.models.mixer import MambaMixer
 from mambamerge.ops import MIXER_IMPLS
 from mambamerge.runner import class_feature, run_blocks
 from mambamerge.tokens import TokenLayout
@@ -35,8 +36,9 @@ class MambaClassifier(nn.Module):
     """
 
     cfg = None
-    # leaf names of the parameters timm's optimiser factory keeps out of weight decay (with every bias and
-    # 1-D parameter), as the official trainings do
+    classes = None  # the class names a checkpoint records (load_checkpoint)
+    merge_recipe = None  # the token reduction a fine-tuned checkpoint records (load_checkpoint; a MergeRecipe)
+    # leaf names of the embeddings kept out of weight decay (see no_weight_decay)
     no_weight_decay_leaves = ("pos_embed", "cls_token", "temporal_pos_embedding")
 
     def _build_trunk(self, embed_dim: int, depth: int, num_classes: int, drop_path_rate: float,
@@ -142,10 +144,14 @@ class MambaClassifier(nn.Module):
     head_hidden_size = num_features
 
     def no_weight_decay(self) -> Set[str]:
-        """Names of the position and class embeddings, which timm's create_optimizer_v2 (as the official
-        Vim, VideoMamba and AuM trainings) keeps out of weight decay."""
-        leaves = self.no_weight_decay_leaves
-        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in leaves}
+        """Names of the parameters kept out of weight decay, by `mambamerge train` and by timm's
+        create_optimizer_v2 (both also spare every 1-D parameter): the position and class embeddings (as
+        the official Vim, VideoMamba and AuM trainings) and every mixer's A_log and D (as mamba_ssm)."""
+        names = {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in self.no_weight_decay_leaves}
+        for prefix, module in self.named_modules():
+            if isinstance(module, MambaMixer):
+                names |= {f"{prefix}.{name}" for name in module.no_weight_decay()}
+        return names
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -1,12 +1,15 @@
-"""The mixer's fused CUDA path: causal-conv1d's convolution and mamba_ssm's selective scan.
+"""The mixer's fused CUDA paths: causal-conv1d's convolution and mamba_ssm's selective scan (FusedPath),
+or torch's convolution and the Triton scan (TritonPath).
 
 Channel-major, as the kernels take their inputs: (batch, channels, L), last axis contiguous. The scan
 kernel adds the step-size bias, applies softplus and gates its output with SiLU(z) itself, so the
 step size Δ is never materialised, except in blocks asked for SSMStats, which compute it once more
 outside the kernel to report it (`reported_stats`); their output is the same as without the report.
-A backward branch runs both kernels on the flipped sequence and its output is flipped back.
+A backward branch runs both kernels on the flipped sequence and its output is flipped back. The Triton
+kernels take the direction as an argument instead, so that path flips nothing, and they report Δ and its
+channel mean from the scan itself.
 
-Same semantics as MambaMixer's own path: the gate distributes over the sum of the two directions, so
+Same semantics as the PyTorch path: the gate distributes over the sum of the two directions, so
 gating each direction inside the kernel and then summing (and halving, where the model divides)
 equals summing, gating and halving.
 """
@@ -15,8 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mambamerge.ops import FusedKernels, softplus
-from mambamerge.tokens import SSMStats
+from mambamerge.ops import FusedKernels, softplus, triton_handles
 
 KERNEL_DEVICES = ("cuda",)  # tests add "cpu" to run the path against stand-in kernels
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,7 +26,7 @@ CONV_WIDTHS = (2, 3, 4)
 MAX_STATE = 256
 
 
-class Branch(NamedTuple):
+class KernelInputs(NamedTuple):
     """One convolution + projection branch in scan order: u, dt (batch, d_inner, L), dt before its bias;
     B, C (batch, d_state, L)."""
 
@@ -33,8 +35,8 @@ class Branch(NamedTuple):
     B: torch.Tensor
     C: torch.Tensor
 
-    def flip(self) -> "Branch":
-        return Branch(*(t.flip(-1) for t in self))
+    def flip(self) -> "KernelInputs":
+        return KernelInputs(*(t.flip(-1) for t in self))
 
 
 def unsupported_reason(mixer, hidden: torch.Tensor) -> Optional[str]:
@@ -51,7 +53,16 @@ def unsupported_reason(mixer, hidden: torch.Tensor) -> Optional[str]:
     return None
 
 
-def reported_stats(branch: Branch, bias: torch.Tensor, flipped: bool) -> Tuple[torch.Tensor, ...]:
+def triton_unsupported_reason(mixer, hidden: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run `mixer` on `hidden`, or None when they can."""
+    for what, t in (("input", hidden), ("weight", mixer.in_proj.weight)):
+        if not triton_handles(t):
+            return (f"the Triton kernels take float32, float16 or bfloat16 CUDA tensors, the mixer's {what} is "
+                    f"{t.dtype} on {t.device}")
+    return None
+
+
+def reported_stats(branch: KernelInputs, bias: torch.Tensor, flipped: bool) -> Tuple[torch.Tensor, ...]:
     """One branch's part of SSMStats in sequence order (flipped: the branch ran on the flipped sequence):
     Δ = softplus(dt + bias) as the scan kernel computes it internally (batch, d_inner, L), B (batch,
     d_state, L) and Δ's mean over channels (batch, L), in at least float32 (the scan's own precision)."""
@@ -61,42 +72,86 @@ def reported_stats(branch: Branch, bias: torch.Tensor, flipped: bool) -> Tuple[t
     return tuple(t.flip(-1) for t in stats) if flipped else stats
 
 
-def _branch(mixer, kernels: FusedKernels, x: torch.Tensor, suffix: str) -> Branch:
-    """x (batch, d_inner, L) in scan order -> the branch's scan inputs (see Branch)."""
-    conv = getattr(mixer, "conv1d" + suffix)
-    u = kernels.causal_conv1d_fn(x, conv.weight[:, 0], conv.bias, activation="silu")
-    dt, B, C = torch.matmul(getattr(mixer, "x_proj" + suffix).weight, u).split(
-        [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=1)
-    return Branch(u, torch.matmul(getattr(mixer, "dt_proj" + suffix).weight, dt), B, C)
+class FusedPath:
+    """The mixer's steps (as TorchPath's, models/mixer.py) through the kernels, channel-major."""
+
+    def __init__(self, mixer, kernels: FusedKernels):
+        self.mixer = mixer
+        self.kernels = kernels
+
+    def project(self, hidden: torch.Tensor):
+        """hidden (batch, L, d_model) -> x, z (batch, d_inner, L)."""
+        return torch.matmul(self.mixer.in_proj.weight, hidden.transpose(1, 2)).chunk(2, dim=1)
+
+    def branch(self, x: torch.Tensor, branch, mean_delta: bool) -> KernelInputs:
+        """x (batch, d_inner, L) -> the branch's scan inputs in its convolution's order (flipped for a
+        backward branch); the kernel computes Δ, so mean_delta is left to `stats`."""
+        mixer = self.mixer
+        conv = getattr(mixer, "conv1d" + branch.suffix)
+        u = self.kernels.causal_conv1d_fn(x.flip(-1) if branch.reverse else x, conv.weight[:, 0], conv.bias,
+                                          activation="silu")
+        dt, B, C = torch.matmul(getattr(mixer, "x_proj" + branch.suffix).weight, u).split(
+            [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=1)
+        return KernelInputs(u, torch.matmul(getattr(mixer, "dt_proj" + branch.suffix).weight, dt), B, C)
+
+    def scan(self, inputs: KernelInputs, branch, scan, z: torch.Tensor) -> torch.Tensor:
+        """One direction with bias + softplus of the step and the SiLU(z) gate inside the kernel, run in scan
+        order: (batch, d_inner, L) in sequence order."""
+        mixer = self.mixer
+        if branch.reverse != scan.reverse:
+            inputs = inputs.flip()
+        y = self.kernels.selective_scan_fn(
+            inputs.u, inputs.dt, -torch.exp(getattr(mixer, scan.a_log).float()), inputs.B, inputs.C,
+            getattr(mixer, "D" + branch.suffix).float(), z=z.flip(-1) if scan.reverse else z,
+            delta_bias=getattr(mixer, "dt_proj" + branch.suffix).bias.float(), delta_softplus=True)
+        return y.flip(-1) if scan.reverse else y
+
+    def output(self, y: torch.Tensor, z: torch.Tensor, halve: bool) -> torch.Tensor:
+        """The summed (already gated) scans, halved when asked, through out_proj: (batch, L, d_model)."""
+        return F.linear((y * 0.5 if halve else y).transpose(1, 2), self.mixer.out_proj.weight)
+
+    def stats(self, inputs: KernelInputs, branch):
+        return reported_stats(inputs, getattr(self.mixer, "dt_proj" + branch.suffix).bias, flipped=branch.reverse)
 
 
-def _scan(kernels: FusedKernels, branch: Branch, z: torch.Tensor, a_log: torch.Tensor, skip: torch.Tensor,
-          dt_bias: torch.Tensor) -> torch.Tensor:
-    """One direction in scan order, with bias + softplus of the step and the SiLU(z) gate inside the
-    kernel. z: (batch, d_inner, L) in scan order -> (batch, d_inner, L)."""
-    return kernels.selective_scan_fn(branch.u, branch.dt, -torch.exp(a_log.float()), branch.B, branch.C,
-                                     skip.float(), z=z, delta_bias=dt_bias.float(), delta_softplus=True)
+class TritonInputs(NamedTuple):
+    """A branch's scan inputs in sequence order (as KernelInputs), and `reported`: the list its first scan
+    fills with (Δ, mean Δ) when the block was asked for SSMStats (report), else left empty."""
+
+    u: torch.Tensor
+    dt: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    report: bool
+    reported: list
 
 
-def fused_forward(mixer, hidden: torch.Tensor, kernels: FusedKernels, return_ssm: bool = False):
-    """MambaMixer.forward through the kernels. hidden: (batch, L, d_model) -> (batch, L, d_model), plus
-    SSMStats when return_ssm."""
-    xz = torch.matmul(mixer.in_proj.weight, hidden.transpose(1, 2))  # (batch, 2 d_inner, L)
-    x, z = xz.chunk(2, dim=1)
-    fwd = _branch(mixer, kernels, x, "")
-    y = _scan(kernels, fwd, z, mixer.A_log, mixer.D, mixer.dt_proj.bias)
-    if mixer.variant == "bi":
-        x_b, z_b = xz.flip(-1).chunk(2, dim=1)
-        bwd = _branch(mixer, kernels, x_b, "_b")
-        y = y + _scan(kernels, bwd, z_b, mixer.A_b_log, mixer.D_b, mixer.dt_proj_b.bias).flip(-1)
-    elif mixer.variant == "bi_shared":
-        y = y + _scan(kernels, fwd.flip(), z.flip(-1), mixer.A_b_log, mixer.D, mixer.dt_proj.bias).flip(-1)
-    if mixer.divide_out and mixer.scans == 2:
-        y = y * 0.5
-    out = F.linear(y.transpose(1, 2), mixer.out_proj.weight)
-    if not return_ssm:
-        return out
-    delta_f, B_f, mean_f = forward_stats = reported_stats(fwd, mixer.dt_proj.bias, flipped=False)
-    delta_b, B_b, mean_b = (reported_stats(bwd, mixer.dt_proj_b.bias, flipped=True) if mixer.variant == "bi"
-                            else forward_stats)
-    return out, SSMStats(delta_f, delta_b, B_f, B_b, mean_f, mean_b)
+class TritonPath(FusedPath):
+    """FusedPath's steps through torch's convolution and the Triton scan (ops.triton_kernels): a backward
+    branch convolves and scans backwards in place, and Δ for SSMStats comes from the scan's own pass."""
+
+    def branch(self, x: torch.Tensor, branch, mean_delta: bool) -> TritonInputs:
+        mixer = self.mixer
+        conv = getattr(mixer, "conv1d" + branch.suffix)
+        u = self.kernels.causal_conv1d_fn(x, conv.weight[:, 0], conv.bias, activation="silu", reverse=branch.reverse)
+        dt, B, C = torch.matmul(getattr(mixer, "x_proj" + branch.suffix).weight, u).split(
+            [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=1)
+        return TritonInputs(u, torch.matmul(getattr(mixer, "dt_proj" + branch.suffix).weight, dt), B, C,
+                            mean_delta, [])
+
+    def scan(self, inputs: TritonInputs, branch, scan, z: torch.Tensor) -> torch.Tensor:
+        mixer = self.mixer
+        report = inputs.report and not inputs.reported
+        out = self.kernels.selective_scan_fn(
+            inputs.u, inputs.dt, -torch.exp(getattr(mixer, scan.a_log).float()), inputs.B, inputs.C,
+            getattr(mixer, "D" + branch.suffix).float(), z=z,
+            delta_bias=getattr(mixer, "dt_proj" + branch.suffix).bias.float(), delta_softplus=True,
+            reverse=scan.reverse, report=report)
+        if not report:
+            return out
+        inputs.reported.extend(out[1:])
+        return out[0]
+
+    def stats(self, inputs: TritonInputs, branch):
+        delta, mean = inputs.reported
+        return delta, inputs.B.to(delta.dtype), mean
