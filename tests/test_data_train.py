@@ -54,7 +54,8 @@ def test_a_slice_of_a_split_starts_where_asked(tmp_path):
     spec = f"mnist:{tmp_path}"
     tail = load_dataset(spec, "train", img_size=4, start=4)
     assert tail.labels.tolist() == [1, 0] and torch.equal(tail.images, torch.from_numpy(images[4:]))
-    assert load_dataset(spec, "train", img_size=4, start=1, limit=2).labels.tolist() == [4, 3]
+    # from image 1 on, labels 4 3 2 1 0: a limit of 2 takes the first of classes 0 and 1
+    assert load_dataset(spec, "train", img_size=4, start=1, limit=2).labels.tolist() == [0, 1]
     with pytest.raises(ValueError, match=r"start must be in \[0, 6\) for the 6 images of mnist train, got 6"):
         load_dataset(spec, "train", start=6)
 
@@ -214,7 +215,7 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
 def test_train_command_names_a_bad_device(tmp_path, capsys):
     from mambamerge.cli.main import main
 
-    argv = ["train", "--model", "vim_pico", "--out", str(tmp_path / "run"), "--device"]
+    argv = ["train", "--data", "fashion-mnist", "--model", "vim_pico", "--out", str(tmp_path / "run"), "--device"]
     assert main(argv + ["banana"]) == 2
     assert "--device 'banana' is not a device name" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -238,7 +238,7 @@ def test_unreachable_reductions_are_refused_before_any_work_and_leave_no_folder(
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the settings were checked")
 
-    monkeypatch.setattr("mambamerge.cli.eval.load_dataset", no_data)
+    monkeypatch.setattr("mambamerge.data.load_dataset", no_data)
     common = ["--checkpoint", str(path), "--data", "fashion-mnist", "--threads", "1"]
     for command, flag in (("visualize", "--reduction 0.5"), ("diagnose", "--reductions 0.")):
         assert main([command, *common, "--out", str(tmp_path / command)]) == 2

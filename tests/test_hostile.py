@@ -211,12 +211,12 @@ def test_info_refuses_partial_and_misshaped_files(tmp_path, pico_sd, capsys):
     (["--out", "{tmp}/a_file/run"], "cannot write results to"),
 ])
 def test_train_refuses_bad_arguments_before_any_work(tmp_path, data, extra, message, monkeypatch, capsys):
-    import mambamerge.cli.train as train_command
+    import mambamerge.data
 
     def no_work(*args, **kwargs):
         raise AssertionError("data was read before the arguments were checked")
 
-    monkeypatch.setattr(train_command, "load_dataset", no_work)
+    monkeypatch.setattr(mambamerge.data, "load_dataset", no_work)
     (tmp_path / "a_file").write_text("")
     argv = [a.format(tmp=tmp_path) for a in TRAIN + data + ["--out", str(tmp_path / "run")] + extra]
     assert main(argv) == 2
@@ -399,10 +399,10 @@ def test_eval_and_sweep_skip_unreadable_images_and_say_so(tmp_path, pico_ckpt, c
     capsys.readouterr()
     assert main(["eval", *common, "--data", str(root / "val"), "--json", str(tmp_path / "damaged.json")]) == 0
     captured = capsys.readouterr()
-    assert "Traceback" not in captured.err and "skipped     2 unreadable images" in captured.out
+    assert "Traceback" not in captured.err and "skipped     2 unreadable files" in captured.out
     assert "warning: skipped an unreadable image" in captured.err and "garbage.png" in captured.err
     clean, damaged = (json.loads((tmp_path / f"{n}.json").read_text())["result"] for n in ("clean", "damaged"))
-    assert damaged["images"] == clean["images"] == 4 and damaged["top1"] == clean["top1"]
+    assert damaged["inputs"] == clean["inputs"] == 4 and damaged["top1"] == clean["top1"]
     assert [Path(p.split(" (")[0]).name for p in damaged["unreadable_images"]] == ["garbage.png", "cut.jpg"]
     out = tmp_path / "sweep"
     assert main(["sweep", *common, "--data", str(root / "val"), "--out", str(out), "--methods", "mame",

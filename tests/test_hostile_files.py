@@ -99,7 +99,7 @@ def test_eval_json_into_a_folder_with_a_planted_journal_warns_and_writes(tmp_pat
                  "--json", str(folder / "e.json")]) == 0
     err = capsys.readouterr().err
     assert f"warning: {journal}: left alone" in err and "not a plain file name" in err and "Traceback" not in err
-    assert outside.read_text() == "precious" and json.loads((folder / "e.json").read_text())["result"]["images"] == 4
+    assert outside.read_text() == "precious" and json.loads((folder / "e.json").read_text())["result"]["inputs"] == 4
 
 
 def test_only_temp_files_this_library_named_for_a_dead_process_are_removed(tmp_path, dead_pid):

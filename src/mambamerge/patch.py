@@ -51,6 +51,17 @@ def patch(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional
     The state dict is untouched: the patched model still loads and saves the same checkpoints.
     `unpatch(model)` restores the dense model.
     """
+    model.token_reducer = make_reducer(model, method, reduction, schedule, r=r, keep=keep, start=start, every=every,
+                                       track_source=track_source, **options)
+    return model
+
+
+def make_reducer(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional[float] = None,
+                 schedule: Union[None, str, Sequence[int], Schedule] = None, *, r: Optional[int] = None,
+                 keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
+                 track_source: bool = False, **options) -> TokenReducer:
+    """The TokenReducer `patch` gives `model` for these arguments, with the same checks and errors,
+    without patching it: the model is only read (e.g. to refuse an unreachable target before any work)."""
     _check_model(model)
     if isinstance(method, MergeRecipe):
         given = [k for k, v in dict(reduction=reduction, schedule=schedule, r=r, keep=keep, start=start,
@@ -58,13 +69,12 @@ def patch(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional
         if given:
             raise TypeError(f"a MergeRecipe fixes the method, options and schedule; got {', '.join(given)} too")
         method.check_fits(model)
-        return patch(model, method.method, track_source=track_source, **method.patch_options())
+        return make_reducer(model, method.method, track_source=track_source, **method.patch_options())
     m = make_method(method, **options)
     layout = model.layout
     sch = resolve(len(model.layers), layout.length, lambda length: m.capacity(length, layout), reduction=reduction,
                   schedule=schedule, r=r, keep=keep, start=start, every=every)
-    model.token_reducer = TokenReducer(m, sch, track_source=track_source)
-    return model
+    return TokenReducer(m, sch, track_source=track_source)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -6,23 +6,10 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
-from mambamerge import distributed
-from mambamerge.atomic import write_bytes
-from mambamerge.checkpoint import load_checkpoint
 from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction, default_workers,
                                  parse_options, setup_device)
-from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
-from mambamerge.data.folders import Augment, image_folder, probe_folder
-from mambamerge.data.loading import holdout_split, subset
-from mambamerge.distributed import world
-from mambamerge.evaluate import check_classes, check_fit
-from mambamerge.models import create_model, list_models
-from mambamerge.patch import patch
-from mambamerge.results import check_writable
-from mambamerge.threads import default_threads
-from mambamerge.train import TrainConfig, load_resume, run_record, train
+from mambamerge.cli.names import IDX_SETS, MODELS, VAL_SPLIT_SETS
+from mambamerge.train_settings import Augment, TrainConfig
 
 HELP = ("train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run or extends a finished "
         "one with more --epochs)")
@@ -30,14 +17,19 @@ HELP = ("train or fine-tune a model on a dataset (seeded; --resume continues an 
 # shift-and-flip augmentation only
 FOLDER_RECIPE = {"mixup": 0.8, "cutmix": 1.0}
 SKIPPED = ("amp",)  # TrainConfig fields with an option of their own (add_device_options)
+EXAMPLES = ("--data fashion-mnist --epochs 10 --out outputs/fmnist",
+            "--data imagenet/ --init vim_t_midclstok_76p1acc.pth --method mame --reduction 0.4 --teacher dense "
+            "--epochs 5 --out outputs/vim-t-mame",
+            "--data fashion-mnist --epochs 12 --out outputs/fmnist --resume")
 RUN_FILES = ("command.json", "last.pt", "model.safetensors", "model_last.safetensors", "history.json", "summary.json")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, mnist (optionally name:/folder/with/idx), or a folder with train/ and val/ "
-                        "sub-folders in the ImageNet layout (val/ is the test split: reported, never used to select)")
-    p.add_argument("--model", default="vim_nano", choices=list_models(), metavar="NAME",
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="fashion-mnist, mnist (optionally name:/folder/with/idx), fsdd, moving-fashion-mnist, "
+                        "moving-mnist, or a folder with train/ and val/ sub-folders in the ImageNet layout (val/ is "
+                        "the test split: reported, never used to select)")
+    p.add_argument("--model", default="vim_nano", choices=MODELS, metavar="NAME",
                    help="architecture for training from scratch (default vim_nano: the demo model)")
     p.add_argument("--img-size", type=int, metavar="PIXELS",
                    help="training resolution (default: a folder's own square image size, else the model's; with "
@@ -58,8 +50,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "an --out holding a run is refused)")
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                    help="also save last.pt every STEPS steps (default: at epoch ends only)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images (after the "
-                                                            "validation split is held out)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only N training images (after the validation split is held out): round-robin over the "
+                        "classes in file order, the same N for every run")
     p.add_argument("--val-split", type=float, default=0.1, metavar="F|N",
                    help="validation images held out of the training data to select the best epoch: a fraction "
                         "(default 0.1) or a count; the same slice for every --seed and --limit")
@@ -80,11 +73,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         default = None if f.name in FOLDER_RECIPE else f.default
         note = (f"default {FOLDER_RECIPE[f.name]} for image folders, 0 for the named sets" if f.name in FOLDER_RECIPE
                 else f"default {f.default}")
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default, help=note)
+        flags = ["--" + f.name.replace("_", "-")] + (["--batch"] if f.name == "batch_size" else [])  # eval's name
+        p.add_argument(*flags, type=type(f.default), default=default, help=note)
 
 
 def _check_args(args: argparse.Namespace) -> TrainConfig:
     """Every setting checked before any data is read or file written; returns the training config."""
+    from mambamerge.results import check_writable
+
     check_at_least_one(args, "limit", "img_size", "threads")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 (epoch ends only) or more, got {args.save_every}")
@@ -123,33 +119,45 @@ def _run_files(out: Path) -> list:
 
 def _idx_splits(args, img_size: int):
     """(train, validation, test) of an IDX set: validation held out of the train split."""
+    from mambamerge.data import load_dataset
+    from mambamerge.data.loading import holdout_split, limited
+
     full = load_dataset(args.data, "train", img_size=img_size)
     train_index, val_index = holdout_split(len(full), args.val_split)
-    return (full.subset(train_index[:args.limit], augment=True), full.subset(val_index, augment=False),
+    return (full.subset(limited(train_index, full.labels.tolist(), args.limit), augment=True),
+            full.subset(val_index, augment=False),
             load_dataset(args.data, "test", img_size=img_size))
 
 
 def _folder_splits(args, img_size: int, in_chans: int):
     """(train, validation, test) of an image folder: validation held out of train/, test = val/."""
+    from mambamerge.data.folders import image_folder
+    from mambamerge.data.loading import holdout_split, limited, subset
+
     root = Path(args.data)
     augment = Augment(**{k: v for k, v in (("auto_augment", None if args.aa == "none" else args.aa),
                                            ("re_prob", args.reprob)) if v is not None})
     train_all = image_folder(root / "train", img_size=img_size, in_chans=in_chans, augment=augment)
     plain = image_folder(root / "train", img_size=img_size, in_chans=in_chans)
     train_index, val_index = holdout_split(len(plain), args.val_split)
-    return (subset(train_all, train_index[:args.limit]), subset(plain, val_index),
+    return (subset(train_all, limited(train_index, plain.targets, args.limit)), subset(plain, val_index),
             image_folder(root / "val", img_size=img_size, in_chans=in_chans))
 
 
 def _named_splits(args, input_shape):
     """(train, validation, test) of a named set that holds out its own validation split from its
     training data (fsdd, moving-*), for a model taking inputs of `input_shape`."""
+    from mambamerge.data import load_dataset
+
     return tuple(load_dataset(args.data, split, input_shape=input_shape, augment=split == "train",
                               limit=args.limit if split == "train" else None) for split in ("train", "val", "test"))
 
 
 def _family_data(args, base):
     """(train, validation, test, model) of the audio and video sets: the model is built as named."""
+    from mambamerge.evaluate import check_classes, check_fit
+    from mambamerge.models import create_model
+
     if args.aa is not None or args.reprob is not None or args.img_size or args.in_chans:
         raise ValueError(f"--aa, --reprob, --img-size and --in-chans apply to image data; {args.data} gives inputs "
                          f"of the shape its model is built for")
@@ -169,6 +177,10 @@ def _family_data(args, base):
 
 def _data(args, base):
     """(train, validation, test, model) with the model built for the data (or checked against it)."""
+    from mambamerge.data.folders import probe_folder
+    from mambamerge.evaluate import check_classes, check_fit
+    from mambamerge.models import create_model
+
     if args.data.partition(":")[0] in VAL_SPLIT_SETS:
         return _family_data(args, base)
     is_idx = args.data.partition(":")[0] in IDX_SETS
@@ -209,6 +221,18 @@ def _input_record(model) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     cfg = _check_args(args)
+    import torch
+
+    from mambamerge import distributed
+    from mambamerge.atomic import write_bytes
+    from mambamerge.checkpoint import load_checkpoint
+    from mambamerge.data.datasets import SUBSET_RULE
+    from mambamerge.distributed import world
+    from mambamerge.evaluate import check_classes, check_fit
+    from mambamerge.patch import patch
+    from mambamerge.threads import default_threads
+    from mambamerge.train import load_resume, run_record, train
+
     torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
     is_idx = args.data.partition(":")[0] in IDX_SETS
@@ -230,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     command = {"data": args.data, "model": None if args.init else args.model, "init": args.init,
                "teacher": args.teacher, "method": args.method, "reduction": args.reduction,
                **({"options": options} if options else {}),  # absent without: older last.pt files still resume
-               "limit": args.limit,
+               "limit": args.limit, **({"subset": SUBSET_RULE} if args.limit else {}),
                "val_split": args.val_split, **_input_record(model),
                "augment": None if is_idx else [args.aa, args.reprob]}
     saved = load_resume(out / "last.pt", cfg, run_record(command, train_set, val_set, teacher is not None)) \

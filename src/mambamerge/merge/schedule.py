@@ -19,6 +19,17 @@ Capacity = Callable[[int], int]  # tokens now -> most tokens the method can remo
 DEFAULT_GEOMETRIC_EVERY = 2
 
 
+class UnreachableTarget(ValueError):
+    """A target average reduction a schedule cannot reach with a method, with the parts of the message
+    apart: `schedule` (its kind and spacing in words), `target`, `reached` (the closest), `most` (the
+    most it can reach) and `advice`, so that a sweep can say it once for many targets."""
+
+    def __init__(self, schedule: str, target: float, reached: float, most: float, advice: str):
+        super().__init__(f"{schedule} cannot reach an average reduction of {target:.0%} with this method: the "
+                         f"closest is {reached:.1%}, the most it can reach {most:.1%}; {advice}")
+        self.schedule, self.target, self.reached, self.most, self.advice = schedule, target, reached, most, advice
+
+
 @dataclass(frozen=True)
 class Schedule:
     removals: Tuple[int, ...]
@@ -195,7 +206,6 @@ def resolve(depth: int, initial: int, capacity: Capacity, reduction: Optional[fl
         else:
             advice = ("use schedule='geometric' with start=1, every=1 (on the command line: --option "
                       "schedule=geometric --option start=1 --option every=1), or an explicit list of per-block counts")
-        raise ValueError(f"a {kind} schedule (start={start}, every={every}) cannot reach an average reduction of "
-                         f"{reduction:.0%} with this method: the closest is {reached:.1%}, the most it can reach "
-                         f"{most.average_reduction(initial):.1%}; {advice}")
+        raise UnreachableTarget(f"a {kind} schedule (start={start}, every={every})", reduction, reached,
+                                most.average_reduction(initial), advice)
     return best
