@@ -28,7 +28,7 @@ import time
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Union
+from typing import Callable, Dict, Iterator, List, Set, Union
 
 PathLike = Union[str, os.PathLike]
 LOCK_NAME = ".mambamerge.lock"
@@ -36,7 +36,7 @@ WAIT_S = 10.0  # how long a commit waits for another process's lock on its folde
 _TEMP = re.compile(r"\.(?P<name>.+)\.mambamerge-(?P<pid>\d+)-[0-9a-f]{8}\.tmp")
 _JOURNAL = re.compile(r"\.mambamerge-commit-(?P<pid>\d+)-[0-9a-f]{8}\.json")
 _MAX_JOURNAL = 1 << 16  # bytes; ours name a handful of files
-_held: Dict[str, int] = {}  # real path of a folder -> its lock, held by this process for a whole command
+_held: Set[str] = set()  # real paths of the folders this process holds for a whole command (hold())
 
 
 class OutputError(ValueError):
@@ -195,11 +195,11 @@ def hold(folder: PathLike, purpose: str) -> Iterator[Path]:
     key = os.path.realpath(folder)
     try:
         fd = _acquire(folder, purpose, wait=0)
-        _held[key] = fd
+        _held.add(key)
         try:
             yield folder
         finally:
-            del _held[key]
+            _held.discard(key)
             _release(folder, fd)
     finally:
         for made in created:
