@@ -33,6 +33,8 @@ def test_eval_audio_and_video_checkpoints(tmp_path, capsys, make, data):
     expected = accuracy(model, load_dataset(data, "test", limit=12, input_shape=model.input_shape))
     assert f"top-1       {expected:.2%}" in out and f"{model.family} model" in out
     assert f"reduction   {mambamerge.reduction_summary(model)['average_reduction']:.1%}" in out
+    kind = "spectrograms" if data == "fsdd" else "clips"
+    assert f"{kind}/s; dense" in out and f"12 {kind}" in out and "image" not in out  # the family's inputs, named
 
 
 def test_data_of_another_kind_is_a_clear_error(tmp_path, capsys):

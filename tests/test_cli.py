@@ -32,7 +32,7 @@ def test_info_lists_models_and_describes_checkpoints(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["speed", "--checkpoint", "/nonexistent/x.pth"], "checkpoint not found"),
-    (["speed", "--model", "vim_pico", "--batch", "0"], "--batch and --runs must be at least 1"),
+    (["speed", "--model", "vim_pico", "--batch", "0"], "--batch-size and --runs must be at least 1"),
 ])
 def test_errors_are_one_line_without_traceback(argv, message, capsys):
     assert main(argv) == 2

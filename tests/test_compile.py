@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import mambamerge
-from mambamerge.ops import compiled
+from mambamerge.ops import cpu_kernels
 
 from conftest import perturb_
 
-needs_compiled = pytest.mark.skipif(not compiled.available(), reason=f"{compiled.unavailable_reason()}")
+needs_compiled = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 
 # the default settings of each method, and the options that take another code path in the plan
 CASES = [

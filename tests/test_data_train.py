@@ -54,7 +54,8 @@ def test_a_slice_of_a_split_starts_where_asked(tmp_path):
     spec = f"mnist:{tmp_path}"
     tail = load_dataset(spec, "train", img_size=4, start=4)
     assert tail.labels.tolist() == [1, 0] and torch.equal(tail.images, torch.from_numpy(images[4:]))
-    assert load_dataset(spec, "train", img_size=4, start=1, limit=2).labels.tolist() == [4, 3]
+    # from image 1 on, labels 4 3 2 1 0: a limit of 2 takes the first of classes 0 and 1
+    assert load_dataset(spec, "train", img_size=4, start=1, limit=2).labels.tolist() == [0, 1]
     with pytest.raises(ValueError, match=r"start must be in \[0, 6\) for the 6 images of mnist train, got 6"):
         load_dataset(spec, "train", start=6)
 
@@ -111,12 +112,65 @@ def test_training_learns_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
+def quiet_train(*args, **kwargs):
+    """train() with its small-validation-set warning expected (these sets are kept small to run fast)."""
+    with pytest.warns(UserWarning, match="held-out images"):
+        return train(*args, log=kwargs.pop("log", lambda *_: None), **kwargs)
+
+
+def test_resume_with_more_epochs_extends_the_schedule_as_documented(tmp_path):
+    train_set = load_dataset("fashion-mnist", "test", limit=96, augment=True)
+    val_set = load_dataset("fashion-mnist", "test", start=96, limit=64)
+    two, four = (TrainConfig(epochs=n, batch_size=32, lr=3e-3, warmup_epochs=0.3, eval_batch_size=64) for n in (2, 4))
+    steps = 3  # 96 images in batches of 32
+    first = quiet_train(tiny(), train_set, val_set, tmp_path / "a", two)
+    extended = tiny()
+    result = quiet_train(extended, train_set, val_set, tmp_path / "a", four, resume=True)
+    assert result["epochs"] == 4 and result["extensions"] == [{"step": 2 * steps, "epochs_before": 2, "epochs": 4}]
+    history = result["history"]
+    for kept, now in zip(first["history"], history[:2]):  # the epochs done keep what they had
+        assert {k: now[k] for k in ("train_loss", "val_accuracy", "lr")} == \
+               {k: kept[k] for k in ("train_loss", "val_accuracy", "lr")}
+    warmup = int(0.3 * steps)
+    assert history[1]["lr"] == lr_at(2 * steps - 1, 2 * steps, warmup, two)  # the 2-epoch cosine's last rate
+    for epoch in (3, 4):  # from the resume on: the 4-epoch schedule
+        assert history[epoch - 1]["lr"] == lr_at(epoch * steps - 1, 4 * steps, warmup, four)
+    assert history[2]["lr"] > history[1]["lr"]
+
+    # an extension interrupted (after epoch 3) and resumed reaches the same weights as an uninterrupted one
+    quiet_train(tiny(), train_set, val_set, tmp_path / "b", two)
+
+    def interrupt(line):
+        if line.startswith("epoch 3/4"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quiet_train(tiny(), train_set, val_set, tmp_path / "b", four, resume=True, log=interrupt)
+    resumed = tiny()
+    again = quiet_train(resumed, train_set, val_set, tmp_path / "b", four, resume=True)
+    assert again["extensions"] == result["extensions"]
+    for (name, a), b in zip(extended.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="cannot shorten"):
+        train(tiny(), train_set, val_set, tmp_path / "b", two, resume=True)
+
+
+def test_selecting_on_too_few_held_out_images_warns(tmp_path, recwarn):
+    data = load_dataset("fashion-mnist", "test", limit=200)
+    cfg = TrainConfig(epochs=1, batch_size=64, eval_batch_size=200)
+    train(tiny(), data, data, tmp_path / "enough", cfg, log=lambda *_: None)
+    assert not [w for w in recwarn if "held-out" in str(w.message)]
+    few = load_dataset("fashion-mnist", "test", limit=64)
+    with pytest.warns(UserWarning, match="selected on 64 held-out images.*--val-split"):
+        train(tiny(), data, few, tmp_path / "few", cfg, log=lambda *_: None)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     data = load_dataset("fashion-mnist", "test", limit=32)
     cfg = TrainConfig(epochs=1, batch_size=32, eval_batch_size=32)
     train(tiny(), data, data, tmp_path, cfg, log=lambda *_: None)
     with pytest.raises(ValueError, match="other settings"):
-        train(tiny(), data, data, tmp_path, TrainConfig(epochs=2, batch_size=32, eval_batch_size=32), resume=True)
+        train(tiny(), data, data, tmp_path, TrainConfig(epochs=1, batch_size=16, eval_batch_size=32), resume=True)
 
 
 def test_no_weight_decay_on_ssm_and_embedding_parameters():
@@ -153,14 +207,15 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
     model = mambamerge.load_checkpoint(out / "model.safetensors")
     assert model.cfg.num_classes == 3 and model.cfg.img_size == (36, 36)  # the images' own size
     assert model.classes == ["ant", "bee", "cow"]
-    assert main(["train", "--data", str(tmp_path / "data" / "train"), "--model", "vim_pico", "--out", str(out)]) == 2
+    assert main(["train", "--data", str(tmp_path / "data" / "train"), "--model", "vim_pico",
+                 "--out", str(tmp_path / "other")]) == 2
     assert "needs train/ and val/ sub-folders" in capsys.readouterr().err
 
 
 def test_train_command_names_a_bad_device(tmp_path, capsys):
     from mambamerge.cli.main import main
 
-    argv = ["train", "--model", "vim_pico", "--out", str(tmp_path / "run"), "--device"]
+    argv = ["train", "--data", "fashion-mnist", "--model", "vim_pico", "--out", str(tmp_path / "run"), "--device"]
     assert main(argv + ["banana"]) == 2
     assert "--device 'banana' is not a device name" in capsys.readouterr().err
     if not torch.cuda.is_available():

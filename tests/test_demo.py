@@ -45,4 +45,4 @@ def test_demo_audio_and_video_commands_write_the_sweep(tmp_path, capsys, task):
     assert main(["demo", task, "--limit", "8", "--out", str(tmp_path), "--threads", "1"]) == 0
     assert "| mame | 80% |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert len(rows) == 1 + 4 * len(mambamerge.merge.METHODS) and rows[0]["images"] == 8
+    assert len(rows) == 1 + 4 * len(mambamerge.merge.METHODS) and rows[0]["inputs"] == 8

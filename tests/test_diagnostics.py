@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mambamerge
+from mambamerge.cli.demo import demo_checkpoint
 from mambamerge.cli.main import main
 from mambamerge.diagnostics.attention import apply_attention, class_token_attention, implicit_attention
 from mambamerge.diagnostics.decay import decay_factors, effective_lengths
@@ -19,6 +20,8 @@ from mambamerge.merge.state import TokenState
 from mambamerge.models.blocks import Block
 from mambamerge.ops import selective_scan_reference
 from conftest import perturb_
+
+DEMO = demo_checkpoint()  # the shipped vim_nano trained on Fashion-MNIST
 
 
 @pytest.fixture
@@ -216,3 +219,43 @@ def test_diagnose_and_visualize_commands(tmp_path, capsys):
     assert main(["diagnose", *common, "--loo-blocks", "0", "--out", str(tmp_path / "e")]) == 2
     assert "leave-one-out blocks must be in [1, 2]" in capsys.readouterr().err
     assert not (tmp_path / "e" / "diagnostics.json").exists()
+
+
+def test_diagnose_and_visualize_defaults_run_on_the_shipped_split(tmp_path, capsys):
+    common = ["--checkpoint", str(DEMO), "--data", "fashion-mnist", "--threads", "1", "--images", "4"]
+    assert main(["visualize", *common, "--out", str(tmp_path / "v")]) == 0
+    assert "fashion-mnist test inputs 0..3" in capsys.readouterr().out
+    assert json.loads((tmp_path / "v" / "merge_mame.json").read_text())["reduction"] == 0.5
+    assert main(["diagnose", *common, "--parts", "order", "prune_vs_merge", "--out", str(tmp_path / "d")]) == 0
+    summary = (tmp_path / "d" / "summary.txt").read_text()
+    assert "fashion-mnist test" in summary and all(f"{r:.0%}" in summary for r in (0.2, 0.4, 0.6))
+
+
+def test_unreachable_reductions_are_refused_before_any_work_and_leave_no_folder(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    path = mambamerge.save_checkpoint(mambamerge.create_model("vim_pico", in_chans=1), tmp_path / "pico.safetensors")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the settings were checked")
+
+    monkeypatch.setattr("mambamerge.data.load_dataset", no_data)
+    common = ["--checkpoint", str(path), "--data", "fashion-mnist", "--threads", "1"]
+    for command, flag in (("visualize", "--reduction 0.5"), ("diagnose", "--reductions 0.")):
+        assert main([command, *common, "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "2-block model" in err and f"lower {flag.split()[0]}" in err, err
+        assert not (tmp_path / command).exists()
+    assert main(["diagnose", *common, "--loo-blocks", "5", "--out", str(tmp_path / "e")]) == 2
+    assert "leave-one-out blocks must be in [1, 1]" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_a_missing_train_split_suggests_the_shipped_one(tmp_path, capsys, monkeypatch):
+    import mambamerge.data.datasets as datasets
+
+    shipped = [d for d in datasets._candidates("fashion-mnist") if "assets" in str(d)]
+    monkeypatch.setattr(datasets, "_candidates", lambda name: shipped)  # as on a machine without the Debian package
+    argv = ["visualize", "--checkpoint", str(DEMO), "--data", "fashion-mnist", "--split", "train", "--threads", "1",
+            "--out", str(tmp_path / "v")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no fashion-mnist train split" in err and "--split test" in err and not (tmp_path / "v").exists()

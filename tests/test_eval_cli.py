@@ -7,7 +7,6 @@ import torch
 
 import mambamerge
 import mambamerge.evaluate
-from mambamerge.cli import sweep
 from mambamerge.cli.main import main
 from mambamerge.data import load_dataset
 from mambamerge.evaluate import accuracy
@@ -42,15 +41,16 @@ def test_eval_prints_the_numbers_and_writes_json(checkpoint, tmp_path, capsys):
             "--reduction", "0.4", "--json", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for word in ("top-1", "GFLOPs", "images/s", "dense", "speed-up", "40.0% of token-layers"):
+    for word in ("top-1", "top-5", "GMACs", "images/s", "dense", "speed-up", "40.0% of token-layers"):
         assert word in printed
     payload = json.loads(out.read_text())
     result = payload["result"]
-    assert result["method"] == "mame" and result["images"] == 64 and 0.0 <= result["top1"] <= 1.0
+    assert result["method"] == "mame" and result["inputs"] == 64 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    assert result["input_kind"] == "images"
     assert result["average_reduction"] == pytest.approx(0.4, abs=0.02)
-    assert result["gflops_one_direction"] < result["gflops_both_directions"]
-    assert result["images_per_s"] > 0 and result["speedup"] == pytest.approx(
-        result["images_per_s"] / result["dense_images_per_s"])
+    assert result["gmacs_one_direction"] < result["gmacs_both_directions"]
+    assert result["inputs_per_s"] > 0 and result["speedup"] == pytest.approx(
+        result["inputs_per_s"] / result["dense_inputs_per_s"])
     assert payload["environment"]["torch"] == torch.__version__
     assert [f.name for f in tmp_path.iterdir()] == ["eval.json"]
 
@@ -92,7 +92,7 @@ def test_sweep_writes_table_csv_json_and_plot(checkpoint, tmp_path, capsys):
     assert rows[0]["status"] == "ok" and rows[0]["speedup"] == 1.0 and rows[0]["delta_top1"] == 0.0
     for row in rows[1:]:
         if reachable[row["method"], row["target_reduction"]]:
-            assert row["status"] == "ok" and row["images"] == 64
+            assert row["status"] == "ok" and row["inputs"] == 64
             assert row["average_reduction"] == pytest.approx(row["target_reduction"], abs=0.02)
             assert row["schedule"]["removals"][0] == 0 and len(row["schedule"]["removals"]) == 2
             assert row["delta_top1"] == pytest.approx(row["top1"] - rows[0]["top1"])
@@ -112,7 +112,10 @@ def test_sweep_writes_table_csv_json_and_plot(checkpoint, tmp_path, capsys):
     assert len(table_lines) == 1 + len(rows)
     not_reached = sum(not ok for ok in reachable.values())
     assert sum("| n/a |" in line for line in table_lines) == not_reached
-    assert sum(line.startswith("- ") and "cannot reach" in line for line in markdown.splitlines()) == not_reached
+    notes = [line for line in markdown.splitlines() if line.startswith("- ")]
+    assert len(notes) == len({row.get("note", row.get("reason")) for row in rows if row["status"] == "n/a"})
+    for (method, reduction), ok in reachable.items():  # each unreachable configuration is named in one note
+        assert sum(f"{method} {reduction:.0%}" in line.split(":")[0] for line in notes) == (not ok)
 
     png = (out / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -146,10 +149,11 @@ CASES = [  # (command, checkpoint, data, extra arguments, what the message must 
     ("sweep", "ok", "fashion-mnist", ["--reductions", "-0.1"], ["[0, 1)", "-0.1"]),
     ("sweep", "ok", "fashion-mnist", ["--option", "nosuch=1"], ["unknown option(s) nosuch"]),
     ("sweep", "ok", "fashion-mnist", ["--option", "r=5"], ["--option r=", "--reductions"]),
-    ("sweep", "ok", "fashion-mnist", ["--batch", "0"], ["--batch must be at least 1"]),
+    ("sweep", "ok", "fashion-mnist", ["--batch", "0"], ["--batch-size must be at least 1"]),
     ("sweep", "ok", "fashion-mnist", ["--out", "{tmp}/a_file/results"], ["cannot write results to", "a_file"]),
     ("eval", "ok", "fashion-mnist", ["--method", "nosuch", "--reduction", "0.4"], ["unknown method 'nosuch'"]),
     ("eval", "ok", "fashion-mnist", ["--reduction", "0.4"], ["need --method"]),
+    ("eval", "ok", "fashion-mnist", ["--method", "none", "--reduction", "0.4"], ["need --method NAME"]),
     ("eval", "ok", "fashion-mnist", ["--method", "mame"], ["--method needs --reduction"]),
     ("eval", "ok", "fashion-mnist", ["--method", "mame", "--reduction", "1.5"], ["[0, 1)"]),
     ("eval", "ok", "fashion-mnist", ["--method", "tome", "--reduction", "0.6"], ["cannot reach", "60%"]),
@@ -165,7 +169,7 @@ def test_bad_input_is_one_line_before_any_evaluation(command, ckpt, data, extra,
     def no_work(*args, **kwargs):
         raise AssertionError("an evaluation ran before the input was validated")
 
-    monkeypatch.setattr(mambamerge.evaluate, "accuracy", no_work)
+    monkeypatch.setattr(mambamerge.evaluate, "top_k_accuracy", no_work)
     out = tmp_path / "results"
     argv = [command, "--checkpoint", bad_inputs.get(ckpt, ckpt), "--data", data, *FAST, *extra]
     if command == "sweep" and "--out" not in extra:
@@ -180,7 +184,7 @@ def test_bad_input_is_one_line_before_any_evaluation(command, ckpt, data, extra,
 
 
 def test_interrupted_sweep_leaves_no_result_or_temp_file(checkpoint, tmp_path, monkeypatch, capsys):
-    real, calls = sweep.evaluate, []
+    real, calls = mambamerge.evaluate.evaluate, []
 
     def interrupted_on_third(*args, **kwargs):
         calls.append(args[2:3])
@@ -188,7 +192,7 @@ def test_interrupted_sweep_leaves_no_result_or_temp_file(checkpoint, tmp_path, m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "evaluate", interrupted_on_third)
+    monkeypatch.setattr(mambamerge.evaluate, "evaluate", interrupted_on_third)
     out = tmp_path / "sweep"
     argv = ["sweep", "--checkpoint", checkpoint, "--data", "fashion-mnist", *FAST, "--out", str(out),
             "--methods", "mame", "random", "--reductions", "0.2", "0.4"]

@@ -205,18 +205,18 @@ def test_info_refuses_partial_and_misshaped_files(tmp_path, pico_sd, capsys):
     (["--label-smoothing", "1"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
     (["--threads", "-1"], "--threads must be at least 1, got -1"),
     (["--method", "mame"], "--method mame needs --reduction R"),
-    (["--reduction", "0.4"], "--reduction needs --method"),
+    (["--reduction", "0.4"], "--reduction and --option need --method"),
     (["--method", "mame", "--reduction", "1.2"], "[0, 1)"),
     (["--method", "mamee", "--reduction", "0.4"], "unknown method 'mamee'"),
     (["--out", "{tmp}/a_file/run"], "cannot write results to"),
 ])
 def test_train_refuses_bad_arguments_before_any_work(tmp_path, data, extra, message, monkeypatch, capsys):
-    import mambamerge.cli.train as train_command
+    import mambamerge.data
 
     def no_work(*args, **kwargs):
         raise AssertionError("data was read before the arguments were checked")
 
-    monkeypatch.setattr(train_command, "load_dataset", no_work)
+    monkeypatch.setattr(mambamerge.data, "load_dataset", no_work)
     (tmp_path / "a_file").write_text("")
     argv = [a.format(tmp=tmp_path) for a in TRAIN + data + ["--out", str(tmp_path / "run")] + extra]
     assert main(argv) == 2
@@ -399,10 +399,10 @@ def test_eval_and_sweep_skip_unreadable_images_and_say_so(tmp_path, pico_ckpt, c
     capsys.readouterr()
     assert main(["eval", *common, "--data", str(root / "val"), "--json", str(tmp_path / "damaged.json")]) == 0
     captured = capsys.readouterr()
-    assert "Traceback" not in captured.err and "skipped     2 unreadable images" in captured.out
+    assert "Traceback" not in captured.err and "skipped     2 unreadable files" in captured.out
     assert "warning: skipped an unreadable image" in captured.err and "garbage.png" in captured.err
     clean, damaged = (json.loads((tmp_path / f"{n}.json").read_text())["result"] for n in ("clean", "damaged"))
-    assert damaged["images"] == clean["images"] == 4 and damaged["top1"] == clean["top1"]
+    assert damaged["inputs"] == clean["inputs"] == 4 and damaged["top1"] == clean["top1"]
     assert [Path(p.split(" (")[0]).name for p in damaged["unreadable_images"]] == ["garbage.png", "cut.jpg"]
     out = tmp_path / "sweep"
     assert main(["sweep", *common, "--data", str(root / "val"), "--out", str(out), "--methods", "mame",
@@ -434,25 +434,26 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path, pico_sd):
 
 _FORWARD_ON_THE_CACHE = """
 import warnings, torch
-from mambamerge.ops import compiled
+from mambamerge.ops import cpu_kernels
 x = torch.linspace(-5, 5, 64)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    y = compiled.softplus_compiled(x)
+    y = cpu_kernels.softplus(x)
 assert torch.allclose(y, torch.nn.functional.softplus(x), atol=1e-6)
-print(compiled.available(), *[str(w.message) for w in caught], sep="\\n")
+print(cpu_kernels.available(), *[str(w.message) for w in caught], sep="\\n")
 """
 
 
 def test_a_truncated_cached_kernel_library_is_rebuilt_with_a_warning(tmp_path):
-    from mambamerge.ops import compiled
+    from mambamerge.ops import cpu_kernels
+    from mambamerge.ops.cpu_kernels import build
 
-    if not compiled.available():
-        pytest.skip(f"no compiled kernels here: {compiled.unavailable_reason()}")
-    built = next(Path(compiled._cache_root()).glob("*/_cpu_kernels.so")).parent
+    if not cpu_kernels.available():
+        pytest.skip(f"no compiled kernels here: {cpu_kernels.unavailable_reason()}")
+    built = build.build_library("g++").parent  # this source's build (the cache may hold other versions' too)
     cache = tmp_path / "cache"
     shutil.copytree(built, cache / built.name)
-    lib = cache / built.name / "_cpu_kernels.so"
+    lib = cache / built.name / build.LIBRARY_NAME
     lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])  # a copy cut short, as a full disk leaves it
     stale = cache / built.name / ".build-999999999-x"  # what a build killed long ago left (no such pid)
     stale.mkdir()
@@ -461,7 +462,7 @@ def test_a_truncated_cached_kernel_library_is_rebuilt_with_a_warning(tmp_path):
     assert result.returncode == 0, f"returncode {result.returncode}: {result.stderr[-2000:]}"  # SIGBUS: -7
     lines = result.stdout.splitlines()
     assert lines[0] == "True" and "is damaged or incomplete" in lines[1] and "rebuilding" in lines[1]
-    assert lib.read_bytes() == (built / "_cpu_kernels.so").read_bytes() or compiled._intact(lib)
+    assert lib.read_bytes() == (built / build.LIBRARY_NAME).read_bytes() or build.intact(lib)
     assert not stale.exists()
 
 

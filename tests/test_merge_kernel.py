@@ -7,10 +7,11 @@ import mambamerge.ops as ops
 from mambamerge.merge import METHODS
 from mambamerge.merge.plan import MergePlan, plan_from_selection
 from mambamerge.merge.state import TokenState
-from mambamerge.ops import compiled, softplus_with_row_mean
+from mambamerge.ops import cpu_kernels, softplus_with_row_mean
+from mambamerge.ops.cpu_kernels import library
 from test_merge_properties import VARIANTS, small_model
 
-needs_compiled = pytest.mark.skipif(not compiled.available(), reason=f"{compiled.unavailable_reason()}")
+needs_compiled = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 CASES = [(m, o) for m in sorted(METHODS) for o in VARIANTS.get(m, [{}])]
 
 
@@ -31,8 +32,8 @@ def test_kernel_equals_torch_path_with_several_movers_per_token(dtype, mode, wit
     dst = torch.tensor([[4, 4, 4, 10], [7, 7, 7, 7]])  # three and four tokens merging into one
     plan = plan_from_selection(12, src, dst, weight, mode=mode)
     size = torch.randint(1, 5, (2, 12), generator=gen).float()
-    got, new_size = compiled.merge_apply_compiled(hidden, residual, size, plan.rep, plan.assign, plan.movers,
-                                                  plan.targets, plan.weight, mode == "mean")
+    got, new_size = cpu_kernels.merge_apply(hidden, residual, size, plan.rep, plan.assign, plan.movers,
+                                            plan.targets, plan.weight, mode == "mean")
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(got, torch_path(plan, hidden, residual), rtol=tol, atol=tol)
     assert torch.equal(new_size, plan.add_up(size))
@@ -46,8 +47,8 @@ def test_kernel_handles_pruning_and_empty_steps():
     hidden, residual = torch.randn(3, 9, 5), torch.randn(3, 9, 5)
     plan = plan_from_selection(9, torch.tensor([[0, 8], [1, 2], [3, 7]]), None, torch.ones(3, 9))
     size = torch.arange(27.0).view(3, 9)
-    got, new_size = compiled.merge_apply_compiled(hidden, residual, size, plan.rep, plan.assign, plan.movers,
-                                                  plan.targets, plan.weight, True)
+    got, new_size = cpu_kernels.merge_apply(hidden, residual, size, plan.rep, plan.assign, plan.movers,
+                                            plan.targets, plan.weight, True)
     assert torch.equal(got, torch_path(plan, hidden, residual)) and torch.equal(new_size, plan.add_up(size))
 
 
@@ -97,7 +98,7 @@ def test_compiled_plan_equals_torch_plan(monkeypatch, merging):
         weight = torch.rand(3, length, generator=gen)
         fast = plan_from_selection(length, src, dst, weight)
         with monkeypatch.context() as m:
-            m.setattr(compiled, "available", lambda: False)
+            m.setattr(cpu_kernels, "can_plan", lambda src: False)
             slow = plan_from_selection(length, src, dst, weight)
         assert torch.equal(fast.rep, slow.rep) and torch.equal(fast.assign, slow.assign)
 
@@ -148,8 +149,7 @@ def test_without_the_compiled_library_everything_falls_back_to_torch(monkeypatch
     images = torch.randn(2, 3, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         fast = mambamerge.patch(model, method, schedule=[0, 9, 6, 4])(images)
-        monkeypatch.setattr(compiled, "available", lambda: False)
-        monkeypatch.setattr(compiled, "unavailable_reason", lambda: "no compiler (test)")
+        monkeypatch.setattr(library, "_loaded", library.Loaded(None, None, "no compiler (test)"))
         monkeypatch.setattr(ops, "_warned_fallback", False)
         with pytest.warns(RuntimeWarning, match="no compiler"):
             slow = mambamerge.patch(model, method, schedule=[0, 9, 6, 4])(images)

@@ -110,7 +110,7 @@ def test_zero_reduction_is_bit_identical(method):
     images = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         dense = model(images)
-        for kwargs in ({"reduction": 0.0}, {"schedule": [0, 0, 0]}, {}):
+        for kwargs in ({"reduction": 0.0}, {"r": 0}, {"schedule": [0, 0, 0]}):
             mambamerge.patch(model, method, **kwargs)
             assert torch.equal(model(images), dense)
         mambamerge.unpatch(model)

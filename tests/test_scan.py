@@ -6,13 +6,15 @@ import pytest
 import torch
 
 import mambamerge.ops as ops
-from mambamerge.ops import compiled, scan_backend, selective_scan, selective_scan_compiled, selective_scan_reference
+from mambamerge.ops.cpu_kernels import library
+from mambamerge.ops.cpu_kernels.build import build_library
+from mambamerge.ops import cpu_kernels, scan_backend, selective_scan, selective_scan_compiled, selective_scan_reference
 
 NAMES = ("u", "delta", "A", "B", "C", "D")
 # (batch, L, d, N): odd lengths, d below / at / above one 16-channel block, N 1, 4, 16
 SHAPES = [(1, 1, 5, 1), (3, 2, 17, 4), (1, 7, 16, 16), (3, 33, 37, 16), (1, 33, 3, 4)]
 
-needs_compiled = pytest.mark.skipif(not compiled.available(), reason=f"{compiled.unavailable_reason()}")
+needs_compiled = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 IMPLS = [pytest.param("compiled", marks=needs_compiled), "loop", "parallel", "reference"]
 
 
@@ -123,7 +125,7 @@ def test_compiled_takes_non_contiguous_inputs():
 
 @needs_compiled
 def test_loading_kernel_keeps_denormals():
-    assert compiled.available()
+    assert cpu_kernels.available()
     tiny = torch.tensor(1e-38) * torch.tensor(1e-3)  # a float32 denormal, flushed to 0 under FTZ
     assert tiny.item() != 0
 
@@ -131,11 +133,11 @@ def test_loading_kernel_keeps_denormals():
 @needs_compiled
 def test_build_uses_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBAMERGE_CACHE", str(tmp_path))
-    lib = compiled._build("g++")
+    lib = build_library("g++")
     assert lib.parent.parent == tmp_path and lib.exists()
     # temporary build files are gone: the library and the record of its SHA-256 remain
     assert sorted(p.name for p in lib.parent.iterdir()) == ["_cpu_kernels.sha256", lib.name]
-    assert compiled._build("g++") == lib
+    assert build_library("g++") == lib
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -149,7 +151,7 @@ def test_no_grad_output_equals_grad_output(impl):
 
 
 def test_auto_uses_scan_backend():
-    expected = "compiled" if compiled.available() else "loop"
+    expected = "compiled" if cpu_kernels.available() else "loop"
     assert scan_backend("cpu") == scan_backend(torch.device("cpu")) == expected
     assert scan_backend("cuda") in ("mamba_ssm", "triton", "parallel")
     inputs = make_inputs(2, 7, 20, 4)
@@ -157,9 +159,7 @@ def test_auto_uses_scan_backend():
 
 
 def test_auto_falls_back_to_loop_with_one_warning(monkeypatch):
-    monkeypatch.setitem(compiled._state, "tried", True)
-    monkeypatch.setitem(compiled._state, "lib", None)
-    monkeypatch.setitem(compiled._state, "error", "no C++ compiler (g++) on PATH")
+    monkeypatch.setattr(library, "_loaded", library.Loaded(None, None, "no C++ compiler (g++) on PATH"))
     monkeypatch.setattr(ops, "_warned_fallback", False)
     inputs = make_inputs(2, 7, 20, 4)
     assert scan_backend("cpu") == "loop"
@@ -231,6 +231,6 @@ def test_mamba_ssm_impl_without_package_is_a_clear_error():
 def test_compiled_std_thread_path_matches_openmp_team(monkeypatch):
     inputs = make_inputs(3, 33, 37, 16, torch.float32)
     team = run_with_grads(selective_scan_compiled, inputs, True)
-    monkeypatch.setitem(compiled._state, "launcher", None)
+    monkeypatch.setattr(library, "_loaded", library.loaded()._replace(launcher=None))
     threads = run_with_grads(selective_scan_compiled, inputs, True)
     assert_all_close(threads, team, atol=0, rtol=0)

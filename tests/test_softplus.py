@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 import mambamerge.ops as ops
-from mambamerge.ops import compiled, softplus_compiled
+from mambamerge.ops import cpu_kernels
 
-needs_compiled = pytest.mark.skipif(not compiled.available(), reason=f"{compiled.unavailable_reason()}")
+needs_compiled = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 
 
 def truth(x: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def truth(x: torch.Tensor) -> torch.Tensor:
                                                 (torch.float64, -700, 700, 1e-14)])
 def test_compiled_relative_error(dtype, low, high, tol):
     x = torch.linspace(low, high, 100_003, dtype=dtype)
-    got = softplus_compiled(x)
+    got = cpu_kernels.softplus(x)
     assert got.dtype == dtype
     rel = (got.double() - truth(x)).abs() / truth(x)
     assert rel.max() < tol
@@ -29,7 +29,7 @@ def test_compiled_relative_error(dtype, low, high, tol):
 @needs_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_special_values(dtype):
-    got = softplus_compiled(torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0], dtype=dtype))
+    got = cpu_kernels.softplus(torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0], dtype=dtype))
     assert got[0] == float("inf") and 0 <= got[1] < 1e-37 and got[2].isnan()
     assert got[3].item() == pytest.approx(0.6931471805599453, rel=1e-7)
 
@@ -41,18 +41,18 @@ def test_compiled_shapes_threads_and_layouts():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = softplus_compiled(x)
+        one = cpu_kernels.softplus(x)
     finally:
         torch.set_num_threads(threads)
     assert one.shape == x.shape
-    assert torch.equal(softplus_compiled(x), one)
+    assert torch.equal(cpu_kernels.softplus(x), one)
     torch.testing.assert_close(one, truth(x), rtol=1e-14, atol=0)
 
 
 @needs_compiled
 def test_compiled_gradient():
     x = (torch.randn(64, dtype=torch.float64) * 10).requires_grad_()
-    assert torch.autograd.gradcheck(softplus_compiled, (x,))
+    assert torch.autograd.gradcheck(cpu_kernels.softplus, (x,))
 
 
 def test_dispatch():
@@ -65,4 +65,4 @@ def test_dispatch():
 
 def test_compiled_rejects_unsupported_dtype():
     with pytest.raises(ValueError, match="float32/float64"):
-        softplus_compiled(torch.zeros(3, dtype=torch.float16))
+        cpu_kernels.softplus(torch.zeros(3, dtype=torch.float16))

@@ -105,7 +105,7 @@ def test_killed_mid_epoch_and_resumed_reaches_the_uninterrupted_weights(tmp_path
     assert json.loads((killed / "summary.json").read_text())["test_accuracy"] is not None
 
 
-def test_resume_of_another_run_or_a_corrupt_state_is_refused_and_touches_nothing(tmp_path, capsys):
+def test_resume_of_another_run_a_corrupt_state_or_a_rerun_is_refused_and_touches_nothing(tmp_path, capsys):
     data = folder(tmp_path / "data")
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), *TINY, "--img-size", "32", "--epochs", "1", "--out", str(out)]
@@ -130,17 +130,31 @@ def test_resume_of_another_run_or_a_corrupt_state_is_refused_and_touches_nothing
     assert "truncated or corrupt" in capsys.readouterr().err
     assert files(out) == before
 
+    # a rerun into the folder without --resume is refused too, unless --overwrite replaces the run
+    for again in (argv, argv + ["--lr", "0.5"], argv + ["--resume", "--overwrite"]):
+        assert main(again) == 2
+        err = capsys.readouterr().err
+        assert "--resume" in err and "--overwrite" in err and "Traceback" not in err, again
+        assert files(out) == before
+    (out / "notes.txt").write_text("mine")
+    assert main(argv + ["--lr", "0.5", "--overwrite", "--epochs", "2"]) == 0
+    assert json.loads((out / "command.json").read_text())["train"]["lr"] == 0.5
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    (tmp_path / "empty").mkdir()  # an empty folder holds no run: training into it needs neither flag
+    assert main(argv[:-1] + [str(tmp_path / "empty")]) == 0
+
 
 # Every process saves the weights it ends with and the (correct, total) counts of every evaluation.
 SPY = """
 import os, sys
 import torch
-import mambamerge.cli.train as cli_train
+import mambamerge.train as training
 import mambamerge.evaluate as evaluate
 from mambamerge.cli.main import main
 
 out, rank, sums = sys.argv[1], os.environ["RANK"], []
-train, sum_all = cli_train.train, evaluate.sum_all
+train, sum_all = training.train, evaluate.sum_all
 
 def train_and_keep(model, *args, **kwargs):
     result = train(model, *args, **kwargs)
@@ -152,7 +166,7 @@ def sum_and_keep(values, device):
     sums.append(total)
     return total
 
-cli_train.train, evaluate.sum_all = train_and_keep, sum_and_keep
+training.train, evaluate.sum_all = train_and_keep, sum_and_keep  # what the CLI imports when it runs
 code = main(sys.argv[3:])
 torch.save(sums, f"{out}/sums{rank}-{sys.argv[2]}.pt")
 sys.exit(code)
@@ -221,7 +235,7 @@ def test_under_torchrun_every_process_names_the_unreadable_images_of_all_shares(
                                          "--workers", "0", "--device", "cpu"],
                                env=child_env(), capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert "skipped     2 unreadable images" in evaluated.stdout
+    assert "skipped     2 unreadable files" in evaluated.stdout
     assert str(bad[2]) in evaluated.stderr and str(bad[3]) in evaluated.stderr
 
 
@@ -231,7 +245,7 @@ def test_a_users_own_folder_trains_at_its_size_and_channels(tmp_path, capsys, mo
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), *TINY, "--model", "vim_nano", "--epochs", "1", "--out", str(out)]) == 0
     log = capsys.readouterr().out
-    assert "\x1b[" not in log and "images/s" in log and "test top-1" in log
+    assert "\x1b[" not in log and "images/s" in log and f"{data / 'val'} top-1" in log and "test top-1" not in log
     model = mambamerge.load_checkpoint(out / "model.safetensors")
     assert (model.cfg.in_chans, model.cfg.img_size, model.classes) == (chans, (size, size), ["ant", "bee"])
     fashion = ["eval", "--checkpoint", str(out / "model.safetensors"), "--data", str(data / "val"), "--runs", "1"]

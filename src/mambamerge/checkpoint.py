@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -22,8 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mambamerge.atomic import atomic_write
+from mambamerge.atomic import atomic_write, file_kind
 from mambamerge.loaders import FAMILY_NAMES, LOADERS, detect_family
+from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.models.base import MambaClassifier
 from mambamerge.models.registry import FAMILIES
 from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed
@@ -32,6 +34,7 @@ PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "mambamerge_config"
 CLASSES_METADATA_KEY = "mambamerge_classes"
 FAMILY_METADATA_KEY = "mambamerge_family"
+MERGE_METADATA_KEY = "mambamerge_merge"
 _MAX_LISTED = 8
 MAX_PIXELS = 16384  # the largest image side or stride a file may record
 
@@ -50,6 +53,7 @@ class RawCheckpoint:
     classes: Optional[List[str]] = None
     family: Optional[str] = None  # from our metadata (files without it are recognised by their keys)
     config: Optional[dict] = None  # our saved config of a family other than Vim
+    merge: Optional[MergeRecipe] = None  # the token reduction it was saved running (fine-tuned with)
 
 
 def _listing(keys, shapes=None) -> str:
@@ -76,6 +80,20 @@ def _pair(value, what: str, user: bool = False) -> Tuple[int, int]:
     return int(items[0]), int(items[1])
 
 
+def _metadata_json(text: str, what: str):
+    """A metadata entry parsed as JSON; a CheckpointError naming `what` when it is not JSON, nests too
+    deeply for the parser or holds an integer too long to convert."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        why = str(err)
+    except RecursionError:
+        why = "it is nested too deeply"
+    except ValueError:  # Python's limit on the digits of an integer
+        why = "it holds an integer with too many digits"
+    raise CheckpointError(f"{what} is not JSON mambamerge can read ({why}); the file is damaged: re-save it")
+
+
 def _read_safetensors(path: Path) -> RawCheckpoint:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -87,10 +105,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
     raw = RawCheckpoint(state, family=metadata.get(FAMILY_METADATA_KEY))
     if CONFIG_METADATA_KEY in metadata:
         what = f"{path}: the {CONFIG_METADATA_KEY} metadata"
-        try:
-            cfg = json.loads(metadata[CONFIG_METADATA_KEY])
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{what} is not JSON ({err}); the file is damaged: re-save it") from None
+        cfg = _metadata_json(metadata[CONFIG_METADATA_KEY], what)
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{what} is a JSON {type(cfg).__name__}, not an object; the file is damaged: "
                                   f"re-save it")
@@ -102,14 +117,17 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
             if "stride" in cfg:
                 raw.stride = _pair(cfg["stride"], f"{what}'s stride")
     if CLASSES_METADATA_KEY in metadata:
-        try:
-            classes = json.loads(metadata[CLASSES_METADATA_KEY])
-        except json.JSONDecodeError:
-            classes = None
+        classes = _metadata_json(metadata[CLASSES_METADATA_KEY], f"{path}: the {CLASSES_METADATA_KEY} metadata")
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise CheckpointError(f"{path}: the {CLASSES_METADATA_KEY} metadata is not a JSON list of class names; "
                                   f"the file is damaged: re-save it")
         raw.classes = classes
+    if MERGE_METADATA_KEY in metadata:
+        try:
+            raw.merge = MergeRecipe.from_json(metadata[MERGE_METADATA_KEY])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: the {MERGE_METADATA_KEY} metadata (the token reduction it was fine-tuned "
+                                  f"with) {err}; the file is damaged or from another version: re-save it") from None
     return raw
 
 
@@ -181,16 +199,51 @@ def _pick_state_dict(obj, path: Path, ema: bool) -> RawCheckpoint:
 def read_checkpoint(path: PathLike, ema: bool = False, trust_pickle: bool = False) -> RawCheckpoint:
     """Read the tensors of a checkpoint file without building a model."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(64)
+    head = _head(path)
     if path.suffix == ".safetensors" or head[8:9] == b"{":
-        return _read_safetensors(path)
-    problem = _sniff(path, head)
-    if problem:
-        raise CheckpointError(f"{path}: {problem}; give a .pth or .safetensors checkpoint")
-    return _pick_state_dict(_torch_load(path, trust_pickle), path, ema)
+        raw = _read_safetensors(path)
+    else:
+        problem = _sniff(path, head)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; give a .pth or .safetensors checkpoint")
+        raw = _pick_state_dict(_torch_load(path, trust_pickle), path, ema)
+    _check_values(raw.state_dict, path)
+    return raw
+
+
+def _head(path: Path) -> bytes:
+    """The first 64 bytes of a checkpoint file; a FileNotFoundError when there is none, a CheckpointError
+    when it is a folder, a FIFO, a device (through a link or not) or cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror}); give a readable .pth or .safetensors "
+                              f"file") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            link = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+            raise CheckpointError(f"{path}{link} is {file_kind(mode)}, not a checkpoint file; give a .pth or "
+                                  f".safetensors file")
+        return os.read(fd, 64)
+    finally:
+        os.close(fd)
+
+
+def _check_values(state: Dict[str, torch.Tensor], path: Path) -> None:
+    """A CheckpointError naming the tensors that are not floating point (quantised or damaged weights:
+    every tensor of these models is float) or hold NaN or infinite values."""
+    integer = {k: str(v.dtype).replace("torch.", "") for k, v in state.items() if not v.is_floating_point()}
+    if integer:
+        raise CheckpointError(f"{path}: tensors that are not floating point: {_listing(integer, integer)}; the "
+                              f"models' weights are float (float32, float16 or bfloat16): the file is quantised or "
+                              f"damaged, use its float original")
+    broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path}: tensors with NaN or infinite values: {_listing(broken)}; the weights are "
+                              f"damaged or their training diverged: use another checkpoint")
 
 
 # the tensors the architecture is read from, with the dimensions a Vim gives them
@@ -360,7 +413,10 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     trust_pickle: allow arbitrary pickled objects (weights_only=False); never for untrusted files.
 
     model.classes: the class names the file records (our safetensors written by `mambamerge train`),
-    else None. Every tensor is checked against the inferred architecture before the model is built.
+    else None. model.merge_recipe: the token reduction a fine-tuned file was trained with (a
+    MergeRecipe: method, options, per-block schedule), else None; the model comes back dense:
+    `mambamerge.patch(model, model.merge_recipe)` applies it. Every tensor is checked against the
+    inferred architecture before the model is built.
     """
     path = Path(path)
     raw = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
@@ -376,7 +432,15 @@ def load_checkpoint(path: PathLike, img_size=None, *, stride=None, train_img_siz
     sd = dict(raw.state_dict)
     sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid, cfg.grid_size)
     model.load_state_dict(sd, strict=True)
-    model.classes = raw.classes
+    return _described(model, raw, path)
+
+
+def _described(model: MambaClassifier, raw: RawCheckpoint, path: PathLike) -> MambaClassifier:
+    """The freshly built `model` in eval mode, with the class names and merge recipe the file records."""
+    if raw.merge is not None and len(raw.merge.removals) != len(model.layers):
+        raise CheckpointError(f"{path}: the {MERGE_METADATA_KEY} metadata has a schedule for {len(raw.merge.removals)} "
+                              f"blocks but the model has {len(model.layers)}; the file is damaged: re-save it")
+    model.classes, model.merge_recipe = raw.classes, raw.merge
     return model.eval()
 
 
@@ -400,14 +464,15 @@ def _load_other_family(raw: RawCheckpoint, path: Path, family: str, **options) -
     cfg, sd = family_config(raw, path, family, **options)
     model = FAMILIES[family](cfg)
     model.load_state_dict(sd, strict=True)
-    model.classes = raw.classes
-    return model.eval()
+    return _described(model, raw, path)
 
 
 def save_checkpoint(model: MambaClassifier, path: PathLike, classes: Optional[Sequence[str]] = None) -> Path:
-    """Write the weights as safetensors, with the family, the config and the class names (`classes`,
-    else the model's own `classes` attribute when it has one) in the metadata; atomic (no half-written
-    file)."""
+    """Write the weights as safetensors, with the family, the config, the class names (`classes`,
+    else the model's own `classes` attribute when it has one) and, for a patched model, the token
+    reduction it runs (method, options, per-block schedule: load_checkpoint gives it back as
+    `model.merge_recipe`) in the metadata; atomic (no half-written file). A dense model records none,
+    even one loaded with a recipe: patch it with `patch(model, model.merge_recipe)` to keep it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -417,4 +482,7 @@ def save_checkpoint(model: MambaClassifier, path: PathLike, classes: Optional[Se
         if len(classes) != model.num_classes:
             raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} classes")
         metadata[CLASSES_METADATA_KEY] = json.dumps(list(classes))
+    recipe = MergeRecipe.of(model)
+    if recipe is not None:
+        metadata[MERGE_METADATA_KEY] = recipe.to_json()
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

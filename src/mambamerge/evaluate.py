@@ -1,6 +1,6 @@
 """Accuracy and throughput of a model on a dataset."""
 import statistics
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,34 +16,50 @@ from mambamerge.timing import time_call, time_interleaved
 
 def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None, amp: str = "none",
              workers: int = 0) -> float:
-    """Top-1 accuracy of `model` (dense or patched, on the device of its parameters) on `dataset`; the model
-    is left in eval mode. amp: autocast ("none", "bf16", "fp16"); workers: DataLoader processes for
-    folder data. Under torchrun each process evaluates its share and the counts are summed: every
-    image counts exactly once."""
+    """Top-1 accuracy of `model` on `dataset`; see top_k_accuracy."""
+    return top_k_accuracy(model, dataset, (1,), batch_size, progress, amp, workers)[1]
+
+
+def top_k_accuracy(model, dataset, ks: Sequence[int] = (1, 5), batch_size: int = 256, progress: Optional[str] = None,
+                   amp: str = "none", workers: int = 0) -> Dict[int, Optional[float]]:
+    """{k: fraction of inputs whose label is among the model's k highest logits} of `model` (dense or
+    patched, on the device of its parameters) on `dataset`; None for a k not below the number of
+    classes (every label would count). The model is left in eval mode. amp: autocast ("none", "bf16",
+    "fp16"); workers: DataLoader processes for folder data. Under torchrun each process evaluates its
+    share and the counts are summed: every input counts exactly once."""
     model.eval()
     device = next(model.parameters()).device
+    wanted, ks = list(ks), [k for k in ks if k < model.num_classes or k == 1]
     here = world()
     part = subset(dataset, shard(len(dataset), here)) if here.active else dataset
-    correct = total = 0
+    correct, total = [0] * len(ks), 0
     steps = -(-len(part) // batch_size)
     loader = batches(part, batch_size, workers=workers, pin_memory=device.type == "cuda")
     with torch.inference_mode(), autocast(device, amp):
         for images, labels in bar(loader, total=steps, desc=progress, unit="batch", disable=progress is None):
-            correct += (model(images.to(device, non_blocking=True)).argmax(dim=1).cpu() == labels).sum().item()
+            ranked = model(images.to(device, non_blocking=True)).topk(max(ks), dim=1).indices.cpu()
+            hits = ranked == labels[:, None]
+            for index, k in enumerate(ks):
+                correct[index] += hits[:, :k].any(dim=1).sum().item()
             total += len(labels)
-    correct, total = sum_all([correct, total], device)
+    *correct, total = sum_all([*correct, total], device)
     if getattr(dataset, "unreadable", None) is not None:
         union_all(dataset.unreadable)  # each process met the unreadable images of its own share
     if total == 0:
         raise ValueError("the dataset is empty")
-    return correct / total
+    return {**dict.fromkeys(wanted), **{k: c / total for k, c in zip(ks, correct)}}
 
 
 def check_fit(model, info, data_name: str = "the dataset") -> None:
     """Raise a ValueError naming both sides when `model` cannot be evaluated on a dataset (its info:
-    classes and input_shape, the shape of one sample): the kind of input (images, clips, spectrograms),
-    the number of classes, then for images the channels and the size, for other inputs the sample shape."""
+    classes and input_shape, the shape of one sample): a model without a head, the kind of input (images,
+    clips, spectrograms), the number of classes, then for images the channels and the size, for other
+    inputs the sample shape."""
     want, got = tuple(model.input_shape), tuple(info.input_shape)
+    if model.num_classes == 0:
+        raise ValueError(f"the model has no classification head (num_classes=0: a feature extractor, its forward "
+                         f"gives {model.num_features} features, not class scores): nothing to evaluate, train or distil "
+                         f"from on {data_name}; use a checkpoint with a head")
     if len(want) == len(got) and model.num_classes != info.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but {data_name} has {info.num_classes}; "
                          f"evaluate it on data with {model.num_classes} classes (or fine-tune its head first)")
@@ -71,6 +87,11 @@ def describe_input(shape) -> str:
     if len(shape) == 2:
         return f"spectrograms of {shape[0]} frames x {shape[1]} mel bins"
     return f"inputs of shape {shape}"
+
+
+def input_kind(shape) -> str:
+    """What a family's inputs are called, from a per-sample input shape: images, clips or spectrograms."""
+    return {3: "images", 4: "clips", 2: "spectrograms"}.get(len(tuple(shape)), "inputs")
 
 
 def check_classes(model, info, data_name: str = "the dataset") -> None:
@@ -129,20 +150,24 @@ def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1
     return batch_size / seconds["patched"], batch_size / seconds["dense"]
 
 
-def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.0, batch_size: int = 256,
+def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[float] = None, batch_size: int = 256,
              throughput_batch: int = 8, runs: int = 5, warmup: int = 1, progress: Optional[str] = None,
              amp: str = "none", workers: int = 0, **patch_options) -> dict:
     """Evaluate `model` dense (method None) or patched with `method` at target average `reduction`
-    (patch_options: schedule parameters and the method's own options, as for mambamerge.patch).
+    (patch_options: schedule parameters and the method's own options, as for mambamerge.patch; with
+    reduction None the schedule's size comes from them, e.g. r=).
 
-    Returns plain numbers: method ("dense" when None), target_reduction, options, top1 (fraction),
-    images, average_reduction, average_tokens, final_tokens, initial_tokens, gflops_* (GMACs: model
-    one_direction / both_directions, merge_overhead, total_* = model + overhead), images_per_s and
-    dense_images_per_s (medians of `runs` forwards at throughput_batch; for a method the patched and
-    dense forwards are interleaved, see paired_throughput), speedup (their ratio), throughput_batch,
-    timing_runs, schedule (removals and token counts per block). amp: autocast for every forward
-    ("none", "bf16", "fp16"); workers: DataLoader processes for folder data. Under torchrun the top-1
-    covers every image once (summed over processes); each process times its own forwards.
+    Returns plain numbers: method ("dense" when None), target_reduction, options, top1 and top5
+    (fractions; top5 None with 5 classes or fewer), inputs (how many were scored) and input_kind
+    (images, clips or spectrograms), average_reduction, average_tokens, final_tokens, initial_tokens,
+    gmacs_* (multiply-accumulates per input, what the literature calls GFLOPs: one_direction (the scan
+    branch counted once, the literature's convention) / both_directions, merge_overhead, total_* =
+    model + overhead), inputs_per_s and dense_inputs_per_s (medians of `runs` forwards at
+    throughput_batch; for a method the patched and dense forwards are interleaved, see
+    paired_throughput), speedup (their ratio), throughput_batch, timing_runs, schedule (removals and
+    token counts per block). amp: autocast for every forward ("none", "bf16", "fp16"); workers:
+    DataLoader processes for folder data. Under torchrun the accuracy covers every input once (summed
+    over processes); each process times its own forwards.
     A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
     raised before any image is run. The model is left unpatched."""
     check_fit(model, dataset.info)
@@ -152,24 +177,25 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: float = 0.
     unpatch(model)
     try:
         if method is not None:
-            patch(model, method, reduction=reduction or None, **patch_options)
+            patch(model, method, reduction=reduction, **patch_options)
         summary = reduction_summary(model)
-        gflops = flops(model).summary()
-        top1 = accuracy(model, dataset, batch_size, progress, amp=amp, workers=workers)
+        macs = flops(model).summary()
+        top = top_k_accuracy(model, dataset, (1, 5), batch_size, progress, amp=amp, workers=workers)
         if method is None:
-            images_per_s = dense_images_per_s = throughput(model, throughput_batch, runs, warmup, amp)
+            per_s = dense_per_s = throughput(model, throughput_batch, runs, warmup, amp)
         else:
-            images_per_s, dense_images_per_s = paired_throughput(model, throughput_batch, runs, warmup, amp)
+            per_s, dense_per_s = paired_throughput(model, throughput_batch, runs, warmup, amp)
     finally:
         unpatch(model)
     return {
-        "method": method or "dense", "target_reduction": reduction, "options": dict(patch_options),
-        "top1": top1, "images": len(dataset) - len(unreadable(dataset)), "unreadable_images": unreadable(dataset),
+        "method": method or "dense", "target_reduction": reduction or 0.0, "options": dict(patch_options),
+        "top1": top[1], "top5": top[5], "inputs": len(dataset) - len(unreadable(dataset)),
+        "input_kind": input_kind(model.input_shape), "unreadable_images": unreadable(dataset),
         "average_reduction": summary["average_reduction"], "average_tokens": summary["average_tokens"],
         "final_tokens": summary["final_tokens"], "initial_tokens": summary["initial_tokens"],
-        **{f"gflops_{key}": gflops[key] for key in ("one_direction", "both_directions", "merge_overhead",
-                                                    "total_one_direction", "total_both_directions")},
-        "images_per_s": images_per_s, "dense_images_per_s": dense_images_per_s,
-        "speedup": images_per_s / dense_images_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
+        **{f"gmacs_{key}": macs[key] for key in ("one_direction", "both_directions", "merge_overhead",
+                                                 "total_one_direction", "total_both_directions")},
+        "inputs_per_s": per_s, "dense_inputs_per_s": dense_per_s,
+        "speedup": per_s / dense_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
         "schedule": {"removals": summary["removals"], "token_counts": summary["token_counts"]},
     }

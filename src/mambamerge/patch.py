@@ -1,9 +1,13 @@
 """`patch(model, method, ...)`: make a model reduce tokens between its blocks, in place."""
+import functools
+import math
+import numbers
 from typing import Optional, Sequence, Union
 
 from torch import nn
 
 from mambamerge.merge import METHODS
+from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.merge.reducer import TokenReducer
 from mambamerge.merge.schedule import Schedule, resolve
 from mambamerge.models.base import MambaClassifier
@@ -26,35 +30,83 @@ def make_method(method: str, **options):
     if unknown:
         listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; its options: {listed}")
+    for name, value in options.items():
+        _check_option_type(method, name, value, valid[name])
     return cls(**options)
 
 
-def patch(model: nn.Module, method: str, reduction: Optional[float] = None,
+def _check_option_type(method: str, name: str, value, default) -> None:
+    """A ValueError naming the option when `value` is not of its default's kind: a whole number for an
+    int option (24.0 is not rounded), a finite number for a float one, text for a text one."""
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "True or False"
+    elif isinstance(default, int):
+        ok, wanted = isinstance(value, numbers.Integral) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, str), "text"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{method}: option {name} must be {wanted} (default {default!r}), got {value!r}")
+
+
+def patch(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional[float] = None,
           schedule: Union[None, str, Sequence[int], Schedule] = None, *, r: Optional[int] = None,
           keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
           track_source: bool = False, **options) -> nn.Module:
     """Turn `model` into a token-reducing one in place and return it.
 
-    method: a name in mambamerge.merge.METHODS ("mame", "stm", "tome", ...; see docs/merging.md).
+    method: a name in mambamerge.merge.METHODS ("mame", "stm", "tome", ...; see docs/merging.md), or
+        the MergeRecipe a fine-tuned checkpoint records (`patch(model, model.merge_recipe)`: its method,
+        options and per-block schedule, exactly as trained; nothing else may be given with it).
     reduction: target average reduction in [0, 1) (fraction of token-layers removed, averaged over
         depth); the schedule's parameter is derived from it.
     schedule: None / "geometric" (keep ratio per step from block `start`=1 every `every`=2), "constant" (r tokens
         before blocks start, start+every, ...; R-MeeTo's layout is start=2, every=2), a list of
         per-block counts, or a Schedule.
-    r, keep, start, every: schedule parameters, instead of a target.
+    r, keep, start, every: schedule parameters, instead of a target; r alone is ToMe's constant
+        schedule (r tokens before every block from block 1). `model.r = n` later changes it in place.
     track_source: keep which original tokens each token holds (model.token_reducer.last_state.source).
     options: the method's own options (see each method's docstring, or METHODS[name].options()).
 
     The state dict is untouched: the patched model still loads and saves the same checkpoints.
     `unpatch(model)` restores the dense model.
     """
-    _check_model(model)
-    m = make_method(method, **options)
-    layout = model.layout
-    sch = resolve(len(model.layers), layout.length, lambda length: m.capacity(length, layout), reduction=reduction,
-                  schedule=schedule, r=r, keep=keep, start=start, every=every)
-    model.token_reducer = TokenReducer(m, sch, track_source=track_source)
+    model.token_reducer = make_reducer(model, method, reduction, schedule, r=r, keep=keep, start=start, every=every,
+                                       track_source=track_source, **options)
     return model
+
+
+def make_reducer(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional[float] = None,
+                 schedule: Union[None, str, Sequence[int], Schedule] = None, *, r: Optional[int] = None,
+                 keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
+                 track_source: bool = False, **options) -> TokenReducer:
+    """The TokenReducer `patch` gives `model` for these arguments, with the same checks and errors,
+    without patching it: the model is only read (e.g. to refuse an unreachable target before any work)."""
+    _check_model(model)
+    if isinstance(method, MergeRecipe):
+        given = [k for k, v in dict(reduction=reduction, schedule=schedule, r=r, keep=keep, start=start,
+                                    every=every).items() if v is not None] + sorted(options)
+        if given:
+            raise TypeError(f"a MergeRecipe fixes the method, options and schedule; got {', '.join(given)} too")
+        method.check_fits(model)
+        return make_reducer(model, method.method, track_source=track_source, **method.patch_options())
+    m = make_method(method, **options)
+    schedule_for = functools.partial(_schedule_for, m, len(model.layers), model.layout, start, every)
+    sch = schedule_for(reduction=reduction, schedule=schedule, r=r, keep=keep)
+    constant = schedule if schedule == "constant" else None  # model.r keeps R-MeeTo's spacing, else ToMe's
+    return TokenReducer(m, sch, track_source=track_source,
+                        schedule_for_r=functools.partial(schedule_for, schedule=constant))
+
+
+def _schedule_for(method, depth: int, layout, start: Optional[int], every: Optional[int], **size) -> Schedule:
+    """resolve() for a model of `depth` blocks embedding its input as `layout`, under `method`'s capacity
+    (a module-level function, so that a patched model stays picklable)."""
+    return resolve(depth, layout.length, lambda length: method.capacity(length, layout), start=start, every=every,
+                   **size)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The accuracy plot of a sweep: top-1 vs GFLOPs and vs measured speed-up, one curve per method.
+"""The accuracy plot of a sweep: top-1 vs GMACs and vs measured speed-up, one curve per method.
 
 Drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global backend change).
 """
@@ -9,38 +9,48 @@ from typing import List
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-MARKERS = "osD^v<>Ph"
+MARKERS = "osD^v<>Ph*X"
 
 
-def accuracy_png(rows: List[dict], title: str, throughput_label: str) -> bytes:
-    """PNG bytes of two panels sharing the top-1 axis: accuracy vs GFLOPs (one direction, merge
+def method_style(method: str):
+    """(colour, marker) of a method, the same in every plot whichever methods ran: its place among the
+    registered methods (sorted), or, for a method registered by the user, a place after them."""
+    from mambamerge.merge import METHODS
+
+    known = sorted(METHODS)
+    index = known.index(method) if method in known else len(known) + sum(map(ord, method)) % 10
+    return f"C{index % 10}", MARKERS[index % len(MARKERS)]
+
+
+def accuracy_png(rows: List[dict], title: str, throughput_label: str, kind: str = "images") -> bytes:
+    """PNG bytes of two panels sharing the top-1 axis: accuracy vs GMACs (one direction, merge
     overhead included) and accuracy vs measured speed-up over the dense model. rows: result rows with
-    status "ok" (method, target_reduction, top1, gflops_total_one_direction, speedup); the "dense" row
+    status "ok" (method, target_reduction, top1, gmacs_total_one_direction, speedup); the "dense" row
     is drawn as a star with a dotted line at its accuracy, every other method as one curve through its
-    reductions. The speed-up of each row is against the dense forward timed interleaved with it, so
-    it survives the drift of a shared machine that absolute images/s measured minutes apart do not.
-    The GFLOPs panel names the target reductions on a top axis, the speed-up panel (where noise moves
-    points sideways) beside each point.
-    throughput_label: how the throughput was measured (batch, device), for the x axis."""
+    reductions, in its own colour (method_style). The speed-up of each row is against the dense forward
+    timed interleaved with it, so it survives the drift of a shared machine that absolute inputs/s
+    measured minutes apart do not. The GMACs panel names the target reductions on a top axis, the
+    speed-up panel (where noise moves points sideways) beside each point, labels moved apart where they
+    would overlap. throughput_label: how the throughput was measured (batch, device), for the x axis;
+    kind: what the model takes (images, clips, spectrograms)."""
     dense = next(row for row in rows if row["method"] == "dense")
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
     fig = Figure(figsize=(13, 5.2), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
-    panels = [(axes[0], "gflops_total_one_direction",
-               "GFLOPs per image (GMACs, one scan direction, incl. merge): lower is cheaper"),
-              (axes[1], "speedup", f"measured speed-up over dense (x; {throughput_label}): higher is faster")]
+    panels = [(axes[0], "gmacs_total_one_direction",
+               f"GMACs per {kind[:-1]}: lower is cheaper\n(the literature's GFLOPs: one scan direction, merge included)"),
+              (axes[1], "speedup", f"measured speed-up over dense (x): higher is faster\n({throughput_label})")]
+    labels = []
     for ax, key, xlabel in panels:
-        for index, method in enumerate(methods):
-            colour, marker = f"C{index % 10}", MARKERS[index % len(MARKERS)]
+        for method in methods:
+            colour, marker = method_style(method)
             points = sorted((row[key], 100 * row["top1"], row["target_reduction"]) for row in rows
                             if row["method"] == method)
             xs, ys, _ = zip(*points)
             ax.plot(xs, ys, marker=marker, color=colour, label=method, linewidth=1.5, markersize=6)
-            if key == "speedup":  # on the GFLOPs panel the top axis names the reductions
-                for x, y, target in points:
-                    ax.annotate(f"{target:.0%}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7,
-                                color=colour)
+            if key == "speedup":  # on the GMACs panel the top axis names the reductions
+                labels += [(x, y, f"{target:.0%}", colour) for x, y, target in points]
         ax.axhline(100 * dense["top1"], color="0.5", linestyle=":", linewidth=1)
         ax.plot(dense[key], 100 * dense["top1"], marker="*", color="black", markersize=16, linestyle="none",
                 label="dense", zorder=5)
@@ -49,19 +59,45 @@ def accuracy_png(rows: List[dict], title: str, throughput_label: str) -> bytes:
         ax.grid(alpha=0.3)
     _reduction_axis(axes[0], rows)
     axes[0].set_ylabel("top-1 accuracy (%)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", title="method")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", title="method")
     fig.suptitle(title)
+    fig.canvas.draw()  # the layout is final: label positions can be computed in pixels
+    _point_labels(axes[1], labels)
+    return _png(fig)
+
+
+def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
+def _point_labels(ax, labels, fontsize: float = 7) -> None:
+    """Write each (x, y, text, colour) just above and right of its point, moved up (then down) in steps
+    of a line until its box overlaps no label already written, nor leaves the axes."""
+    to_pixels, scale = ax.transData.transform, ax.figure.dpi / 72
+    height, placed = 1.2 * fontsize * scale, []
+    inside = ax.bbox
+    for x, y, text, colour in sorted(labels, key=lambda label: (label[1], label[0])):
+        px, py = to_pixels((x, y))
+        width = 0.62 * fontsize * scale * len(text)
+        for step in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, 6):
+            left, bottom = px + 4 * scale, py + 3 * scale + step * height
+            box = (left, bottom, left + width, bottom + height)
+            free = all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed)
+            if free and inside.y0 <= bottom and bottom + height <= inside.y1:
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(left - px, bottom - py), textcoords="offset pixels", fontsize=fontsize,
+                    color=colour, va="bottom", annotation_clip=False, in_layout=False)
+
+
 def _reduction_axis(ax, rows: List[dict]) -> None:
-    """A top axis on the GFLOPs panel with a tick per target reduction, at the median GFLOPs of the
-    rows aiming at it (GFLOPs follow the token count, hardly the method)."""
+    """A top axis on the GMACs panel with a tick per target reduction, at the median GMACs of the
+    rows aiming at it (GMACs follow the token count, hardly the method)."""
     targets = sorted({row["target_reduction"] for row in rows})
-    positions = [statistics.median(row["gflops_total_one_direction"] for row in rows if row["target_reduction"] == t)
+    positions = [statistics.median(row["gmacs_total_one_direction"] for row in rows if row["target_reduction"] == t)
                  for t in targets]
     top = ax.secondary_xaxis("top")
     top.set_xticks(positions, labels=[f"{t:.0%}" for t in targets])

@@ -1,8 +1,9 @@
 """Evaluation results as texts: the markdown table, CSV and JSON, and the environment they came from.
 
 A result row is a dict: what mambamerge.evaluate.evaluate returns plus status "ok", delta_top1 and
-speedup (against the dense row); or, for a configuration a method cannot reach, method,
-target_reduction, options, status "n/a" and the reason.
+delta_top5 (against the dense row); or, for a configuration that cannot run, method, target_reduction,
+options, status "n/a" and the reason (for an unreachable target also a note without the target's
+numbers and most_reduction, the most the schedule reaches).
 """
 import csv
 import datetime
@@ -20,41 +21,55 @@ import mambamerge
 from mambamerge.ops import mixer_backend
 from mambamerge.threads import openmp_waiting
 
-# (header, key, format) of the markdown table
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{value:.2%}"
+
+
+# (header, key, format) of the markdown table; "{kind}" is what the model takes (images, clips, spectrograms)
 TABLE: List[Tuple[str, str, Callable[[object], str]]] = [
     ("method", "method", str),
     ("target reduction", "target_reduction", "{:.0%}".format),
     ("avg reduction", "average_reduction", "{:.1%}".format),
     ("final tokens", "final_tokens", str),
-    ("top-1", "top1", "{:.2%}".format),
+    ("top-1", "top1", _percent),
+    ("top-5", "top5", _percent),
     ("Δ top-1 (pp)", "delta_top1", lambda v: f"{100 * v:+.2f}"),
-    ("GFLOPs (1-dir)", "gflops_total_one_direction", "{:.4g}".format),
-    ("images/s", "images_per_s", "{:.1f}".format),
+    ("GMACs (1-dir)", "gmacs_total_one_direction", "{:.4g}".format),
+    ("GMACs (2-dir)", "gmacs_total_both_directions", "{:.4g}".format),
+    ("{kind}/s", "inputs_per_s", "{:.1f}".format),
+    ("dense {kind}/s", "dense_inputs_per_s", "{:.1f}".format),
     ("speed-up", "speedup", "{:.2f}x".format),
 ]
 CSV_FIELDS = ["method", "target_reduction", "status", "reason", "average_reduction", "average_tokens",
-              "final_tokens", "initial_tokens", "top1", "delta_top1", "gflops_one_direction",
-              "gflops_both_directions", "gflops_merge_overhead", "gflops_total_one_direction",
-              "gflops_total_both_directions", "images_per_s", "dense_images_per_s", "speedup", "throughput_batch",
-              "timing_runs", "images", "options", "removals"]
+              "final_tokens", "initial_tokens", "top1", "top5", "delta_top1", "delta_top5", "gmacs_one_direction",
+              "gmacs_both_directions", "gmacs_merge_overhead", "gmacs_total_one_direction",
+              "gmacs_total_both_directions", "inputs_per_s", "dense_inputs_per_s", "speedup", "throughput_batch",
+              "timing_runs", "inputs", "input_kind", "options", "removals"]
 
 
-def markdown_table(rows: List[dict]) -> str:
-    """The results as a markdown table; n/a cells for unreachable configurations, whose reasons follow
-    the table as a list."""
-    lines = ["| " + " | ".join(header for header, _, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
-    reasons = []
+def markdown_table(rows: List[dict], kind: str = "images") -> str:
+    """The results as a markdown table of `kind` (what the model takes: images, clips, spectrograms);
+    n/a cells for configurations that cannot run, whose reasons follow the table, one note per reason
+    (a row's "note", else its "reason") naming the configurations it stops."""
+    lines = ["| " + " | ".join(header.format(kind=kind) for header, _, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    stopped: Dict[str, List[str]] = {}
     for row in rows:
         cells = [fmt(row[key]) if key in row else "n/a" for _, key, fmt in TABLE]
         lines.append("| " + " | ".join(cells) + " |")
         if row["status"] == "n/a":
-            reasons.append(f"- {row['method']} at {row['target_reduction']:.0%}: {row['reason']}")
-    notes = ["", "GFLOPs: GMACs per image, scan branch counted once (the literature's convention), merge "
-             "overhead included. Δ top-1: against the dense row. Speed-up: against the dense forward timed "
-             "interleaved with each configuration (median of the runs)."]
-    if reasons:
-        notes += ["", "n/a: the method cannot reach that average reduction with this schedule (on the command "
-                  "line, --option every=1 steps before every block and reaches further):", *reasons]
+            most = f" (at most {row['most_reduction']:.1%})" if "most_reduction" in row else ""
+            stopped.setdefault(row.get("note", row["reason"]), []).append(
+                f"{row['method']} {row['target_reduction']:.0%}{most}")
+    one = kind[:-1] if kind.endswith("s") else kind
+    notes = ["", f"GMACs: multiply-accumulates per {one} (x10^9; the literature reports them as \"GFLOPs\"), merge "
+             f"overhead included: 1-dir counts each block's scan once (the literature's convention), 2-dir both scan "
+             f"directions. Δ top-1: against the dense row. {kind}/s and dense {kind}/s: medians of forwards of one "
+             f"batch timed interleaved, the configuration's and the dense model's, in one measurement; speed-up is "
+             f"their ratio."]
+    if stopped:
+        notes += ["", "n/a: configurations that cannot run, one note per reason:"]
+        notes += [f"- {', '.join(configs)}: {note}" for note, configs in stopped.items()]
     return "\n".join(lines + notes) + "\n"
 
 

@@ -54,6 +54,25 @@ class TokenLayout:
         """Index of the class token in the embedded sequence (None without one)."""
         return {"head": 0, "middle": self.num_patches // 2, "none": None}[self.cls]
 
+    def axis(self, name: str) -> Optional[int]:
+        """Index of the grid axis called `name` ("frame", "row", ...), None when the layout has none."""
+        return self.axes.index(name) if name in self.axes else None
+
+    def patch_coordinates(self, pos: torch.Tensor) -> torch.Tensor:
+        """Grid coordinates of the patch in each slot of the embedded sequence, outermost axis first.
+        pos: (...) long slot indices -> (..., len(grid)) long; -1 on every axis at the class token."""
+        patch = pos
+        if self.cls_index is not None:
+            patch = pos - (pos > self.cls_index).long() if self.cls == "middle" else pos - 1
+        coords = []
+        for extent in reversed(self.grid):
+            coords.append(patch % extent)
+            patch = patch.div(extent, rounding_mode="floor")
+        coords = torch.stack(coords[::-1], dim=-1)
+        if self.cls_index is None:
+            return coords
+        return coords.masked_fill((pos == self.cls_index)[..., None], -1)
+
     def describe(self) -> str:
         """E.g. "8x14x14 (frame x row x col) patches + class token at the head (index 0)"."""
         grid = "x".join(str(g) for g in self.grid)

@@ -8,9 +8,19 @@ and every `save_every` steps) is all a resumed run needs to reach bit for bit th
 uninterrupted one, after a kill at any moment. `last.pt` holds only tensors and plain values and is
 read back with torch.load(weights_only=True): a planted file cannot run code.
 
-Model selection uses `val_set` (hold it out of the training data: data.loading.holdout_split); the
-best epoch's weights go to `model.safetensors`, the last epoch's to `model_last.safetensors`, and
-`test_set`, if given, is evaluated once on the selected weights and only reported.
+Model selection uses `val_set` (hold it out of the training data: data.loading.holdout_split; a
+warning says when it is too small to choose on); the best epoch's weights go to `model.safetensors`,
+the last epoch's to `model_last.safetensors`, and `test_set`, if given, is evaluated once on the
+selected weights and only reported.
+
+Extending a run: resuming with more epochs than the saved run (everything else the same) trains on
+from where it stopped; every step from there on takes the learning rate a run started with the new
+number of epochs takes at that step (lr_at with the new total: the warm-up is unchanged and the
+cosine reaches min_lr at the new last step), while the steps already taken keep the rates they had.
+So a finished 2-epoch run extended to 3 jumps from min_lr back to lr_at(2 E, 3 E) (E steps an epoch),
+as timm's schedulers do when resumed with more epochs. The extension is saved like any run: a kill
+during it resumes bit for bit. history.json records each epoch's last learning rate, summary.json
+each extension.
 
 Under torchrun every process runs `train` with the same arguments: the model is wrapped in
 DistributedDataParallel, each process takes its share of every epoch, evaluation counts each image
@@ -22,8 +32,9 @@ import math
 import pickle
 import random
 import time
+import warnings
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,6 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import Subset
 
 from mambamerge.atomic import atomic_write, write_bytes
 from mambamerge.checkpoint import save_checkpoint
@@ -42,44 +54,7 @@ from mambamerge.devices import autocast, check_amp
 from mambamerge.distributed import barrier, sum_all, union_all, world
 from mambamerge.evaluate import accuracy
 from mambamerge.progress import progress
-
-
-@dataclass
-class TrainConfig:
-    """Everything that changes the weights a run reaches (a resumed run must use the same)."""
-
-    epochs: int = 10
-    batch_size: int = 64  # per process
-    lr: float = 2e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_batch_size: int = 256
-    distill_weight: float = 1.0  # with a teacher: loss = CE + distill_weight * T^2 * KL(teacher || student at T)
-    distill_temperature: float = 1.0
-    ema_decay: float = 0.0  # 0: no EMA; else validate and save an EMA of the weights (e.g. 0.999)
-    mixup: float = 0.0  # mixup alpha (0: off)
-    cutmix: float = 0.0  # cutmix alpha (0: off)
-    amp: str = "none"  # autocast: none, bf16, fp16 (CUDA)
-
-    def __post_init__(self):
-        """A ValueError naming the field (and its command-line flag) for a setting that cannot train."""
-        rules = {"epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
-                 "eval_batch_size": (lambda v: v >= 1, "at least 1"), "lr": (lambda v: v > 0, "above 0"),
-                 "min_lr": (lambda v: 0 <= v <= self.lr, "in [0, lr]"),
-                 "weight_decay": (lambda v: v >= 0, "at least 0"), "warmup_epochs": (lambda v: v >= 0, "at least 0"),
-                 "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "grad_clip": (lambda v: v >= 0, "at least 0"),
-                 "distill_weight": (lambda v: v >= 0, "at least 0"),
-                 "distill_temperature": (lambda v: v > 0, "above 0"), "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
-                 "mixup": (lambda v: v >= 0, "at least 0"), "cutmix": (lambda v: v >= 0, "at least 0")}
-        for name, (ok, wanted) in rules.items():
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and ok(value)):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {wanted}, got {value!r}")
+from mambamerge.train_settings import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -122,6 +97,7 @@ def load_resume(path, cfg: TrainConfig, run: Optional[dict] = None) -> dict:
     """The training state saved in `path` (a last.pt), checked against `cfg` and, when given, the `run`
     it must belong to (data, model, method, ... as train() records them): a ValueError naming every
     difference when it is missing, unreadable, not a mambamerge training state or from another run.
+    cfg may have more epochs than the saved run (an extension, see train()), never fewer.
     Read with weights_only=True: a file holding anything but tensors and plain values is refused,
     never run. The file is only read."""
     path = Path(path)
@@ -141,9 +117,14 @@ def load_resume(path, cfg: TrainConfig, run: Optional[dict] = None) -> dict:
     if not isinstance(saved, dict) or not all(k in saved for k in _RESUME_KEYS):
         raise ValueError(f"cannot resume from {path}: not a mambamerge training state (expected the entries "
                          f"{', '.join(_RESUME_KEYS)}); delete it or use a new output folder")
-    if saved["config"] != asdict(cfg):
-        raise ValueError(f"{path} was written with other settings ({_differences(saved['config'], asdict(cfg))}); "
+    before, now = dict(saved["config"]), asdict(cfg)
+    if {**before, "epochs": None} != {**now, "epochs": None}:
+        raise ValueError(f"{path} was written with other settings ({_differences(before, now)}); "
                          f"resume with the same settings or start a new output folder")
+    if now["epochs"] < before["epochs"]:
+        raise ValueError(f"{path} is a run of {before['epochs']} epochs: --resume continues it, or extends it with "
+                         f"more --epochs, but cannot shorten it (model.safetensors and history.json hold the epochs "
+                         f"done so far); resume with --epochs {before['epochs']} or more")
     if run is not None:
         _check_run(saved, run, path)
     return saved
@@ -165,19 +146,21 @@ def run_record(run: Optional[dict], train_set, val_set, teacher: bool) -> dict:
 
 def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), resume: Union[bool, dict] = False,
           log=print, *, teacher: Optional[torch.nn.Module] = None, test_set=None, run: Optional[dict] = None,
-          workers: int = 0, save_every: int = 0) -> dict:
+          workers: int = 0, save_every: int = 0, test_name: str = "test") -> dict:
     """Train `model` in place, on the device its parameters are on.
 
     train_set / val_set / test_set: datasets with .info (see module docstring for their roles).
     resume: True to continue from out_dir/last.pt (which must exist), or the state load_resume
-        already read from it.
+        already read from it; with more cfg.epochs than it was saved with, the run is extended (see
+        the module docstring).
     teacher: a model whose logits the student is distilled towards (cfg.distill_weight, _temperature);
         kept in eval mode and not trained.
     run: what identifies the run beyond cfg (data spec, model, method, ...), saved and checked on
         resume together with the data's sizes and classes and the number of processes.
     workers: DataLoader processes for folder data (no effect on the result); save_every: also save
-        last.pt every that many steps (0: at epoch ends only).
-    Returns {"best_accuracy", "best_epoch", "epochs", "history", "test_accuracy" (None without a test set)}.
+        last.pt every that many steps (0: at epoch ends only); test_name: what the log calls test_set.
+    Returns {"best_accuracy", "best_epoch", "epochs", "history", "test_accuracy" (None without a test set),
+    "test_name", "extensions"}.
     """
     here = world()
     for name, data in (("training", train_set), ("validation", val_set)):
@@ -212,6 +195,15 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
         state = saved["state"]
         log(f"resumed from {last} at step {state['step']} (epoch {state['epoch'] + 1}, "
             f"{state['step'] - state['epoch'] * steps_per_epoch} of {steps_per_epoch} steps done)")
+        if saved["config"]["epochs"] < cfg.epochs:
+            state["extensions"] = [*state.get("extensions", []), {"step": state["step"], "epochs_before":
+                                                                  saved["config"]["epochs"], "epochs": cfg.epochs}]
+            state["test_accuracy"] = None  # the selected epoch may change: tested again at the new end
+            log(f"extending the run from {saved['config']['epochs']} to {cfg.epochs} epochs: from step "
+                f"{state['step']} on, the learning rate follows the {cfg.epochs}-epoch schedule "
+                f"({lr_at(state['step'], total, warmup, cfg):.3g} now, cosine to {cfg.min_lr:g} at step {total})")
+    if here.is_main:
+        _check_selection(val_set)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if here.active else model
     if teacher is not None:
@@ -272,7 +264,8 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
         acc = accuracy(evaluated, val_set, cfg.eval_batch_size, amp=cfg.amp, workers=workers)
         state.update(epoch=epoch + 1, seen=0, loss_sum=0.0)
         state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_accuracy": acc,
-                                 "seconds": seconds, "train_images_per_s": seen_now * here.size / seconds})
+                                 "lr": opt.param_groups[0]["lr"], "seconds": seconds,
+                                 "train_images_per_s": seen_now * here.size / seconds})
         improved = acc > state["best"]
         if improved:
             state.update(best=acc, best_epoch=epoch + 1)
@@ -291,16 +284,43 @@ def train(model, train_set, val_set, out_dir, cfg: TrainConfig = TrainConfig(), 
         selected = copy.deepcopy(evaluated)
         selected.load_state_dict(load_file(str(out_dir / "model.safetensors")))
         state["test_accuracy"] = accuracy(selected, test_set, cfg.eval_batch_size, amp=cfg.amp, workers=workers)
-        log(f"test top-1 {state['test_accuracy']:.2%} ({len(test_set)} images) of the epoch-{state['best_epoch']} "
-            f"weights selected on the validation split (reported only, never used to select)")
+        log(f"{test_name} top-1 {state['test_accuracy']:.2%} ({len(test_set)} images) of the "
+            f"epoch-{state['best_epoch']} weights selected on the validation split (reported only, never used to "
+            f"select)")
         snapshot()
     result = {"best_accuracy": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-              "history": state["history"], "test_accuracy": state["test_accuracy"],
+              "history": state["history"], "test_accuracy": state["test_accuracy"], "test_name": test_name,
+              "extensions": state.get("extensions", []),
               "unreadable_images": sorted({name for part in (train_set, val_set, test_set) if part is not None
                                            for name in unreadable(part)})}
     if here.is_main:
         write_bytes(out_dir / "summary.json", json.dumps(result, indent=1))
     return result
+
+
+# below either, choosing the best epoch on the held-out images is mostly choosing on noise
+SELECTION_FLOOR = {"images": 100, "per_class": 5}
+
+
+def _check_selection(val_set) -> None:
+    """Warn when the validation set is too small to select the best epoch on (SELECTION_FLOOR)."""
+    labels = _labels(val_set)
+    rarest = min(torch.bincount(labels, minlength=val_set.info.num_classes).tolist()) if labels is not None else None
+    if len(val_set) < SELECTION_FLOOR["images"] or (rarest is not None and rarest < SELECTION_FLOOR["per_class"]):
+        rare = f", {rarest} of the rarest class" if rarest is not None else ""
+        warnings.warn(f"the best epoch is selected on {len(val_set)} held-out images{rare}: below "
+                      f"{SELECTION_FLOOR['images']} images or {SELECTION_FLOOR['per_class']} per class that choice "
+                      f"is mostly noise; hold out more with --val-split, or judge by model_last.safetensors")
+
+
+def _labels(dataset) -> Optional[torch.Tensor]:
+    """The class index of every input, when the dataset knows them without decoding (None if not)."""
+    if isinstance(dataset, Subset):
+        labels = _labels(dataset.dataset)
+        return labels[list(dataset.indices)] if labels is not None else None
+    folder = getattr(dataset, "folder", None)  # an image folder: torchvision's ImageFolder targets
+    labels = getattr(dataset, "labels", None) if folder is None else getattr(folder, "targets", None)
+    return torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
 
 
 def _seed_step(seed: int) -> None:

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mambamerge.cli import sweep
+from mambamerge.cli.eval import add_device_options
 
 HELP = "sweep every method on a shipped demo model and data (image: the README's main job; audio; video)"
+EXAMPLES = ("", "audio --out outputs/demo-audio", "video --limit 500 --threads 2")
 
 
 class Demo(NamedTuple):
@@ -48,18 +50,19 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N",
                    help="; ".join(f"{task}: {demo.what}" for task, demo in DEMOS.items()))
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--amp", default="none", help="autocast precision: none (default), bf16, fp16 (GPU)")
+    add_device_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     demo = DEMOS[args.task]
     out = args.out or ("outputs/demo" if args.task == "image" else f"outputs/demo-{args.task}")
     argv = ["--checkpoint", str(demo_checkpoint(args.task)), "--data", demo.data,
-            "--limit", str(args.limit or demo.limit), "--out", out]
-    if args.threads:
+            "--limit", str(demo.limit if args.limit is None else args.limit), "--out", out]
+    if args.threads is not None:
         argv += ["--threads", str(args.threads)]
     argv += ["--device", args.device, "--amp", args.amp]
+    if args.workers is not None:
+        argv += ["--workers", str(args.workers)]
     parser = argparse.ArgumentParser(prog="mambamerge sweep")
     sweep.add_parser(parser)
     return sweep.run(parser.parse_args(argv))

@@ -1,27 +1,24 @@
-"""`mambamerge eval`: one checkpoint, one method, one reduction: top-1, GFLOPs and measured throughput
-beside the dense model's. Also the argument handling and loading that `mambamerge sweep` shares."""
+"""`mambamerge eval`: one checkpoint, one method, one reduction: top-1, top-5, GMACs and measured
+throughput beside the dense model's. Also the argument handling and loading that `mambamerge sweep` shares."""
 import argparse
 import ast
 import os
+import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
-import torch
+from mambamerge.cli.names import AMP_CHOICES, METHODS
 
-from mambamerge import distributed
-from mambamerge.atomic import write_files
-from mambamerge.checkpoint import load_checkpoint
-from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
-from mambamerge.devices import AMP_CHOICES, check_amp, parse_device
-from mambamerge.distributed import world
-from mambamerge.evaluate import check_classes, check_fit, describe_input, evaluate
-from mambamerge.merge import METHODS
-from mambamerge.patch import make_method
-from mambamerge.threads import default_threads
-from mambamerge.results import check_writable, environment, json_text
+if TYPE_CHECKING:
+    import torch
 
-HELP = "evaluate a checkpoint with one token-reduction method: top-1, GFLOPs and measured throughput"
+    from mambamerge.merge.recipe import MergeRecipe
+
+HELP = "evaluate a checkpoint with one token-reduction method: top-1, top-5, GMACs and measured throughput"
 SCHEDULE_KEYS = ("schedule", "r", "keep", "start", "every")
+EXAMPLES = ("--checkpoint vim_t_midclstok_76p1acc.pth --data imagenet/val --method mame --reduction 0.4",
+            "--checkpoint model.safetensors --data fashion-mnist --limit 1000 --json eval.json",
+            "--checkpoint model.safetensors --data fsdd --method tome --option schedule=constant --option r=4")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -33,10 +30,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "(as the model takes)")
     p.add_argument("--split", help="train or test (default: test), also val for fsdd and moving-*; a folder is one "
                                    "split already")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N inputs only")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="evaluate on N inputs only: round-robin over the classes in file order (every class is "
+                        "reached; the same N for every method and run)")
     p.add_argument("--img-size", type=int, metavar="PIXELS",
                    help="resolution to evaluate at (default: the checkpoint's training resolution, else 224)")
-    p.add_argument("--batch", type=int, default=64, help="batch size of the accuracy pass (default: 64)")
+    p.add_argument("--batch-size", "--batch", type=int, default=64, metavar="N",
+                   help="batch size of the accuracy pass (default: 64)")
     p.add_argument("--throughput-batch", type=int, default=8, help="batch size of the timed forwards (default: 8)")
     p.add_argument("--runs", type=int, default=5, help="timed forwards per throughput, median (default: 5)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
@@ -63,13 +63,18 @@ def default_workers(requested: Optional[int]) -> int:
         if requested < 0:
             raise ValueError(f"--workers must be 0 or more, got {requested}")
         return requested
+    from mambamerge.distributed import world
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(8, cores // world().local_size - 1))
 
 
-def setup_device(args: argparse.Namespace) -> torch.device:
+def setup_device(args: argparse.Namespace) -> "torch.device":
     """The device of this process (joining torchrun's process group when there is one), with --amp
     checked against it."""
+    from mambamerge import distributed
+    from mambamerge.devices import check_amp, parse_device
+
     device = distributed.setup(parse_device(args.device))
     check_amp(args.amp, device)
     return device
@@ -77,9 +82,7 @@ def setup_device(args: argparse.Namespace) -> torch.device:
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--method", metavar="NAME",
-                   help=f"token-reduction method: {', '.join(sorted(METHODS))} (default: none, dense only)")
-    p.add_argument("--reduction", type=float, metavar="R", help="target average reduction in [0, 1), e.g. 0.4")
+    add_method_options(p)
     p.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
 
 
@@ -93,7 +96,7 @@ def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 
 def check_common(args: argparse.Namespace) -> Dict[str, object]:
     """Validate the shared numbers; returns the parsed --option pairs."""
-    check_at_least_one(args, "batch", "throughput_batch", "runs", "limit", "img_size", "threads")
+    check_at_least_one(args, "batch_size", "throughput_batch", "runs", "limit", "img_size", "threads")
     return parse_options(args.option)
 
 
@@ -112,10 +115,56 @@ def parse_options(pairs) -> Dict[str, object]:
 
 
 def check_method(method: str, options: Dict[str, object]) -> None:
-    """Unknown method names and options the method does not take are errors listing the valid ones."""
+    """Unknown method names and options the method does not take are errors listing the valid ones; so
+    are option values of the wrong kind and schedule parameters out of range (before any data is read)."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    from mambamerge.patch import make_method
+
+    from mambamerge.merge.schedule import check_arguments
+
     make_method(method, **{k: v for k, v in options.items() if k not in SCHEDULE_KEYS})
+    check_arguments(**{k: options[k] for k in ("r", "keep", "start", "every") if k in options})
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """--method, --reduction and --option of eval and speed."""
+    p.add_argument("--method", metavar="NAME",
+                   help=f"token-reduction method: {', '.join(METHODS)}, or none for the dense model "
+                        f"(default: the one a fine-tuned checkpoint records, else none)")
+    p.add_argument("--reduction", type=float, metavar="R", help="target average reduction in [0, 1), e.g. 0.4")
+
+
+def check_method_args(args: argparse.Namespace, options: Dict[str, object]) -> None:
+    """--method (a name or none), --reduction and the --option pairs agree with each other."""
+    if args.method in (None, "none") and (args.reduction is not None or options):
+        raise ValueError("--reduction and --option need --method NAME")
+    if args.method not in (None, "none"):
+        check_method(args.method, options)
+        if args.reduction is None and "r" not in options and "keep" not in options \
+                and not isinstance(options.get("schedule"), (list, tuple)):
+            raise ValueError("--method needs --reduction R (e.g. 0.4), --option r=N (N tokens before every block, "
+                             "as ToMe), --option keep=K or --option schedule=[per-block counts]")
+    if args.reduction is not None:
+        check_reduction(args.reduction)
+
+
+def recorded_merge(model, checkpoint: str, command: str, doing: str,
+                   schedule: bool = True) -> Optional["MergeRecipe"]:
+    """The token reduction `checkpoint` records (it was fine-tuned with it), announced on stderr with
+    `doing` (what the command does with it, and how to do otherwise); None when it records none.
+    schedule: its per-block schedule will run, so it is first checked to fit `model`."""
+    from mambamerge.distributed import world
+
+    recipe = getattr(model, "merge_recipe", None)
+    if recipe is None:
+        return None
+    if schedule:
+        recipe.check_fits(model)
+    if world().is_main:
+        print(f"mambamerge {command}: {Path(checkpoint).name} was fine-tuned with {recipe.describe()}; {doing}",
+              file=sys.stderr)
+    return recipe
 
 
 def check_reduction(reduction: float) -> None:
@@ -123,20 +172,31 @@ def check_reduction(reduction: float) -> None:
         raise ValueError(f"reductions must be in [0, 1) (fraction of token-layers removed), got {reduction}")
 
 
-def load_inputs(args: argparse.Namespace) -> Tuple[torch.nn.Module, object, str]:
+def load_inputs(args: argparse.Namespace) -> Tuple["torch.nn.Module", object, str]:
     """(model on --device, dataset, data label) from --checkpoint, --data, --split (default test), --limit,
     --img-size, with torch set to --threads; see open_data."""
+    import torch
+
+    from mambamerge.threads import default_threads
+
     torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
     model, dataset, label = open_data(args, default_split="test", limit=args.limit)
     return model.to(device), dataset, label
 
 
-def open_data(args: argparse.Namespace, default_split: str,
-              limit: Optional[int]) -> Tuple[torch.nn.Module, object, str]:
-    """(model on the CPU, dataset of its first `limit` inputs, data label) from --checkpoint, --data,
+def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int],
+              start: int = 0, check: Optional[Callable[["torch.nn.Module"], None]] = None
+              ) -> Tuple["torch.nn.Module", object, str]:
+    """(model on the CPU, dataset of `limit` of its inputs from `start` on (load_dataset), data label)
+    from --checkpoint, --data,
     --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
-    Every way they do not fit each other is a ValueError naming both sides."""
+    Every way they do not fit each other is a ValueError naming both sides. check: called with the
+    model before any data is read (to refuse settings the model cannot run before any work)."""
+    from mambamerge.checkpoint import load_checkpoint
+    from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
+    from mambamerge.evaluate import check_classes, check_fit
+
     named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)
     if args.split and not named:
         raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
@@ -148,72 +208,95 @@ def open_data(args: argparse.Namespace, default_split: str,
                          f"--img-size N to evaluate at NxN")
     if len(shape) == 3 and not named and shape[0] not in (1, 3):
         raise ValueError(f"{name} takes {shape[0]}-channel images but image folders give 1 (grey) or 3 (RGB)")
+    if check is not None:
+        check(model)
     split = args.split or default_split
-    dataset = load_dataset(args.data, split, input_shape=shape, limit=limit)
+    try:
+        dataset = load_dataset(args.data, split, input_shape=shape, limit=limit, start=start)
+    except FileNotFoundError as err:
+        if not named or split == "test" or ":" in args.data:
+            raise
+        raise FileNotFoundError(f"{err}; or use the test split, which ships with mambamerge: --split test") from None
     label = f"{args.data} {split}" if named else args.data
     if len(dataset) == 0:
-        raise ValueError(f"{label} holds no inputs")
+        raise ValueError(f"{label} holds no inputs" + (f" from input {start} on" if start else ""))
     check_fit(model, dataset.info, label)
     check_classes(model, dataset.info, label)
     return model, dataset, label
 
 
 def describe(model, checkpoint: str) -> str:
+    from mambamerge.evaluate import describe_input
+
     cfg = model.cfg
     return (f"{Path(checkpoint).name}: {model.family} model, {cfg.depth} blocks, width {cfg.embed_dim}, "
             f"{model.layout.length} tokens ({describe_input(model.input_shape)}), {cfg.num_classes} classes")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mambamerge import distributed
+    from mambamerge.atomic import check_target, write_bytes
+    from mambamerge.distributed import world
+    from mambamerge.evaluate import evaluate
+    from mambamerge.results import check_writable, environment, json_text
+
     options = check_common(args)
-    if args.method is None and (args.reduction is not None or options):
-        raise ValueError("--reduction and --option need --method NAME")
-    if args.method is not None:
-        check_method(args.method, options)
-        if args.reduction is None and not set(options) & set(SCHEDULE_KEYS):
-            raise ValueError("--method needs --reduction R (e.g. 0.4) or schedule options (e.g. --option "
-                             "schedule=constant --option r=5)")
-    if args.reduction is not None:
-        check_reduction(args.reduction)
+    check_method_args(args, options)
     if args.json:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
-        check_writable(Path(args.json).resolve().parent, create=False)
+        check_target(Path(args.json))
+        check_writable(Path(args.json).parent, create=False)
     model, dataset, label = load_inputs(args)
-    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
+    recipe = recorded_merge(model, args.checkpoint, "eval", "running it that way (--method none runs it dense)") \
+        if args.method is None else None
+    method = recipe.method if recipe else None if args.method == "none" else args.method
+    if recipe:
+        options = recipe.patch_options()
+    timing = dict(batch_size=args.batch_size, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
                   workers=default_workers(args.workers))
-    result = evaluate(model, dataset, args.method, args.reduction or 0.0, progress="top-1", **timing, **options)
+    result = evaluate(model, dataset, method, args.reduction, progress="eval: top-1", **timing, **options)
     distributed.teardown()
     if not world().is_main:
         return 0
     cfg = model.cfg
     print(f"model       {describe(model, args.checkpoint)}")
-    print(f"data        {label}: {result['images']} images")
+    kind = result["input_kind"]
+    print(f"data        {label}: {result['inputs']} {kind}")
     if result["unreadable_images"]:
-        print(f"skipped     {len(result['unreadable_images'])} unreadable images (named in the warnings above)")
-    if args.method:
+        print(f"skipped     {len(result['unreadable_images'])} unreadable files (named in the warnings above)")
+    if recipe:
+        print(f"method      {recipe.describe()} (recorded in the checkpoint)")
+    elif method:
         target = f"target reduction {args.reduction:.0%}" if args.reduction is not None else "schedule from options"
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        print(f"method      {args.method}, {target}" + (f" ({listed})" if listed else ""))
+        print(f"method      {method}, {target}" + (f" ({listed})" if listed else ""))
     print(f"reduction   {result['average_reduction']:.1%} of token-layers; tokens per block: average "
           f"{result['average_tokens']:.1f}, final {result['final_tokens']} of {result['initial_tokens']}")
     print(f"top-1       {result['top1']:.2%}")
-    print(f"GFLOPs      {result['gflops_one_direction']:.4g} one direction (literature), "
-          f"{result['gflops_both_directions']:.4g} both directions, merge overhead "
-          f"{result['gflops_merge_overhead']:.2g} (GMACs per image)")
+    print("top-5       " + (f"{result['top5']:.2%}" if result["top5"] is not None else
+                            f"- ({cfg.num_classes} classes: every label is among the top 5)"))
+    print(f"GMACs       {result['gmacs_one_direction']:.4g} one scan direction (the literature's \"GFLOPs\"), "
+          f"{result['gmacs_both_directions']:.4g} both directions, merge overhead "
+          f"{result['gmacs_merge_overhead']:.2g} (multiply-accumulates x10^9 per {kind[:-1]})")
     device = next(model.parameters()).device
     timed = (f"batch {args.throughput_batch}, median of {args.runs}, {device}, autocast {args.amp}, CPU threads: "
              f"{torch.get_num_threads()}" + (f", process 0 of {world().size}" if world().active else ""))
-    if args.method:
-        print(f"throughput  {result['images_per_s']:.1f} images/s; dense {result['dense_images_per_s']:.1f} images/s "
+    if method:
+        print(f"throughput  {result['inputs_per_s']:.1f} {kind}/s; dense {result['dense_inputs_per_s']:.1f} {kind}/s "
               f"timed interleaved with it: speed-up {result['speedup']:.2f}x ({timed})")
     else:
-        print(f"throughput  {result['images_per_s']:.1f} images/s ({timed})")
+        print(f"throughput  {result['inputs_per_s']:.1f} {kind}/s ({timed})")
     if args.json:
-        payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label,
+        from mambamerge.data import subset_record
+
+        payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label, **subset_record(args.limit),
+                   "method_from": "checkpoint" if recipe else "command line",
                    "environment": environment(next(model.parameters()).device), "result": result}
         path = Path(args.json)
-        path.resolve().parent.mkdir(parents=True, exist_ok=True)
-        write_files(path.resolve().parent, {path.name: json_text(payload)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, json_text(payload))
         print(f"json        {path}")
     return 0

@@ -1,4 +1,6 @@
-"""`mambamerge <command>`: one entry point; each command lives in its own module."""
+"""`mambamerge <command>`: one entry point; each command lives in its own module. The arguments are
+parsed before torch is imported (the command modules import it when they run), so `--help` and argument
+errors are instant."""
 import argparse
 import functools
 import os
@@ -7,7 +9,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from mambamerge.checkpoint import CheckpointError
+from mambamerge import __version__
 from mambamerge.cli import demo, info, speed, sweep, train
 from mambamerge.cli import eval as eval_command  # not `eval`: that name is a builtin
 from mambamerge.cli import diagnose, visualize
@@ -17,10 +19,15 @@ COMMANDS.update(diagnose=diagnose, visualize=visualize)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambamerge", description="Token merging for vision State Space Models.")
+    parser = argparse.ArgumentParser(prog="mambamerge", description="Token merging for vision State Space Models.",
+                                     epilog="examples:\n  mambamerge demo\n  mambamerge <command> --help",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mambamerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, module in COMMANDS.items():
-        module.add_parser(sub.add_parser(name, help=module.HELP, description=module.HELP))
+        examples = "examples:\n" + "\n".join(f"  mambamerge {name} {line}".rstrip() for line in module.EXAMPLES)
+        module.add_parser(sub.add_parser(name, help=module.HELP, description=module.HELP, epilog=examples,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -36,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             code = COMMANDS[args.command].run(args) or 0
         sys.stdout.flush()
         return code
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         print(f"mambamerge {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

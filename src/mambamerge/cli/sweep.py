@@ -1,29 +1,26 @@
 """`mambamerge sweep`: every method at every target reduction beside the dense model, on one checkpoint
 and dataset; writes DIR/results.md, results.csv, results.json and accuracy.png, all at the end."""
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List
 
-from mambamerge import distributed
 from mambamerge.cli.eval import (add_common, check_common, check_method, check_reduction, default_workers, describe,
-                                 load_inputs)
-from mambamerge.distributed import world
-from mambamerge.data import unreadable
-from mambamerge.evaluate import evaluate
-from mambamerge.merge import METHODS
-from mambamerge.patch import patch, unpatch
-from mambamerge.plots import accuracy_png
-from mambamerge.progress import progress
-from mambamerge.atomic import write_files
-from mambamerge.results import check_writable, csv_text, environment, json_text, markdown_table
+                                 load_inputs, recorded_merge)
+from mambamerge.cli.names import METHODS
 
 HELP = "evaluate methods x reductions beside the dense model; write a table, CSV, JSON and an accuracy plot"
+EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --limit 2000 --out outputs/sweep",
+            "--checkpoint vim_t_midclstok_76p1acc.pth --data imagenet/val --methods mame tome --reductions 0.2 0.4 "
+            "--out outputs/imagenet",
+            "--checkpoint model.safetensors --data fsdd --option schedule=constant --option every=1 --out outputs/fsdd")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--methods", nargs="+", default=sorted(METHODS), metavar="NAME",
-                   help=f"methods to compare (default: all: {', '.join(sorted(METHODS))})")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help=f"methods to compare (default: the one a fine-tuned checkpoint records, with its options; "
+                        f"else all: {', '.join(METHODS)})")
     p.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8], metavar="R",
                    help="target average reductions in [0, 1) (default: 0.2 0.4 0.6 0.8)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if needed)")
@@ -45,13 +42,21 @@ def check_sweep_options(options: Dict[str, object]) -> None:
 
 def plan(model, methods: List[str], reductions: List[float], options: Dict[str, object]) -> List[dict]:
     """One entry per method x reduction: method, target_reduction, options; where the method cannot
-    reach the target, also status "n/a" and the reason (found by patching, which runs no image)."""
+    reach the target, also status "n/a" and the reason (found by patching, which runs no image); for an
+    unreachable target also the note it shares with the other targets of its schedule and method, and
+    most_reduction."""
+    from mambamerge.merge.schedule import UnreachableTarget
+    from mambamerge.patch import patch, unpatch
+
     configs = []
     for method in methods:
         for reduction in reductions:
             config = {"method": method, "target_reduction": reduction, "options": dict(options)}
             try:
-                patch(model, method, reduction=reduction or None, **options)
+                patch(model, method, reduction=reduction, **options)
+            except UnreachableTarget as err:
+                config.update(status="n/a", reason=str(err), most_reduction=err.most,
+                              note=f"{err.schedule} cannot reach the target with this method; {err.advice}")
             except ValueError as err:
                 config.update(status="n/a", reason=str(err))
             finally:
@@ -61,38 +66,69 @@ def plan(model, methods: List[str], reductions: List[float], options: Dict[str, 
 
 
 def measure(model, dataset, configs: List[dict], options: Dict[str, object], **timing) -> List[dict]:
-    """The dense row, then one row per configuration (n/a ones as they are), with status and
-    delta_top1 against the dense row (speedup comes from each row's own interleaved timing)."""
+    """The dense row, then one row per configuration (n/a ones as they are), with status, delta_top1
+    and delta_top5 against the dense row (each row's speedup is against the dense forward timed with
+    it, dense_inputs_per_s). Off a terminal a plain line says each configuration's top-1 as it ends."""
+    from mambamerge.evaluate import evaluate
+    from mambamerge.progress import progress
+
     runnable = [c for c in configs if "reason" not in c]
-    with progress(total=len(runnable) + 1, desc="sweep", unit="config", leave=True) as bar:
-        bar.set_postfix_str("dense")
-        dense = evaluate(model, dataset, progress="top-1", **timing)
-        bar.update()
-        measured = []
-        for config in runnable:
-            bar.set_postfix_str(f"{config['method']} {config['target_reduction']:.0%}")
+    measured = []
+    with progress(total=len(runnable) + 1, desc="sweep", unit="configs", leave=True) as bar:
+        for config in [{"method": None, "target_reduction": 0.0}] + runnable:
+            name = f"{config['method']} {config['target_reduction']:.0%}" if config["method"] else "dense"
+            bar.set_postfix_str(name)
             measured.append(evaluate(model, dataset, config["method"], config["target_reduction"],
-                                     progress="top-1", **timing, **options))
-            bar.update()
-    done = iter(measured)
+                                     progress=f"{name}: top-1", **timing, **(options if config["method"] else {})))
+            bar.finished(f"{name}: top-1 {measured[-1]['top1']:.2%}")
+    dense, done = measured[0], iter(measured[1:])
     rows = [dense] + [config if "reason" in config else next(done) for config in configs]
     for row in rows:
         if "reason" not in row:
-            row.update(status="ok", delta_top1=row["top1"] - dense["top1"])
+            row.update(status="ok", delta_top1=row["top1"] - dense["top1"],
+                       delta_top5=None if row["top5"] is None else row["top5"] - dense["top5"])
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
+    """The sweep, holding --out's lock all along (atomic.hold): a second sweep into it is refused at once."""
+    from mambamerge.atomic import hold
+    from mambamerge.distributed import world
+    from mambamerge.results import check_writable
+
+    out = check_writable(args.out, create=False)
+    with hold(out, "mambamerge sweep") if world().is_main else nullcontext(out):
+        return _sweep(args, out)
+
+
+def _sweep(args: argparse.Namespace, out: Path) -> int:
+    from mambamerge import distributed
+    from mambamerge.atomic import write_files
+    from mambamerge.data import subset_record, unreadable
+    from mambamerge.distributed import world
+    from mambamerge.evaluate import input_kind
+    from mambamerge.plots import accuracy_png
+    from mambamerge.results import csv_text, environment, json_text, markdown_table
+
     options = check_common(args)
     check_sweep_options(options)
-    for method in args.methods:
+    for method in args.methods or ():
         check_method(method, options)
     for reduction in args.reductions:
         check_reduction(reduction)
-    out = check_writable(args.out, create=False)  # created when the results are written: a failed run leaves none
     model, dataset, label = load_inputs(args)
-    configs = plan(model, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.reductions)), options)
-    timing = dict(batch_size=args.batch, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
+    methods = args.methods
+    if methods is None:
+        recipe = recorded_merge(model, args.checkpoint, "sweep", "sweeping that method with those options at each "
+                                                                 "--reductions target (--methods NAME ... compares "
+                                                                 "others)", schedule=False)
+        methods = [recipe.method] if recipe else list(METHODS)
+        if recipe:
+            options = {**recipe.changed_options(), **options}
+        for method in methods:
+            check_method(method, options)
+    configs = plan(model, list(dict.fromkeys(methods)), list(dict.fromkeys(args.reductions)), options)
+    timing = dict(batch_size=args.batch_size, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
                   amp=args.amp, workers=default_workers(args.workers))
     rows = measure(model, dataset, configs, options, **timing)
     distributed.teardown()
@@ -100,21 +136,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     device = next(model.parameters()).device
     env = environment(device)
-    table = markdown_table(rows)
+    kind = input_kind(model.input_shape)
+    table = markdown_table(rows, kind)
     skipped = unreadable(dataset)
-    title = f"{Path(args.checkpoint).name} on {label} ({len(dataset) - len(skipped)} images)"
+    title = f"{Path(args.checkpoint).name} on {label} ({len(dataset) - len(skipped)} {kind})"
     payload = {"checkpoint": str(args.checkpoint), "model": model.cfg.to_dict(),
-               "data": {"spec": args.data, "label": label, "images": len(dataset) - len(skipped),
-                        "unreadable_images": skipped, "classes": dataset.info.classes},
-               "settings": {"methods": args.methods, "reductions": args.reductions, "options": options, **timing},
+               "data": {"spec": args.data, "label": label, "inputs": len(dataset) - len(skipped), "input_kind": kind,
+                        "unreadable_images": skipped, "classes": dataset.info.classes, **subset_record(args.limit)},
+               "settings": {"methods": methods, "reductions": args.reductions, "options": options, **timing},
                "environment": env, "rows": rows}
     plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,
-                        f"batch {args.throughput_batch}, {env['device']}, threads: {env['threads']}")
-    out.mkdir(parents=True, exist_ok=True)
+                        f"batch {args.throughput_batch}, {env['device']}, threads: {env['threads']}", kind)
     write_files(out, {"results.md": f"# {title}\n\n{describe(model, args.checkpoint)}\n\n{table}",
                       "results.csv": csv_text(rows), "results.json": json_text(payload), "accuracy.png": plot})
     print(table, end="")
     if skipped:
-        print(f"\nskipped {len(skipped)} unreadable images (named in the warnings above and in results.json)")
+        print(f"\nskipped {len(skipped)} unreadable files (named in the warnings above and in results.json)")
     print(f"\nresults: {out / 'results.md'}, results.csv, results.json\nplot:    {out / 'accuracy.png'}")
     return 0

@@ -6,15 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from mambamerge.atomic import write_files
-from mambamerge.cli.diagnose import add_inputs, load_batch
+from mambamerge.cli.diagnose import add_inputs, check_reachable, load_batch
 from mambamerge.cli.eval import check_method, check_reduction, parse_options
-from mambamerge.diagnostics.canvas import grid_planes, group_pictures, leading_panels, patch_geometry, spread
-from mambamerge.diagnostics.figures import merge_groups_png
-from mambamerge.diagnostics.groups import delta_map, merge_steps
-from mambamerge.results import check_writable
 
 HELP = "draw which original patches each token holds after every merge step, and the Δ importance map"
+EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --out outputs/visualize",
+            "--checkpoint model.safetensors --data fsdd --method tome --reduction 0.4 --out outputs/visualize-audio",
+            "--checkpoint model.safetensors --data photos/ --images 8 --out outputs/photos")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -27,11 +25,20 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mambamerge.atomic import write_files
+    from mambamerge.data.folders import normalisation
+    from mambamerge.diagnostics.canvas import (class_token_mark, colour_planes, grid_planes, group_pictures,
+                                               leading_panels, patch_geometry, spread)
+    from mambamerge.diagnostics.figures import merge_groups_png
+    from mambamerge.diagnostics.groups import delta_map, merge_steps
+    from mambamerge.results import check_writable
+
     options = parse_options(args.option)
     check_method(args.method, options)
     check_reduction(args.reduction)
-    out = check_writable(args.out)
-    model, inputs, _, data = load_batch(args)
+    out = check_writable(args.out, create=False)  # created when the results are written: a refused run leaves none
+    model, inputs, _, data = load_batch(args, lambda model: check_reachable(
+        model, {args.method: {"method": args.method, **options}}, [args.reduction], "--reduction"))
     layout, geometry = model.layout, patch_geometry(model)
     steps = merge_steps(model, inputs, args.method, args.reduction, **options)
     if not steps:
@@ -47,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
               "options": options, "layout": {"grid": layout.grid, "axes": layout.axes, "cls_index": layout.cls_index},
               "steps": [{"block": s["block"], "tokens": s["tokens"], "groups": s["groups"].tolist()} for s in steps]}
     panels = leading_panels(planes.shape[1:], layout, geometry)
-    write_files(out, {f"{name}.png": merge_groups_png(planes, layout.axes, pictures, importance, title, panels),
+    colour = colour_planes(inputs, layout, *normalisation(3))  # what image folders normalise RGB with
+    mark = class_token_mark(layout, geometry, planes.shape[1:])
+    png = merge_groups_png(planes, layout.axes, pictures, importance, title, panels, colour, mark)
+    out.mkdir(parents=True, exist_ok=True)
+    write_files(out, {f"{name}.png": png,
                       f"{name}.json": json.dumps(groups) + "\n"})
     print(f"{data}: {len(steps)} steps, tokens {' -> '.join(str(s['tokens']) for s in steps)}")
     print(f"wrote {name}.png and {name}.json to {out}")

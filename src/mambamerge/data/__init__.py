@@ -1,17 +1,16 @@
 """Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders;
 moving Fashion-MNIST / MNIST clips and video folders; FSDD spoken digits and sound-file folders."""
-import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader
 
 from mambamerge.data.audio_sets import DEMO_FRAMES, AudioClips, AudioInfo, audio_folder, fsdd
-from mambamerge.data.datasets import IDX_SETS, IdxDataset, ImageSet, locate_idx
-from mambamerge.data.folders import ReadableImages, collate_readable, image_folder
+from mambamerge.data.datasets import IDX_SETS, IdxDataset, ImageSet, locate_idx, stratified, subset_record
+from mambamerge.data.folders import ReadableImages, image_folder
 from mambamerge.data.idx import read_idx
 from mambamerge.data.video_sets import MOVING_SETS, MovingItems, VideoFolder, VideoInfo
+from mambamerge.data.workers import loader_batches
 
 # named data sets with a validation split held out of their training data (train / val / test)
 VAL_SPLIT_SETS = ("fsdd", *MOVING_SETS)
@@ -27,7 +26,9 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
     input_shape: the model's per-sample input (model.input_shape); it says what a folder holds:
     (C, H, W) images (img_size and in_chans are then taken from it), (C, T, H, W) video clips (files or
     frame folders), (T, F) sound files; for fsdd, T is the number of feature frames (default 128).
-    start, limit: inputs start .. start + limit - 1 only (IDX sets; other sets take the first `limit`)."""
+    start: the inputs from this one on (file order) only. limit: this many of them only, chosen by
+    data.datasets.stratified (round-robin over the classes in file order: every class is reached, and
+    the subset is the same for every method and run; subset_record says so in a result file)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 input, got {limit}")
     name, colon, root = spec.partition(":")
@@ -36,13 +37,13 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
         size = img_size or (shape[-1] if shape and len(shape) == 3 else 56)
         return IdxDataset(name, split, root=root or None, img_size=size, limit=limit, augment=augment,
                           start=start)
-    if start:
-        raise ValueError(f"start= is for the IDX sets ({', '.join(IDX_SETS)}), not {spec}")
+    if start < 0:
+        raise ValueError(f"start must be 0 or more, got {start}")
     if name in MOVING_SETS:
-        return MovingItems(MOVING_SETS[name], split, root=root or None, limit=limit, augment=augment)
+        return MovingItems(MOVING_SETS[name], split, root=root or None, limit=limit, augment=augment, start=start)
     if name == "fsdd":
         frames = shape[0] if shape and len(shape) == 2 else DEMO_FRAMES
-        return fsdd(split, root or None, frames=frames, limit=limit, augment=augment)
+        return fsdd(split, root or None, frames=frames, limit=limit, augment=augment, start=start)
     if not Path(spec).exists() and (colon or "/" not in spec):
         raise ValueError(f"{spec!r} is neither a known data set nor an existing folder; known data sets: "
                          f"{', '.join((*IDX_SETS, *VAL_SPLIT_SETS))} (optionally NAME:/folder/with/its/files), or give "
@@ -50,14 +51,14 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
     if shape is not None and len(shape) == 4:
         ds = VideoFolder(spec, frames=shape[1], size=shape[-1], in_chans=shape[0])
     elif shape is not None and len(shape) == 2:
-        return audio_folder(spec, frames=shape[0], limit=limit, augment=augment)
+        return audio_folder(spec, frames=shape[0], limit=limit, augment=augment, start=start)
     else:
         if shape is not None:
             in_chans, img_size = shape[0], shape[-1]
         ds = image_folder(spec, img_size=img_size or 224, in_chans=in_chans)
-    if limit is not None and limit < len(ds):
+    if start or (limit is not None and limit < len(ds)):
         info = ds.info
-        ds = torch.utils.data.Subset(ds, range(limit))
+        ds = torch.utils.data.Subset(ds, stratified(ds.targets, limit, start))
         ds.info, ds.unreadable = info, getattr(ds.dataset, "unreadable", None)
     return ds
 
@@ -72,30 +73,17 @@ def batches(dataset, batch_size: int, shuffle: bool = False, generator: Optional
     """(inputs, labels) batches; in-memory sets (with a vectorised `batch(index, generator)`: IDX images,
     moving items, audio features) are sliced directly, others go through a DataLoader (`workers` decoding
     processes, pinned memory for fast copies to a GPU), which leaves out the images that cannot be
-    decoded (a warning names each once; see unreadable())."""
+    decoded (a warning names each once; see unreadable()) and raises a bad input's error as it would
+    without workers (data.workers)."""
     if hasattr(dataset, "batch"):
         order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
         for start in range(0, len(dataset), batch_size):
             yield dataset.batch(order[start:start + batch_size], generator)
         return
-    skipped = getattr(dataset, "unreadable", None)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                        pin_memory=pin_memory, collate_fn=None if skipped is None else collate_readable)
-    yield from loader if skipped is None else readable_batches(loader, skipped)
-
-
-def readable_batches(loader, skipped: set) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """The (images, labels) of a loader batching with collate_readable; each unreadable image is added
-    to `skipped` and named in a warning once."""
-    for images, labels, bad in loader:
-        for reason in bad:
-            if reason not in skipped:
-                skipped.add(reason)
-                warnings.warn(f"skipped an unreadable image: {reason}", stacklevel=3)
-        if images is not None:
-            yield images, labels
+    yield from loader_batches(dataset, getattr(dataset, "unreadable", None), batch_size=batch_size, shuffle=shuffle,
+                              generator=generator, num_workers=workers, pin_memory=pin_memory)
 
 
 __all__ = ["IDX_SETS", "MOVING_SETS", "VAL_SPLIT_SETS", "AudioClips", "AudioInfo", "IdxDataset", "ImageSet",
            "MovingItems", "ReadableImages", "VideoFolder", "VideoInfo", "audio_folder", "batches", "fsdd",
-           "image_folder", "load_dataset", "locate_idx", "read_idx", "unreadable"]
+           "image_folder", "load_dataset", "locate_idx", "read_idx", "stratified", "subset_record", "unreadable"]

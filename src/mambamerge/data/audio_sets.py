@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mambamerge.data.audio import NUM_MEL_BINS, audio_features
-from mambamerge.data.datasets import class_folders
+from mambamerge.data.datasets import class_folders, stratified
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 DEMO_FRAMES = 128  # 1.285 s at 10 ms a frame: all but 3 of the 3,000 FSDD clips fit whole
@@ -92,9 +92,10 @@ def _mask(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor
     return x * keep
 
 
-def audio_folder(root, frames: int = DEMO_FRAMES, limit: Optional[int] = None, augment: bool = False) -> AudioClips:
+def audio_folder(root, frames: int = DEMO_FRAMES, limit: Optional[int] = None, augment: bool = False,
+                 start: int = 0) -> AudioClips:
     """A folder `<root>/<class name>/<sound files>` (label = sub-folder name, classes sorted; files in
-    class then name order, the first `limit` of them)."""
+    class then name order; `limit` of them chosen by data.datasets.stratified)."""
     root, classes = class_folders(root, "<sound files>")
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -105,7 +106,8 @@ def audio_folder(root, frames: int = DEMO_FRAMES, limit: Optional[int] = None, a
     if not files:
         raise ValueError(f"{root}: no sound files found in its class folders; supported extensions: "
                          f"{', '.join(AUDIO_EXTENSIONS)}")
-    return AudioClips(files[:limit], labels[:limit], classes, frames, augment, desc=root.name)
+    keep = stratified(labels, limit, start)
+    return AudioClips([files[i] for i in keep], [labels[i] for i in keep], classes, frames, augment, desc=root.name)
 
 
 def shipped_fsdd() -> Path:
@@ -130,9 +132,10 @@ def _fsdd_root(split: str) -> Path:
 
 
 def fsdd(split: str = "test", root=None, frames: int = DEMO_FRAMES, limit: Optional[int] = None,
-         augment: bool = False) -> AudioClips:
-    """The FSDD clips of a split (see the module docstring), ordered by take, speaker, digit so that a
-    `limit` keeps every class. root: the folder of `{digit}_{speaker}_{take}.wav|flac` files."""
+         augment: bool = False, start: int = 0) -> AudioClips:
+    """The FSDD clips of a split (see the module docstring), ordered by take, speaker, digit; `limit` of
+    them chosen by data.datasets.stratified (so the first takes of every speaker and digit). root: the
+    folder of `{digit}_{speaker}_{take}.wav|flac` files."""
     if split not in FSDD_TAKES:
         raise ValueError(f"FSDD splits are {', '.join(FSDD_TAKES)}, got {split!r}")
     folder = Path(root) if root else _fsdd_root(split)
@@ -147,6 +150,6 @@ def fsdd(split: str = "test", root=None, frames: int = DEMO_FRAMES, limit: Optio
         raise ValueError(f"{folder}: no FSDD files of the {split} split (takes {FSDD_TAKES[split].start}-"
                          f"{FSDD_TAKES[split].stop - 1}, named digit_speaker_take.wav)")
     clips.sort()
-    clips = clips[:limit]
+    clips = [clips[i] for i in stratified([c[2] for c in clips], limit, start)]
     return AudioClips([c[3] for c in clips], [c[2] for c in clips], [str(d) for d in range(10)], frames, augment,
                       desc=f"fsdd {split}")

@@ -49,6 +49,33 @@ def _find(directory: Path, stem: str) -> Optional[Path]:
     return None
 
 
+SUBSET_RULE = "stratified round-robin over classes, file order"
+
+
+def stratified(labels: Sequence[int], limit: Optional[int], start: int = 0) -> List[int]:
+    """Indices of the inputs from `start` on (file order) that a `limit` keeps, the same for every
+    method and run: round-robin over the classes (class 0's first input, class 1's first, ..., then
+    each class's second, ...), inputs in file order within a class, so that every class is reached.
+    All of them, in file order, when `limit` is None or covers them all."""
+    if limit is None or limit >= len(labels) - start:
+        return list(range(start, len(labels)))
+    by_class: dict = {}
+    for i in range(start, len(labels)):
+        by_class.setdefault(int(labels[i]), []).append(i)
+    queues = [by_class[label] for label in sorted(by_class)]
+    chosen: List[int] = []
+    for rank in range(max(len(q) for q in queues)):
+        chosen.extend(q[rank] for q in queues if rank < len(q))
+        if len(chosen) >= limit:
+            break
+    return chosen[:limit]
+
+
+def subset_record(limit: Optional[int]) -> dict:
+    """What a result file records of the inputs a `limit` kept."""
+    return {"limit": limit, "subset": SUBSET_RULE if limit is not None else "all"}
+
+
 def class_folders(root, contents: str) -> Tuple[Path, List[str]]:
     """(root, its class sub-folder names sorted) of a folder `<root>/<class name>/<contents>`; a missing
     root is a FileNotFoundError, a root without sub-folders a ValueError saying the layout expected."""
@@ -102,8 +129,8 @@ class IdxDataset(Dataset):
 
     def __init__(self, name: str, split: str = "test", root=None, img_size: int = 56,
                  limit: Optional[int] = None, augment: bool = False, start: int = 0):
-        """start, limit: keep images start .. start + limit - 1 of the split (e.g. a validation slice
-        of the training split that a model was not trained on)."""
+        """start, limit: keep the images from start on (e.g. a validation slice of the training split that
+        a model was not trained on), `limit` of them chosen by `stratified`."""
         if name not in IDX_SETS:
             raise ValueError(f"unknown dataset {name!r}; known: {', '.join(IDX_SETS)}")
         images_path, labels_path = locate_idx(name, split, root)
@@ -114,8 +141,11 @@ class IdxDataset(Dataset):
         if not 0 <= start < len(labels):
             raise ValueError(f"start must be in [0, {len(labels)}) for the {len(labels)} images of {name} {split}, "
                              f"got {start}")
-        end = len(labels) if limit is None else start + limit
-        images, labels = images[start:end], labels[start:end]
+        if limit is not None and limit < len(labels) - start:
+            index = torch.tensor(stratified(labels.tolist(), limit, start), dtype=torch.long)
+            images, labels = images[index], labels[index]
+        else:
+            images, labels = images[start:], labels[start:]
         self.name, self.split, self.augment = name, split, augment
         self.images, self.labels = images, labels
         self.info = ImageSet(list(IDX_SETS[name]), 1, (img_size, img_size))

@@ -1,40 +1,52 @@
-"""User datasets in the ImageNet layout: <root>/<class name>/<image files>, through torchvision.
+"""User datasets in the ImageNet layout: <root>/<class name>/<image files>, transformed by torchvision
+(evaluation) or timm (training augmentation).
 
-An image that cannot be decoded (corrupt, truncated, a decompression bomb) is skipped with a
-warning, never a traceback: its batch comes out without it, and the dataset's `unreadable` set
+An image that cannot be decoded (corrupt, truncated, a decompression bomb, more pixels or a more
+extreme side ratio than data.bounds allows) is skipped with a warning, never a traceback: its batch comes out without it, and the dataset's `unreadable` set
 names it (what evaluate() and the commands report).
 """
 import math
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
-from typing import Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, default_collate
 
+from mambamerge.data.bounds import open_picture, walk_files
 from mambamerge.data.datasets import ImageSet, class_folders
+from mambamerge.train_settings import Augment
 
 SPLIT_NAMES = {"train", "val", "test"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation of image folders; the defaults are Vim's (DeiT's) ImageNet recipe.
-    auto_augment: timm's RandAugment policy string, or None for none."""
+def posterize(image: Image.Image, bits: int, **_) -> Image.Image:
+    """timm's posterize op with the bits kept clamped to Pillow's 1..8: timm's increasing policy asks
+    for 0 at the top magnitude (and RandAugment's magnitude noise reaches it), which Pillow refuses."""
+    from PIL import ImageOps
 
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.3
-    re_prob: float = 0.25  # random erasing, per-pixel noise
+    bits = min(max(int(bits), 1), 8)
+    return image if bits == 8 else ImageOps.posterize(image, bits)
 
-    def transform(self, img_size: int, mean, std):
-        from timm.data import create_transform
 
-        return create_transform(img_size, is_training=True, auto_augment=self.auto_augment,
-                                color_jitter=self.color_jitter, re_prob=self.re_prob, re_mode="pixel",
-                                interpolation="bicubic", mean=mean, std=std)
+def clamp_posterize(transform) -> None:
+    """Every timm augmentation op inside `transform` (Compose, RandAugment, AutoAugment, AugMix) that
+    posterizes uses `posterize` above instead of timm's."""
+    from timm.data import auto_augment
+
+    stack = [transform]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, auto_augment.AugmentOp):
+            if item.aug_fn is auto_augment.posterize:
+                item.aug_fn = posterize
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            stack.extend(getattr(item, name) for name in ("transforms", "ops", "policy") if hasattr(item, name))
 
 
 def probe_folder(root, per_class: int = 3) -> Tuple[int, Optional[int]]:
@@ -78,11 +90,13 @@ def eval_transform(img_size: int = 224, in_chans: int = 3, crop_pct: float = 0.8
 
 
 def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional[Augment] = None):
-    """torchvision ImageFolder with Vim's evaluation transform (`eval_transform`), or with `augment` the
-    training transform of timm's factory (random resized crop, flip, RandAugment, colour jitter, random
-    erasing). The dataset gets an `info` ImageSet. Missing folders, folders without class sub-folders or
-    without images are clear errors."""
-    from torchvision import datasets, transforms
+    """The images of `<root>/<class name>/...` (any depth below a class folder, links to folders not
+    followed, regular files only; see data.bounds) with Vim's evaluation transform (`eval_transform`), or
+    with `augment` the training transform of timm's factory (random resized crop, flip, RandAugment,
+    colour jitter, random erasing). The dataset gets an `info` ImageSet. Missing folders, folders without
+    class sub-folders or classes without images are clear errors."""
+    from torchvision import transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root, classes = class_folders(root, "<images> (ImageNet layout)")
     if set(classes) <= SPLIT_NAMES:
@@ -93,30 +107,49 @@ def image_folder(root, img_size: int = 224, in_chans: int = 3, augment: Optional
     else:
         steps = [transforms.Grayscale(1)] if in_chans == 1 else []
         transform = transforms.Compose(steps + [augment.transform(img_size, *normalisation(in_chans))])
-    try:
-        ds = datasets.ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as err:
-        raise ValueError(f"{root}: no images found ({err}); supported extensions: "
-                         f"{', '.join(datasets.folder.IMG_EXTENSIONS)}") from None
-    return ReadableImages(ds, ImageSet(list(ds.classes), in_chans, (img_size, img_size)))
+    links: List[Path] = []
+    samples = [(path, label) for label, name in enumerate(classes) for path in walk_files(root / name, links)
+               if path.suffix.lower() in IMG_EXTENSIONS]
+    if not samples:
+        raise ValueError(f"{root}: no images found in its class folders; supported extensions: "
+                         f"{', '.join(IMG_EXTENSIONS)}")
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        raise ValueError(f"{root}: the class folders {', '.join(empty)} hold no images; supported extensions: "
+                         f"{', '.join(IMG_EXTENSIONS)}")
+    if links:
+        warnings.warn(f"{root}: {len(links)} links to folders not followed (e.g. {links[0]}); link the class folder "
+                      f"itself or the image files instead", stacklevel=2)
+    return ReadableImages(samples, transform, ImageSet(list(classes), in_chans, (img_size, img_size)))
+
+
+def load_rgb(path) -> Image.Image:
+    """An image file decoded as RGB, after its size was checked (data.bounds.open_picture)."""
+    with open_picture(path) as image:
+        return image.convert("RGB")
 
 
 class ReadableImages(Dataset):
-    """An ImageFolder whose undecodable images come out as (None, "path (reason)") instead of raising;
-    batch them with collate_readable. `unreadable` collects the ones met so far."""
+    """(image, label) of the `samples` (path, class index), `transform`ed; an image that cannot be
+    decoded comes out as (None, "path (reason)") instead of raising (batch with collate_readable), and
+    `unreadable` collects the ones met so far. A transform's failure is raised, never counted as an
+    unreadable image."""
 
-    def __init__(self, folder, info: ImageSet):
-        self.folder, self.info = folder, info
+    def __init__(self, samples: List[Tuple[Path, int]], transform, info: ImageSet):
+        self.samples, self.transform, self.info = samples, transform, info
+        self.targets = [label for _, label in samples]
         self.unreadable: Set[str] = set()
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.samples)
 
     def __getitem__(self, index: int):
+        path, label = self.samples[index]
         try:
-            return self.folder[index]
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return None, f"{self.folder.samples[index][0]} ({err})"
+            image = load_rgb(path)
+        except (OSError, ValueError, SyntaxError) as err:
+            return None, f"{path} ({err})"
+        return self.transform(image), label
 
 
 def collate_readable(items) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], list]:

@@ -11,15 +11,14 @@ number of DataLoader workers.
 """
 import hashlib
 import random
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from mambamerge.data import readable_batches
-from mambamerge.data.datasets import IdxDataset
-from mambamerge.data.folders import collate_readable
+from mambamerge.data.datasets import IdxDataset, stratified
+from mambamerge.data.workers import loader_batches
 
 HOLDOUT_SEED = 0  # the validation slice does not move with --seed: runs with other seeds stay comparable
 
@@ -40,6 +39,12 @@ def subset(dataset, index: Sequence[int]):
     if hasattr(dataset, "unreadable"):
         part.unreadable = dataset.unreadable  # images skipped in any part are named in one set
     return part
+
+
+def limited(index: Sequence[int], labels: Sequence[int], limit: Optional[int]) -> List[int]:
+    """The `limit` of `index` (positions into a dataset whose class indices are `labels`) that
+    data.datasets.stratified keeps, in its order; all of `index` when limit is None."""
+    return [index[i] for i in stratified([labels[j] for j in index], limit)]
 
 
 def holdout_split(n: int, val: float) -> Tuple[List[int], List[int]]:
@@ -92,7 +97,5 @@ def train_batches(dataset, batches: List[torch.Tensor], seed: int, epoch: int, s
     plan = [[(int(i), derive_seed(seed, "sample", epoch, int(i))) for i in batch] for batch in batches[start:]]
     if not plan:
         return
-    skipped = getattr(dataset, "unreadable", None)
-    loader = DataLoader(SeededSamples(dataset), batch_sampler=plan, num_workers=workers, pin_memory=pin_memory,
-                        collate_fn=None if skipped is None else collate_readable)
-    yield from loader if skipped is None else readable_batches(loader, skipped)
+    yield from loader_batches(SeededSamples(dataset), getattr(dataset, "unreadable", None), batch_sampler=plan,
+                              num_workers=workers, pin_memory=pin_memory)

@@ -8,8 +8,9 @@ needs both the appearance and the motion. The start lies on the canvas so that t
 (3 positions along the motion, 17 across it). Items: train = the first 58,000 of the IDX train
 split, val = the last 2,000 (held out, for choosing settings), test = the IDX test split (shipped
 with the package for Fashion-MNIST). Each split's directions and starts are drawn from a generator
-seeded with `seed` and the split, so clips are the same on every machine; with `augment` every batch
-draws new ones (an endless stream of training clips).
+seeded with `seed` and the split, so clips are the same on every machine (and a `limit` keeps some
+of the same clips, data.datasets.stratified over the 40 classes); with `augment` every batch draws new
+ones (an endless stream of training clips).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mambamerge.data.datasets import IDX_SETS, class_folders, locate_idx
+from mambamerge.data.datasets import IDX_SETS, class_folders, locate_idx, stratified
 from mambamerge.data.idx import read_idx
 from mambamerge.data.video import clip_sources, clip_tensor, read_frame_folder, read_video
 
@@ -56,6 +57,7 @@ class VideoFolder(Dataset):
         self.clips = [(clip, label) for label, name in enumerate(classes) for clip in clip_sources(root / name)]
         if not self.clips:
             raise ValueError(f"{root}: no video files or frame folders in its class folders")
+        self.targets = [label for _, label in self.clips]
         self.frames, self.size, self.in_chans = frames, size, in_chans
         self.info = VideoInfo(classes, in_chans, frames, (size, size))
 
@@ -75,7 +77,7 @@ class MovingItems(Dataset):
     FRAMES, SIZE, ITEM, SPEED = 8, 32, 16, 2
 
     def __init__(self, name: str, split: str = "test", root=None, seed: int = 0, limit: Optional[int] = None,
-                 augment: bool = False):
+                 augment: bool = False, start: int = 0):
         if name not in IDX_SETS:
             raise ValueError(f"unknown item set {name!r}; known: {', '.join(IDX_SETS)}")
         if split not in _SPLIT_SEED:
@@ -85,15 +87,14 @@ class MovingItems(Dataset):
         if split != "test":
             part = slice(0, 58000) if split == "train" else slice(58000, None)
             images, labels = images[part], labels[part]
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
+        gen = torch.Generator().manual_seed(seed * len(_SPLIT_SEED) + _SPLIT_SEED[split])
+        directions, starts = self._draw(len(labels), gen)  # for the whole split: a limit keeps the same clips
+        keep = torch.tensor(stratified((labels * len(DIRECTIONS) + directions).tolist(), limit, start), dtype=torch.long)
+        images, self.item_labels, self.directions, self.starts = images[keep], labels[keep], directions[keep], starts[keep]
         self.items = F.interpolate(images[:, None].float().div_(255.0), size=(self.ITEM, self.ITEM), mode="area")[:, 0]
-        self.item_labels = labels
         self.augment = augment
         self.info = VideoInfo([f"{c}, {d}" for c in IDX_SETS[name] for d in DIRECTIONS], 1, self.FRAMES,
                               (self.SIZE, self.SIZE))
-        gen = torch.Generator().manual_seed(seed * len(_SPLIT_SEED) + _SPLIT_SEED[split])
-        self.directions, self.starts = self._draw(len(labels), gen)
 
     def __len__(self) -> int:
         return len(self.item_labels)

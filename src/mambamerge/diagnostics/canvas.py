@@ -10,7 +10,7 @@ the patch whose centre is nearest along every axis; positions no patch covers (w
 not divide the input leaves at the end, or gaps between patches) take `fill`.
 """
 import itertools
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -125,3 +125,36 @@ def group_pictures(planes: torch.Tensor, groups: torch.Tensor, grid: Sequence[in
     colours = spread(group_colours(groups), grid, geometry, planes.shape[1:])
     blended = 0.55 * colours + 0.45 * grey
     return torch.where(colours.isnan(), grey.expand_as(blended), blended)
+
+
+def colour_planes(inputs: torch.Tensor, layout: TokenLayout, mean: Sequence[float],
+                  std: Sequence[float]) -> Optional[torch.Tensor]:
+    """3-channel inputs (B, 3, H, W) images or (B, 3, T, H, W) clips, normalised with `mean` and `std`,
+    as RGB pictures along the grid axes: (B, *extent, 3) in [0, 1]; None for inputs of other channels."""
+    names = INPUT_AXES.get(inputs.dim() - 1)
+    if names is None or "channel" not in names or inputs.shape[1] != 3:
+        return None
+    shape = (1, 3) + (1,) * (inputs.dim() - 2)
+    pixels = inputs.float() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+    order = [1 + names.index(axis) for axis in layout.axes]
+    return pixels.permute(0, *order, 1).clamp(0, 1)
+
+
+def class_token_mark(layout: TokenLayout, geometry: PatchGeometry,
+                     extent: Sequence[int]) -> Optional[Tuple[int, float, float]]:
+    """Where the class token sits in the scan, drawn at the leading edge of the patch that follows it:
+    (panel number as leading_panels counts them, row, column) in picture coordinates, None without a
+    class token. Vim and AuM put it in the middle of the patches, VideoMamba at the head."""
+    if layout.cls_index is None:
+        return None
+    after = min(layout.cls_index, layout.num_patches - 1)
+    position = []
+    for size in reversed(layout.grid):
+        position.insert(0, after % size)
+        after //= size
+    kernel, stride, padding = geometry
+    panel = 0
+    for axis in range(len(layout.grid) - 2):
+        panel = panel * layout.grid[axis] + position[axis]
+    start = [position[a] * stride[a] - padding[a] for a in (-2, -1)]
+    return panel, start[0] + (kernel[-2] - 1) / 2, start[1] - 0.5

@@ -4,6 +4,7 @@ Every function takes plain numbers (lists, tensors) and returns PNG bytes.
 """
 import io
 import math
+import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +18,12 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _wrap(title: str, fig: Figure, fontsize: float = 10) -> str:
+    """`title` broken into lines that fit the figure's width (each of its own lines wrapped apart)."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
 
 
 def _png(fig: Figure) -> bytes:
@@ -103,7 +110,7 @@ def correlation_png(rows: List[dict], blocks: Sequence[int], title: str, label: 
     ax.set_yticks(range(len(names)), labels=names, fontsize=7)
     ax.set_xticks(range(len(blocks)), labels=[f"before\nblock {b}" for b in blocks], fontsize=8)
     fig.colorbar(image, ax=ax, shrink=0.5, label=label)
-    ax.set_title(title, fontsize=10)
+    fig.suptitle(_wrap(title, fig), fontsize=10)
     return _png(fig)
 
 
@@ -129,7 +136,8 @@ def prune_merge_png(result: dict, title: str) -> bytes:
 
 def merge_groups_png(planes: torch.Tensor, axes: Sequence[str], steps: List[dict],
                      importance: Optional[torch.Tensor], title: str,
-                     panels: Sequence[Tuple[int, str]] = ((0, ""),)) -> bytes:
+                     panels: Sequence[Tuple[int, str]] = ((0, ""),), colour: Optional[torch.Tensor] = None,
+                     cls_mark: Optional[Tuple[int, float, float]] = None) -> bytes:
     """Per input: the input, its Δ importance map, then the token groups after each step.
 
     planes: (B, *extent) inputs along the grid axes (canvas.grid_planes); axes: the grid's axis names,
@@ -138,14 +146,17 @@ def merge_groups_png(planes: torch.Tensor, axes: Sequence[str], steps: List[dict
     RGB in [0, 1] (canvas.group_pictures)}]; importance: (B, *extent), NaN where no patch lies, or None;
     panels: the pictures along the axes before the last two (a clip's frames), (flat index, label)
     (canvas.leading_panels). With one panel an input is one row (input, Δ, steps); with several (a clip)
-    it gets a row per kind (input, Δ, each step) and a column per panel."""
+    it gets a row per kind (input, Δ, each step) and a column per panel. colour: (B, *extent, 3) the
+    input in colour (canvas.colour_planes), drawn instead of the grey plane; cls_mark: (panel, row,
+    column) where the class token sits in the scan (canvas.class_token_mark), a white triangle on the
+    input and on every step."""
     batch, extent = planes.shape[0], tuple(planes.shape[1:])
     index = torch.tensor([flat for flat, _ in panels])
 
     def pick(x: torch.Tensor) -> torch.Tensor:  # (B, *extent, ...) -> (B, panels, rows, cols, ...)
         return x.reshape(batch, -1, *x.shape[len(extent) - 1:])[:, index]
 
-    entries = [("input", pick(planes), "gray")]
+    entries = [("input", pick(planes), "gray") if colour is None else ("input", pick(colour), None)]
     if importance is not None:
         entries.append(("Δ importance", pick(importance), "viridis"))
     entries += [(f"before block {s['block']}: {s['tokens']} tokens", pick(s["picture"]), None) for s in steps]
@@ -165,6 +176,9 @@ def merge_groups_png(planes: torch.Tensor, axes: Sequence[str], steps: List[dict
                           **limits)
                 ax.set_xticks([])
                 ax.set_yticks([])
+                if cls_mark is not None and cls_mark[0] == f and name != "Δ importance":
+                    ax.plot(cls_mark[2], cls_mark[1], marker=">", color="white", markeredgecolor="black",
+                            markersize=6, clip_on=False)
                 if across and b == 0:
                     ax.set_title(name, fontsize=8)
                 if not across and f == 0:
@@ -174,5 +188,6 @@ def merge_groups_png(planes: torch.Tensor, axes: Sequence[str], steps: List[dict
         if across:
             grid[b, 0].set_xlabel(f"{axes[-1]} →", fontsize=7)
             grid[b, 0].set_ylabel(f"{axes[-2]} {'↑' if origin == 'lower' else '↓'}", fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    mark = "; white triangle: the class token's place in the scan, just before that patch" if cls_mark else ""
+    fig.suptitle(_wrap(title + mark, fig), fontsize=10)
     return _png(fig)

@@ -34,7 +34,7 @@ def require(sd: Dict[str, torch.Tensor], dims: Dict[str, int], family: str) -> N
     if missing:
         raise ValueError(f"not a complete {family} checkpoint: missing {', '.join(missing)}")
     for key, ndim in {**dims, "head.weight": 2}.items():
-        if key in sd and sd[key].ndim != ndim or min(sd[key].shape) < 1:
+        if key in sd and (sd[key].ndim != ndim or min(sd[key].shape) < 1):
             raise ValueError(f"{key} has shape {tuple(sd[key].shape)}, a {family}'s has {ndim} non-empty axes: the "
                              f"file is damaged")
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, stream
+from mambamerge.merge.frames import BALANCES, SCOPES, balanced_sources, check_frame_options, scope_mask
 from mambamerge.merge.matching import (most_similar, near_class_token, pair_capacity, pair_sources, similarities,
                                        spread_sources, top_band)
 from mambamerge.merge.noise import Draws
@@ -100,6 +101,15 @@ class MaMe(ReductionMethod):
         "injection" (mean Δ x ||B||, STM's injection strength). Merge weights ("size_delta") always use
         the mean Δ, which is positive.
     seed: generator seed for sources="random" (default 0).
+    scope: the destinations a leaving token may join, for clips (frames.py): "free" (default, any),
+        "frame" (tokens of its own frame; anywhere allowed if none of them is) or "tube" (its own
+        spatial position in another frame, the merged token keeping the earlier slot; anywhere
+        allowed if none is). Refused on layouts without frames.
+    balance: "none" (default) or "frame": every frame gives its share of the leaving tokens (the
+        frames with the most tokens first), spread evenly within the frame, instead of spreading them
+        over the sequence outside the protected window (which takes them all from the later frames
+        of a clip whose class token is at the head). With sources "uniform" or "spread" only; refused
+        on layouts without frames.
     """
 
     sources: str = "uniform"
@@ -114,6 +124,8 @@ class MaMe(ReductionMethod):
     feature: str = "residual"
     importance: str = "delta"
     seed: int = 0
+    scope: str = "free"
+    balance: str = "none"
 
     name = "mame"
     needs_ssm = True
@@ -135,10 +147,19 @@ class MaMe(ReductionMethod):
             raise ValueError(f"mame: keep_top must be in [0, 1), got {self.keep_top}")
         if self.importance not in ("delta", "delta_z", "injection"):
             raise ValueError(f"mame: importance must be 'delta', 'delta_z' or 'injection', got {self.importance!r}")
+        if self.scope not in SCOPES or self.balance not in BALANCES:
+            raise ValueError(f"mame: scope must be one of {', '.join(SCOPES)} and balance one of {', '.join(BALANCES)}, "
+                             f"got {self.scope!r}, {self.balance!r}")
+        if self.match == "bipartite" and (self.scope != "free" or self.balance != "none"):
+            raise ValueError("mame: scope and balance apply to match='global' or 'window', not 'bipartite'")
+        if self.balance != "none" and self.sources not in ("uniform", "spread"):
+            raise ValueError(f"mame: balance={self.balance!r} spreads the leaving tokens over each frame: it needs "
+                             f"sources 'uniform' or 'spread', got {self.sources!r}")
         check_feature(self.feature)
         self._draws = Draws(self.seed)
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
+        check_frame_options(self.name, layout, self.scope, self.balance)
         if self.match == "bipartite":
             return bipartite_capacity(length)
         if self.sources == "pairs":
@@ -180,22 +201,27 @@ class MaMe(ReductionMethod):
             src, dst = bipartite_match(feat, protected, r, penalty)
         else:
             eligible = ~protected
-            src = self._sources(score, eligible, r)  # (B, r)
+            src = self._sources(state, score, eligible, r)  # (B, r)
             leaving = torch.zeros_like(eligible).scatter_(1, src, True)
             allowed = eligible & ~leaving & ~self._top_band(score, eligible, r)
-            dst = self._destinations(feat, src, allowed)
+            dst = self._destinations(feat, src, allowed, scope_mask(state, self.scope, src))
         w = state.size
         if self.weight == "size_delta":
             w = w * delta_importance(ssm).float()
         elif self.weight == "plain":
             w = torch.ones_like(w)
         plan = plan_from_selection(length, src, dst, w)
+        if self.scope == "tube":  # a token and its later self: the merged token keeps the earlier slot
+            return plan.with_slots_at(-state.pos)
         return plan.with_slots_at(score) if self.placement == "important" else plan
 
-    def _sources(self, score, eligible, r):
+    def _sources(self, state, score, eligible, r):
         """(B, L) score and eligibility -> (B, r) leaving tokens by the `sources` rule."""
         if self.sources in ("spread", "uniform"):
-            return spread_sources(score if self.sources == "spread" else torch.zeros_like(score), eligible, r)
+            key = score if self.sources == "spread" else torch.zeros_like(score)
+            if self.balance == "frame":  # with scope="frame", each frame keeps a token to merge into
+                return balanced_sources(state, key, eligible, r, keep=int(self.scope == "frame"))
+            return spread_sources(key, eligible, r)
         if self.sources == "pairs":
             return pair_sources(score, eligible, r)
         if self.sources == "most_delta":
@@ -210,11 +236,13 @@ class MaMe(ReductionMethod):
         """(B, L) bool: the keep_top most important eligible tokens."""
         return top_band(score, eligible, round(self.keep_top * (score.shape[1] - 1)), r)
 
-    def _destinations(self, feat, src, allowed):
+    def _destinations(self, feat, src, allowed, scope):
         """Most cosine-similar allowed token for each leaving token, within `window` positions for
-        match="window" where one is allowed there. feat (B, L, D), src (B, r), allowed (B, L)."""
+        match="window" and within `scope` (B, r, L) (None: anywhere) where one is allowed there.
+        feat (B, L, D), src (B, r), allowed (B, L)."""
         sim = similarities(feat, src)  # (B, r, L)
-        local = None
+        local = scope
         if self.match == "window":
-            local = (torch.arange(feat.shape[1], device=feat.device)[None, None, :] - src[..., None]).abs() <= self.window
+            near = (torch.arange(feat.shape[1], device=feat.device)[None, None, :] - src[..., None]).abs() <= self.window
+            local = near if scope is None else near & scope
         return most_similar(sim, allowed, self.cap, local)

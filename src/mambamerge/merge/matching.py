@@ -38,12 +38,21 @@ def least_per_group(score: torch.Tensor, eligible: torch.Tensor, groups: torch.T
     n_groups = (most if most is not None else int(groups.max())) if batch else 0
     group = (rank * groups[:, None]).div(counts.clamp(min=1)[:, None], rounding_mode="floor")
     group = torch.where(eligible, group, n_groups)  # ineligible tokens go to a spare run, dropped below
-    key = score.float().masked_fill(~eligible, float("inf"))
-    best = torch.full((batch, n_groups + 1), float("inf"), device=device).scatter_reduce(1, group, key, "amin")
-    is_best = eligible & (key == best.gather(1, group))
+    return least_in_runs(score, group, n_groups)
+
+
+def least_in_runs(score: torch.Tensor, run: torch.Tensor, n_runs: int) -> torch.Tensor:
+    """The lowest-scoring token of each run: score (B, L), run (B, L) long in 0 .. n_runs (n_runs: the
+    token is in no run) -> (B, n_runs) indices, the lowest index among ties, -1 for an empty run."""
+    batch, length = score.shape
+    device = score.device
+    inside = run < n_runs
+    key = score.float().masked_fill(~inside, float("inf"))
+    best = torch.full((batch, n_runs + 1), float("inf"), device=device).scatter_reduce(1, run, key, "amin")
+    is_best = inside & (key == best.gather(1, run))
     idx = torch.arange(length, device=device).expand(batch, -1)
-    first = torch.full((batch, n_groups + 1), length, dtype=torch.long, device=device).scatter_reduce(
-        1, group, torch.where(is_best, idx, length), "amin")[:, :n_groups]
+    first = torch.full((batch, n_runs + 1), length, dtype=torch.long, device=device).scatter_reduce(
+        1, run, torch.where(is_best, idx, length), "amin")[:, :n_runs]
     return first.masked_fill(first == length, -1)
 
 

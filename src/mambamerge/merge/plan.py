@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from mambamerge.ops import compiled
+from mambamerge.ops import cpu_kernels
 
 DROP = -1
 
@@ -118,15 +118,12 @@ class MergePlan:
 
     def merge_tokens(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], size: torch.Tensor):
         """The plan applied to residual + hidden (hidden alone when residual is None), (B, L, C) -> (B, L', C),
-        and to the token sizes, (B, L) -> (B, L'). On CPU, in float32/float64 and where no gradient is
-        needed, one call to the compiled kernel (about 35 small torch operations fewer per step);
-        elsewhere `combine` on the sum and `add_up`."""
-        streams = [t for t in (hidden, residual) if t is not None]
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in streams)
-        one_dtype = all(t.dtype == hidden.dtype for t in streams)
-        if not needs_grad and one_dtype and size.dtype == torch.float32 and compiled.handles(hidden):
-            return compiled.merge_apply_compiled(hidden, residual, size, self.rep, self.assign, self.movers,
-                                                 self.targets, self.weight, self.mode == "mean")
+        and to the token sizes, (B, L) -> (B, L'). One call to the CPU kernel where it takes the inputs
+        (cpu_kernels.can_merge; about 35 small torch operations fewer per step); elsewhere `combine` on
+        the sum and `add_up`."""
+        if cpu_kernels.can_merge(hidden, residual, size):
+            return cpu_kernels.merge_apply(hidden, residual, size, self.rep, self.assign, self.movers, self.targets,
+                                           self.weight, self.mode == "mean")
         return self.combine(hidden if residual is None else residual + hidden), self.add_up(size)
 
     def add_up(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +147,8 @@ def plan_from_selection(length: int, src: torch.Tensor, dst: Optional[torch.Tens
     """
     batch, r = src.shape
     device = src.device
-    if order is None and device.type == "cpu" and compiled.available():
-        survivors, assign = compiled.plan_from_selection_compiled(src, dst, length)
+    if order is None and cpu_kernels.can_plan(src):
+        survivors, assign = cpu_kernels.plan_from_selection(src, dst, length)
     else:
         keep = torch.ones(batch, length, dtype=torch.bool, device=device).scatter_(1, src, False)
         survivors = true_indices(keep, length - r)

@@ -1,5 +1,5 @@
 """A method on a schedule: what runs between the blocks of a patched model (see runner.py)."""
-from typing import Optional
+from typing import Callable, Optional
 
 from mambamerge.merge.base import ReductionMethod
 from mambamerge.merge.schedule import Schedule
@@ -13,13 +13,31 @@ class TokenReducer:
 
     track_source: keep the (B, L, L0) map of which original tokens each token holds; the last state
     of a forward is kept in `last_state` for inspection.
+    schedule_for_r: r=tokens per step -> the schedule that `reducer.r = n` sets (patch gives it: the
+    model's depth, tokens and the method's capacity); without it r cannot be set.
     """
 
-    def __init__(self, method: ReductionMethod, schedule: Schedule, track_source: bool = False):
+    def __init__(self, method: ReductionMethod, schedule: Schedule, track_source: bool = False,
+                 schedule_for_r: Optional[Callable[..., Schedule]] = None):
         self.method = method
         self.schedule = schedule
         self.track_source = track_source
         self.last_state: Optional[TokenState] = None
+        self._schedule_for_r = schedule_for_r
+
+    @property
+    def r(self) -> Optional[int]:
+        """Tokens each step removes (ToMe's knob): 0 for no step, None when the steps differ."""
+        steps = {count for count in self.schedule.removals if count}
+        return steps.pop() if len(steps) == 1 else None if steps else 0
+
+    @r.setter
+    def r(self, value: int) -> None:
+        """A constant schedule of `value` tokens per step, validated as patch(..., r=value) would be
+        (a ValueError leaves the schedule as it was)."""
+        if self._schedule_for_r is None:
+            raise ValueError("this reducer was built without its model; set r through mambamerge.patch")
+        self.schedule = self._schedule_for_r(r=value)
 
     def removal_after(self, block: int) -> int:
         nxt = block + 1

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
+from mambamerge.merge.frames import check_frame_options, frame_and_place
 from mambamerge.merge.plan import MergePlan, checks_values, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
@@ -50,6 +51,10 @@ class STM(ReductionMethod):
         makes merges near the class token costlier.
     gamma: decay per step of the fading cost (default 0.8).
     feature: "residual" (default) or "hidden" stream for the similarity.
+    scope: "free" (default) or "frame", for clips: a pair that straddles two frames (a frame's last
+        token and the next one's first) ranks below every pair within a frame, so merges cross a frame
+        boundary only where a side has no pair left inside its frames. Refused on layouts without
+        frames.
     """
 
     w_protect: int = 4
@@ -58,6 +63,7 @@ class STM(ReductionMethod):
     fading: float = 0.0
     gamma: float = 0.8
     feature: str = "residual"
+    scope: str = "free"
 
     name = "stm"
 
@@ -70,6 +76,8 @@ class STM(ReductionMethod):
             raise ValueError(f"stm: mode must be 'mean' or 'sum', got {self.mode!r}")
         if self.fading < 0 or not 0 < self.gamma < 1:
             raise ValueError(f"stm: need fading >= 0 and 0 < gamma < 1, got {self.fading}, {self.gamma}")
+        if self.scope not in ("free", "frame"):
+            raise ValueError(f"stm: scope must be 'free' or 'frame', got {self.scope!r}")
         check_feature(self.feature)
 
     @property
@@ -82,6 +90,7 @@ class STM(ReductionMethod):
         return sum(1 for k in range(2, n + 1, 2) if k > self.w_protect and (k - 1 > self.w_protect or k + 1 <= n))
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
+        check_frame_options(self.name, layout, self.scope)
         if layout.cls == "none":
             raise ValueError("stm merges around the class token, and this model has none; use another method")
         if layout.cls == "head":
@@ -111,6 +120,9 @@ class STM(ReductionMethod):
         norms = token_norms(feat)
         pair = torch.linalg.vecdot(feat[:, :-1], feat[:, 1:]) / (norms[:, :-1] * norms[:, 1:])  # cos(t, t+1)
         pair = pair.nan_to_num(nan=-1.0, posinf=1.0, neginf=-1.0)  # an image of NaN / inf: any valid plan
+        if self.scope == "frame":  # cosines are in [-1, 1]: a straddling pair ranks below every other one
+            frame, _ = frame_and_place(state)
+            pair = pair - 4.0 * (frame[:, :-1] != frame[:, 1:]).to(pair.dtype)
         sims = F.pad(pair, (1, 1), value=NEG)  # (B, L + 1): cos(t - 1, t) at t, cos(t, t + 1) at t + 1
 
         # candidate sources: even distances k > w_protect, left of the class token then right of it

@@ -36,6 +36,8 @@ class MambaClassifier(nn.Module):
     """
 
     cfg = None
+    classes = None  # the class names a checkpoint records (load_checkpoint)
+    merge_recipe = None  # the token reduction a fine-tuned checkpoint records (load_checkpoint; a MergeRecipe)
     # leaf names of the embeddings kept out of weight decay (see no_weight_decay)
     no_weight_decay_leaves = ("pos_embed", "cls_token", "temporal_pos_embedding")
 
@@ -68,6 +70,20 @@ class MambaClassifier(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.cfg.num_classes
+
+    @property
+    def r(self) -> Optional[int]:
+        """Tokens each reduction step removes (ToMe's knob; see TokenReducer.r), None when dense. Set it on
+        a patched model to change the schedule in place: `model.r = 8` is `patch(model, method, r=8)` with
+        the method, options and spacing it was patched with, validated the same way."""
+        return None if self.token_reducer is None else self.token_reducer.r
+
+    @r.setter
+    def r(self, value: int) -> None:
+        if self.token_reducer is None:
+            raise ValueError("model.r sets the tokens per step of a token-reducing model; patch it first, e.g. "
+                             "mambamerge.patch(model, 'tome', r=8)")
+        self.token_reducer.r = value
 
     @property
     def layout(self) -> TokenLayout:

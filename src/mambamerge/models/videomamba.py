@@ -159,9 +159,9 @@ class VideoMamba(MambaClassifier):
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """clips (batch, C, T, H, W) -> tokens (batch, 1 + T'H'W', D), class token first."""
         x = self.patch_embed(video)  # (B, D, T', H', W')
-        batch, dim, frames = x.shape[:3]
-        x = x.permute(0, 2, 3, 4, 1).reshape(batch, frames, -1, dim)  # (B, T', H'W', D)
+        batch = x.shape[0]
+        x = x.permute(0, 2, 3, 4, 1).flatten(2, 3)  # (B, T', H'W', D); flatten, not reshape(-1): B may be 0
         pos = self.pos_embed.to(x.dtype)
         x = x + pos[:, None, 1:] + self.temporal_pos_embedding.to(x.dtype)[:, :, None]
         cls = (self.cls_token.to(x.dtype) + pos[:, :1]).expand(batch, -1, -1)
-        return self.pos_drop(torch.cat((cls, x.reshape(batch, -1, dim)), dim=1))
+        return self.pos_drop(torch.cat((cls, x.flatten(1, 2)), dim=1))

@@ -6,7 +6,7 @@ caller. ``reverse=True`` scans from the last token to the first, output in
 sequence order.
 
 Implementations ("impl"):
-    compiled   C++ kernel for CPU float32/float64 (needs g++, Linux x86_64)
+    compiled   C++ kernel for CPU float32/float64 (needs g++, Linux x86_64; ops/cpu_kernels/)
     loop       pure-PyTorch fused loop over time, hand-written backward
     parallel   pure-PyTorch log-depth associative scan (GPU friendly)
     reference  plain Python loop, the ground truth (slow)
@@ -29,9 +29,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from mambamerge.ops import compiled
-from mambamerge.ops.compiled import (check_inputs, selective_scan_compiled, softplus_compiled,
-                                     softplus_with_row_mean_compiled)
+from mambamerge.ops import cpu_kernels
+from mambamerge.ops.checks import check_inputs
+from mambamerge.ops.cpu_kernels import selective_scan as selective_scan_compiled
 from mambamerge.ops.loop import selective_scan_loop
 from mambamerge.ops.parallel import selective_scan_parallel
 from mambamerge.ops.reference import selective_scan_reference
@@ -168,7 +168,7 @@ def scan_backend(device) -> str:
     """The implementation impl="auto" uses for tensors on device."""
     device = torch.device(device)
     if device.type == "cpu":
-        return "compiled" if compiled.available() else "loop"
+        return "compiled" if cpu_kernels.available() else "loop"
     if device.type == "cuda" and _mamba_ssm_fn() is not None:
         return "mamba_ssm"
     if device.type == "cuda" and _triton_scan() is not None:
@@ -197,7 +197,7 @@ def _auto_impl(u):
     if impl == "loop" and not _warned_fallback:
         _warned_fallback = True
         warnings.warn(
-            f"compiled CPU selective scan unavailable ({compiled.unavailable_reason()}); "
+            f"compiled CPU selective scan unavailable ({cpu_kernels.unavailable_reason()}); "
             "using the pure-PyTorch loop, which is several times slower",
             RuntimeWarning,
             stacklevel=3,
@@ -238,14 +238,14 @@ def selective_scan(u, delta, A, B, C, D, reverse=False, impl="auto"):
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """The step-size activation log(1 + exp(x)): the compiled kernel for CPU float32/float64 tensors when
     it is available (torch's CPU softplus is the slowest op of a Vim forward), torch's otherwise."""
-    return softplus_compiled(x) if compiled.handles(x) else F.softplus(x)
+    return cpu_kernels.softplus(x) if cpu_kernels.handles(x) else F.softplus(x)
 
 
 def softplus_with_row_mean(x: torch.Tensor):
     """(softplus(x), its mean over the last dimension). (..., d) -> (..., d), (...). One pass of the
     compiled kernel where no gradient is needed (the mean comes free while the row is in cache);
     differentiable torch operations otherwise."""
-    if compiled.handles(x) and not (torch.is_grad_enabled() and x.requires_grad):
-        return softplus_with_row_mean_compiled(x)
+    if cpu_kernels.handles(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        return cpu_kernels.softplus_with_row_mean(x)
     y = softplus(x)
     return y, y.mean(dim=-1)

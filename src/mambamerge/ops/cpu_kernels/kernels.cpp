@@ -1,5 +1,5 @@
 // CPU kernels: the selective scan, the softplus that gives its step sizes, and the planning and
-// application of a token-merge step. Plain C++ (no torch headers), built by compiled.py and loaded with ctypes.
+// application of a token-merge step. Plain C++ (no torch headers), built by build.py and bound with ctypes by library.py.
 //
 // Layouts (row-major, all contiguous):
 //   u, delta, y, dy, du, ddelta: (batch, L, d)
