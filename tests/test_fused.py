@@ -247,19 +247,27 @@ def test_gpu_check_without_cuda_says_so_and_measures_nothing(monkeypatch, capsys
     assert "no usable CUDA device" in captured.err and captured.out == ""
 
 
-def test_gpu_check_measures_both_paths(kernels, monkeypatch, capsys):
-    """The device check's parity and throughput, on the CPU through the stand-ins: what a GPU session runs."""
+def test_gpu_check_cpu_smoke_runs_every_section(kernels, monkeypatch, capsys):
+    """The device check's sections on the CPU with tiny models, the fused path through the stand-ins and the
+    Triton one through the interpreter: what a GPU session runs, minus the CUDA graphs and the timings."""
     gpu_check = load_gpu_check(monkeypatch)
-    paths = gpu_check.gpu_paths()
-    assert paths == {"fused": "fused", "pytorch": "parallel"}
-    cpu, pico = torch.device("cpu"), dict(depth=5)
-    gpu_check.parity("vim_pico", paths, "mame", 0.5, cpu, batch=2, **pico)
-    args = gpu_check.parse_args(["--batch", "2", "--runs", "1", "--warmup", "0", "--reductions", "0.5", "0.99"])
-    gpu_check.throughput("vim_pico", paths, args, cpu, **pico)
+    expected_paths = ["triton", "fused", "pytorch"] if ops.triton_handles(torch.empty(0)) else ["fused", "pytorch"]
+    assert list(gpu_check.gpu_paths(torch.device("cpu"))) == expected_paths
+    assert gpu_check.main(["--cpu-smoke"]) == 0
     out = capsys.readouterr().out
-    diffs = [float(d) for d in re.findall(r"fused vs pytorch (\S+)", out)]
-    assert len(diffs) == 2 and max(diffs) < 1e-4  # dense and merged
-    assert "unreachable" in out
-    for path in paths:
-        assert re.search(rf"vim_pico\s+{path}\s+dense", out)
-        assert re.search(rf"vim_pico\s+{path}\s+50% .*ideal 1\.\d\dx", out)
+    assert "FAILED" not in out and "skipped" not in out
+    for number in range(1, 6):
+        assert f"\n== {number}. " in out
+    parity = re.findall(r"max abs diff to the CPU: (.*)", out)
+    assert len(parity) >= 3  # dense and at least two methods reach 30% on the smoke model
+    for row in parity:
+        diffs = dict(re.findall(r"(\w+) (\S+)(?:,|$)", row))
+        assert list(diffs) == expected_paths and max(float(d) for d in diffs.values()) < 1e-4
+    assert re.search(r"dense: top-1 agreement fused \S+%, pytorch \S+%", out)
+    syncs = re.findall(r"^   (\w+)\s+\d+%: (.*)$", out, flags=re.M)
+    assert {method for method, _ in syncs} == set(mambamerge.merge.METHODS)
+    assert all(verdict == "OK, no host sync" for _, verdict in syncs)
+    for path in ("fused", "pytorch"):
+        assert re.search(rf"vim_pico\s+b2\s+{path}\s+eager\s+dense", out)
+    assert re.search(r"vim_pico\s+b2\s+fused\s+eager\s+mame 30% .*ideal 1\.\d\dx", out)
+    assert "unreachable" in out  # 80% on a 4-block model of 17 tokens
