@@ -224,7 +224,7 @@ def test_diagnose_and_visualize_commands(tmp_path, capsys):
 def test_diagnose_and_visualize_defaults_run_on_the_shipped_split(tmp_path, capsys):
     common = ["--checkpoint", str(DEMO), "--data", "fashion-mnist", "--threads", "1", "--images", "4"]
     assert main(["visualize", *common, "--out", str(tmp_path / "v")]) == 0
-    assert "fashion-mnist test inputs 0..3" in capsys.readouterr().out
+    assert "fashion-mnist test, 4 inputs from #0 (stratified" in capsys.readouterr().out
     assert json.loads((tmp_path / "v" / "merge_mame.json").read_text())["reduction"] == 0.5
     assert main(["diagnose", *common, "--parts", "order", "prune_vs_merge", "--out", str(tmp_path / "d")]) == 0
     summary = (tmp_path / "d" / "summary.txt").read_text()

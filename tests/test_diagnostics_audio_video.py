@@ -119,7 +119,7 @@ def test_diagnose_and_visualize_an_audio_and_a_video_checkpoint(tmp_path, capsys
     assert main(["diagnose", *common, "--images", "4", "--loo-images", "2", "--loo-blocks", "2",
                  "--attention-blocks", "1", "--reductions", "0.3", "--out", str(tmp_path / "d")]) == 0
     numbers = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
-    assert numbers["data"] == f"{data} test inputs 0.. (4, stratified round-robin over classes, file order)"
+    assert numbers["data"] == f"{data} test, 4 inputs from #0 (stratified round-robin over classes, file order)"
     assert numbers["images"] == 4
     assert {"decay", "attention", "dependence", "order", "importance", "prune_vs_merge"} <= set(numbers)
     length = model.layout.length

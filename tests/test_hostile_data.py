@@ -400,7 +400,7 @@ def test_visualize_picks_its_inputs_from_every_class(tmp_path, image_ckpt):
     assert main(["visualize", "--checkpoint", image_ckpt, "--data", str(root), "--images", "3", "--reduction", "0.3", "--out", str(out),
                  "--threads", "1"]) == 0
     groups = json.loads((out / "merge_mame.json").read_text())
-    assert groups["data"] == f"{root} inputs 0.. (3, stratified round-robin over classes, file order)"
+    assert groups["data"] == f"{root}, 3 inputs from #0 (stratified round-robin over classes, file order)"
 
 
 def test_train_limit_takes_every_class(tmp_path):

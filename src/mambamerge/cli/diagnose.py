@@ -69,7 +69,7 @@ def load_batch(args: argparse.Namespace, check: Callable[["torch.nn.Module"], No
         raise ValueError(f"--first must be >= 0, got {args.first}")
     torch.set_num_threads(default_threads(args.threads))
     model, dataset, label = open_data(args, default_split="test", limit=args.images, start=args.first, check=check)
-    chosen = f"{label} inputs {args.first}.. ({len(dataset)}, {SUBSET_RULE})"
+    chosen = f"{label}, {len(dataset)} inputs from #{args.first} ({SUBSET_RULE})"
     read = list(batches(dataset, len(dataset)))
     if not read:
         raise ValueError(f"{chosen}: none could be read")
