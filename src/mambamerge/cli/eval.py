@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
-from mambamerge.cli.names import AMP_CHOICES, METHODS
+from mambamerge.cli.inputs import DataSpec
+from mambamerge.cli.names import AMP_CHOICES, IDX_SETS, METHODS, VAL_SPLIT_SETS
 
 if TYPE_CHECKING:
     import torch
@@ -194,10 +195,11 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
     Every way they do not fit each other is a ValueError naming both sides. check: called with the
     model before any data is read (to refuse settings the model cannot run before any work)."""
     from mambamerge.checkpoint import load_checkpoint
-    from mambamerge.data import IDX_SETS, VAL_SPLIT_SETS, load_dataset
+    from mambamerge.data import load_dataset
     from mambamerge.evaluate import check_classes, check_fit
 
-    named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)
+    data = DataSpec.parse(args.data)
+    named = data.named
     if args.split and not named:
         raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
                          f"folder is one split: pass the split's own folder (e.g. imagenet/val) as --data")
@@ -214,7 +216,7 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
     try:
         dataset = load_dataset(args.data, split, input_shape=shape, limit=limit, start=start)
     except FileNotFoundError as err:
-        if not named or split == "test" or ":" in args.data:
+        if not named or split == "test" or data.root is not None:
             raise
         raise FileNotFoundError(f"{err}; or use the test split, which ships with mambamerge: --split test") from None
     label = f"{args.data} {split}" if named else args.data

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction, default_workers,
                                  parse_options, setup_device)
-from mambamerge.cli.names import IDX_SETS, MODELS, VAL_SPLIT_SETS
+from mambamerge.cli.inputs import DataSpec
+from mambamerge.cli.names import MODELS
 from mambamerge.train_settings import Augment, TrainConfig
 
 HELP = ("train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run or extends a finished "
@@ -114,7 +115,7 @@ def _check_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(f"{args.out} already holds a training run ({', '.join(found)}): --resume continues it (or "
                          f"extends it with more --epochs), --overwrite deletes it and starts again; or give another "
                          f"--out")
-    named = args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS)  # mixup / cutmix: image folders only
+    named = DataSpec.parse(args.data).named  # mixup / cutmix: image folders only
     recipe = {k: getattr(args, k) if getattr(args, k) is not None else 0.0 if named else v
               for k, v in FOLDER_RECIPE.items()}
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in recipe
@@ -206,9 +207,10 @@ def _data(args, base):
     from mambamerge.loaders import FAMILY_NAMES
     from mambamerge.models import create_model
 
-    if args.data.partition(":")[0] in VAL_SPLIT_SETS:
+    data = DataSpec.parse(args.data)
+    if data.has_val_split:
         return _family_data(args, base)
-    is_idx = args.data.partition(":")[0] in IDX_SETS
+    is_idx = data.is_idx
     if not is_idx:
         folder = Path(args.data)
         for name in ("train", "val"):
@@ -264,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
-    is_idx = args.data.partition(":")[0] in IDX_SETS
+    data = DataSpec.parse(args.data)
     torch.manual_seed(cfg.seed)  # before any model is built: the same seed gives the same initial weights
     base = load_checkpoint(args.init, img_size=args.img_size) if args.init else None
     train_set, val_set, test_set, model = _data(args, base)
@@ -285,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
                **({"options": options} if options else {}),  # absent without: older last.pt files still resume
                "limit": args.limit, **({"subset": SUBSET_RULE} if args.limit else {}),
                "val_split": args.val_split, **_input_record(model),
-               "augment": None if is_idx else [args.aa, args.reprob]}
+               "augment": None if data.is_idx else [args.aa, args.reprob]}
     saved = load_resume(out / "last.pt", cfg, run_record(command, train_set, val_set, teacher is not None)) \
         if args.resume else False
     if world().is_main:
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             write_bytes(out / "command.json", json.dumps({**command, "train": cfg.__dict__}, indent=1))
-    test_name = "test" if args.data.partition(":")[0] in (*IDX_SETS, *VAL_SPLIT_SETS) else f"{Path(args.data) / 'val'}"
+    test_name = "test" if data.named else f"{Path(args.data) / 'val'}"
     result = train(model, train_set, val_set, out, cfg, resume=saved, teacher=teacher, test_set=test_set,
                    run=command, workers=default_workers(args.workers), save_every=args.save_every,
                    log=print if world().is_main else lambda *_: None, test_name=test_name)
