@@ -143,7 +143,7 @@ def test_bad_frame_options_are_named(options, message):
         mambamerge.merge.METHODS["mame"](**options)
 
 
-@pytest.mark.parametrize("options,message", [({"scope": "tube"}, "mame with scope='tube'"),
+@pytest.mark.parametrize("options,message", [({"scope": "tube"}, "'free' or 'frame', got 'tube'"),
                                              ({"scope": "space"}, "'free' or 'frame'")])
 def test_tome_refuses_scopes_it_cannot_honour(options, message):
     with pytest.raises(ValueError, match=message):

@@ -8,11 +8,11 @@ tokens, then all B tokens) scrambles the scan order of an SSM; the ordered varia
 survivors in their original relative order, a merged token sitting in its B token's slot.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
+from mambamerge.merge.base import Feature, ReductionMethod, stream, token_norms
 from mambamerge.merge.frames import check_frame_options, scope_mask
 from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
@@ -85,17 +85,11 @@ class ToMe(ReductionMethod):
     candidate), and none from fewer than 4 tokens, where the class token could leave B empty.
     """
 
-    feature: str = "residual"
-    scope: str = "free"
+    feature: Feature = "residual"
+    scope: Literal["free", "frame"] = "free"
 
     name = "tome"
     ordered = True
-
-    def __post_init__(self):
-        check_feature(self.feature)
-        if self.scope not in ("free", "frame"):
-            hint = "; for merging along time use mame with scope='tube'" if self.scope == "tube" else ""
-            raise ValueError(f"{self.name}: scope must be 'free' or 'frame', got {self.scope!r}{hint}")
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
         check_frame_options(self.name, layout, self.scope)
@@ -132,6 +126,7 @@ class RMeeTo(ToMe):
 
     Options:
     feature: "hidden" (default, as R-MeeTo compares the blocks' hidden states) or "residual".
+    scope: as tome.
 
     Its published schedule is r tokens before blocks 2, 4, ..., 22 of 24 (r = 5 for Vim-Ti, 11 for
     Vim-S/B), chosen by the caller: patch(model, "rmeeto", schedule="constant", r=5, start=2,
@@ -139,6 +134,6 @@ class RMeeTo(ToMe):
     briefly (cross-entropy + 0.5 KL to the dense teacher); this module is the merging alone.
     """
 
-    feature: str = "hidden"
+    feature: Feature = "hidden"
 
     name = "rmeeto"
