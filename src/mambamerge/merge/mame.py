@@ -130,6 +130,11 @@ class MaMe(ReductionMethod):
     name = "mame"
     needs_ssm = True
 
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"w_protect": [0, 8, 24, 48], "sources": ["uniform", "spread", "least_delta"],
+                "match": ["global", "window"], "importance": ["delta", "delta_z"]}
+
     def __post_init__(self):
         if self.match not in ("global", "window", "bipartite"):
             raise ValueError(f"mame: match must be 'global', 'window' or 'bipartite', got {self.match!r}")

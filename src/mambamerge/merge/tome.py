@@ -79,6 +79,10 @@ class ToMe(ReductionMethod):
     name = "tome"
     ordered = True
 
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"feature": ["residual", "hidden"]}
+
     def __post_init__(self):
         check_feature(self.feature)
 
