@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
+from mambamerge.merge.base import Feature, ReductionMethod, stream, token_norms
 from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
@@ -74,7 +74,7 @@ class ToMe(ReductionMethod):
     candidate), and none from fewer than 4 tokens, where the class token could leave B empty.
     """
 
-    feature: str = "residual"
+    feature: Feature = "residual"
 
     name = "tome"
     ordered = True
@@ -82,9 +82,6 @@ class ToMe(ReductionMethod):
     @classmethod
     def search_space(cls) -> dict:
         return {"feature": ["residual", "hidden"]}
-
-    def __post_init__(self):
-        check_feature(self.feature)
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
         return bipartite_capacity(length)
@@ -123,6 +120,6 @@ class RMeeTo(ToMe):
     briefly (cross-entropy + 0.5 KL to the dense teacher); this module is the merging alone.
     """
 
-    feature: str = "hidden"
+    feature: Feature = "hidden"
 
     name = "rmeeto"
