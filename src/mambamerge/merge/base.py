@@ -58,6 +58,11 @@ class ReductionMethod:
         return 0
 
     @classmethod
+    def search_space(cls) -> dict:
+        """{option: values worth trying} for mambamerge.tune; options left out keep their defaults."""
+        return {}
+
+    @classmethod
     def options(cls) -> dict:
         return {f.name: f.default for f in fields(cls)}
 

@@ -107,6 +107,11 @@ class MaMe(ReductionMethod):
     needs_ssm = True
     overrides = {"match": {"bipartite": ("sources", "keep_top", "cap", "scope", "balance")}}
 
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"w_protect": [0, 8, 24, 48], "sources": ["uniform", "spread", "least_delta"],
+                "match": ["global", "window"], "importance": ["delta", "delta_z"]}
+
     def __post_init__(self):
         super().__post_init__()
         self._draws = Draws(self.seed)

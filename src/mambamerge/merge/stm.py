@@ -67,6 +67,10 @@ class STM(ReductionMethod):
 
     name = "stm"
 
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"w_protect": [0, 4, 12, 24], "weight": ["injection", "size"], "mode": ["mean", "sum"]}
+
     def check(self):
         if self.w_protect < 0:
             raise ValueError(f"stm: w_protect must be >= 0, got {self.w_protect}")

@@ -91,6 +91,10 @@ class ToMe(ReductionMethod):
     name = "tome"
     ordered = True
 
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"feature": ["residual", "hidden"]}
+
     def capacity(self, length: int, layout: TokenLayout) -> int:
         check_frame_options(self.name, layout, self.scope)
         return bipartite_capacity(length)
