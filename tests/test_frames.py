@@ -1,4 +1,4 @@
-"""Frame-aware reduction (merge/frames.py; MaMe's scope and balance, STM's scope): the class token
+"""Frame-aware reduction (merge/frames.py; MaMe's scope and balance, STM's and ToMe's scope): the class token
 stays, token order within and across frames is kept, the reduction is exact, scopes keep every group
 inside its frame or its spatial position, budgets are balanced as a slow reference says, and layouts
 without frames refuse the options by name."""
@@ -15,7 +15,8 @@ from test_family_merging import inputs, small
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VIDEO_OPTIONS = [("mame", {"scope": "frame"}), ("mame", {"scope": "tube"}), ("mame", {"balance": "frame"}),
                  ("mame", {"balance": "frame", "scope": "frame", "w_protect": 0}),
-                 ("mame", {"scope": "tube", "sources": "random", "w_protect": 2}), ("stm", {"scope": "frame"})]
+                 ("mame", {"scope": "tube", "sources": "random", "w_protect": 2}), ("stm", {"scope": "frame"}),
+                 ("tome", {"scope": "frame"}), ("rmeeto", {"scope": "frame"})]
 
 
 def slow_coordinates(layout, slot):
@@ -113,7 +114,7 @@ def test_scopes_keep_groups_in_one_place_or_frame(options, schedule):
 
 @pytest.mark.parametrize("method,options", [("mame", {"scope": "tube"}), ("mame", {"balance": "frame"}),
                                             ("mame", {"scope": "frame", "balance": "frame"}),
-                                            ("stm", {"scope": "frame"})])
+                                            ("stm", {"scope": "frame"}), ("tome", {"scope": "frame"})])
 @pytest.mark.parametrize("family", ["aum:Bi-Bi", "vim"])
 def test_layouts_without_frames_refuse_the_options_by_name(method, options, family):
     if family == "vim":
@@ -140,3 +141,28 @@ def test_the_defaults_still_run_on_layouts_without_frames():
 def test_bad_frame_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         mambamerge.merge.METHODS["mame"](**options)
+
+
+@pytest.mark.parametrize("options,message", [({"scope": "tube"}, "'free' or 'frame', got 'tube'"),
+                                             ({"scope": "space"}, "'free' or 'frame'")])
+def test_tome_refuses_scopes_it_cannot_honour(options, message):
+    with pytest.raises(ValueError, match=message):
+        mambamerge.merge.METHODS["tome"](**options)
+
+
+@pytest.mark.parametrize("method", ["tome", "tome_unordered"])
+def test_tome_frame_scope_keeps_merges_in_one_frame(method):
+    """Within every frame of the small clip there are A -> B edges to spare at these steps, so no group
+    straddles two frames; without the scope some do (the test would catch a scope that does nothing)."""
+    layout = small("videomamba").layout
+    coords = layout.patch_coordinates(torch.arange(layout.length))  # (L0, axes)
+    straddling = {}
+    for scope in ("frame", "free"):
+        model = small("videomamba", seed=5)
+        mambamerge.patch(model, method, schedule=[0, 4, 4], track_source=True, scope=scope)
+        with torch.no_grad():
+            model(inputs(model, 3, seed=4))
+        state = model.token_reducer.last_state
+        straddling[scope] = sum(len(set(coords[state.source[b, i].nonzero()[:, 0], 0].tolist())) > 1
+                                for b in range(3) for i in range(state.length))
+    assert straddling["frame"] == 0 and straddling["free"] > 0

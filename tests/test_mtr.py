@@ -1,8 +1,10 @@
 """MTR and MaMe's choosers of sources and destinations, checked on hand-made token sequences."""
+from typing import Literal, get_origin, get_type_hints
+
 import pytest
 import torch
 
-from mambamerge.merge import MTR, MaMe
+from mambamerge.merge import METHODS, MTR, MaMe
 from mambamerge.merge.matching import least_per_group, most_similar, top_band
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.stm import injection_strength
@@ -194,7 +196,7 @@ def test_mame_plain_weights_and_injection_importance():
         torch.testing.assert_close(new.hidden[0, slot], tokens[group].mean(dim=0))
 
 
-@pytest.mark.parametrize("options,message", [({"sources": "middle"}, "sources must be one of"),
+@pytest.mark.parametrize("options,message", [({"sources": "middle"}, "sources must be .least_delta., .spread."),
                                              ({"w_protect": -1}, "w_protect and cap must be >= 0"),
                                              ({"keep_top": 1.0}, r"keep_top must be in \[0, 1\)"),
                                              ({"importance": "B"}, "importance must be .delta., .delta_z. or .injection.")])
@@ -252,3 +254,22 @@ def test_mame_defaults_protect_the_class_tokens_neighbours_and_space_the_sources
     assert sorted(set(range(61)) - set(new.pos[0].tolist())) == [0, 2, 4, 55, 57, 59]
     for original in range(6, 55):  # the window: never merged away, nothing merged in
         assert members(new, int(new.source[0, :, original].argmax())) == [original]
+
+
+@pytest.mark.parametrize("ignored", [{"sources": "spread"}, {"keep_top": 0.3}, {"cap": 1}, {"scope": "frame"}])
+def test_mame_bipartite_refuses_the_options_it_ignores(ignored):
+    (name, value), = ignored.items()
+    with pytest.raises(ValueError, match=rf"match='bipartite' ignores {name} \(got {name}={value!r}\)"):
+        MaMe(match="bipartite", **ignored)
+    MaMe(match="bipartite", delta_penalty=2.0, w_protect=4)  # the options it does use
+
+
+def test_every_text_option_is_checked_against_its_literal():
+    checked = 0
+    for cls in METHODS.values():
+        for option, kind in get_type_hints(cls).items():
+            if get_origin(kind) is Literal:
+                with pytest.raises(ValueError, match=rf"^{cls.name}: {option} must be .*got 'bogus'$"):
+                    cls(**{option: "bogus"})
+                checked += 1
+    assert checked >= 20

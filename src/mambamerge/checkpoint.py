@@ -25,9 +25,11 @@ from safetensors.torch import save_file
 
 from mambamerge.atomic import atomic_write, file_kind
 from mambamerge.loaders import FAMILY_NAMES, LOADERS, detect_family
+from mambamerge.loaders.common import depth_of
 from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.models.base import MambaClassifier
 from mambamerge.models.registry import FAMILIES
+from mambamerge.models.sizes import pair, patch_grid
 from mambamerge.models.vim import VimConfig, VisionMamba, interpolate_pos_embed
 
 PathLike = Union[str, os.PathLike]
@@ -69,15 +71,13 @@ def _first_line(err: BaseException) -> str:
 
 
 def _pair(value, what: str, user: bool = False) -> Tuple[int, int]:
-    """A positive int or (height, width) pair of them, at most MAX_PIXELS: an image size or stride a
-    file records (or, user=True, one the caller passes)."""
-    items = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if (not isinstance(items, (list, tuple)) or len(items) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_PIXELS for v in items)):
-        why = "" if user else "; the file is damaged or was not written by mambamerge"
-        raise CheckpointError(f"{what} is {value!r}: expected a whole number of pixels from 1 to {MAX_PIXELS} or a "
-                              f"(height, width) pair of them{why}")
-    return int(items[0]), int(items[1])
+    """An image size or stride a file records (or, user=True, one the caller passes) as a pair, at most
+    MAX_PIXELS."""
+    try:
+        return pair(value, what, MAX_PIXELS, unit=" of pixels")
+    except ValueError as err:
+        raise CheckpointError(f"{err}{'' if user else '; the file is damaged or was not written by mambamerge'}") \
+            from None
 
 
 def _metadata_json(text: str, what: str):
@@ -265,12 +265,10 @@ def _check_layout(sd: Dict[str, torch.Tensor]) -> int:
         if key in sd and (sd[key].ndim != len(dims) or min(sd[key].shape) < 1):
             raise CheckpointError(f"{key} has shape {tuple(sd[key].shape)}, a Vim's is ({', '.join(dims)}): the "
                                   f"file is damaged or not a Vim checkpoint")
-    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
-    if blocks != list(range(len(blocks))):
-        raise CheckpointError(f"the file has tensors for {len(blocks)} blocks numbered from {blocks[0]} to "
-                              f"{blocks[-1]}, but a Vim's blocks are numbered 0 to depth-1 without gaps: the file "
-                              f"is damaged or not a Vim checkpoint")
-    return len(blocks)
+    try:
+        return depth_of(sd)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _infer_stride(num_slots: int, patch: Tuple[int, int], raw: RawCheckpoint, img_size: Optional[Tuple[int, int]],
@@ -280,7 +278,7 @@ def _infer_stride(num_slots: int, patch: Tuple[int, int], raw: RawCheckpoint, im
     train = _pair(train_img_size, "train_img_size=", user=True) if train_img_size is not None else raw.train_img_size
     num_patches = num_slots - 1
     if train is not None and stride is not None:
-        grid = tuple((t - p) // s + 1 for t, p, s in zip(train, patch, stride))
+        grid = patch_grid(train, patch, stride)
     else:
         side = math.isqrt(num_patches)
         if side * side != num_patches:

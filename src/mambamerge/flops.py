@@ -1,5 +1,4 @@
-"""FLOPs of a model of any family, dense or token-reducing, in the literature's convention
-(ALGORITHMS.md §1.4).
+"""FLOPs of a model of any family, dense or token-reducing, in the literature's convention.
 
 "FLOPs" here are multiply-accumulates (MACs), as Vim and the token-merging papers report them.
 Counted: patch embedding (M patches x the kernel's weights), per block and token in_proj, conv1d,

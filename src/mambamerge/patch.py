@@ -53,10 +53,10 @@ def _check_option_type(method: str, name: str, value, default) -> None:
         raise ValueError(f"{method}: option {name} must be {wanted} (default {default!r}), got {value!r}")
 
 
-def patch(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional[float] = None,
+def patch(model: nn.Module, method: Union[None, str, MergeRecipe] = None, reduction: Optional[float] = None,
           schedule: Union[None, str, Sequence[int], Schedule] = None, *, r: Optional[int] = None,
           keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
-          track_source: bool = False, **options) -> nn.Module:
+          track_source: bool = False, config: Optional[dict] = None, **options) -> nn.Module:
     """Turn `model` into a token-reducing one in place and return it.
 
     method: a name in mambamerge.merge.METHODS ("mame", "stm", "tome", ...; see docs/merging.md), or
@@ -71,10 +71,21 @@ def patch(model: nn.Module, method: Union[str, MergeRecipe], reduction: Optional
         schedule (r tokens before every block from block 1). `model.r = n` later changes it in place.
     track_source: keep which original tokens each token holds (model.token_reducer.last_state.source).
     options: the method's own options (see each method's docstring, or METHODS[name].options()).
+    config: instead of a method, what mambamerge.tune chose (`result.config`, or that dict read back from
+        JSON): its method, options and per-block schedule; refused on a model of another depth or token count.
 
     The state dict is untouched: the patched model still loads and saves the same checkpoints.
     `unpatch(model)` restores the dense model.
     """
+    if config is not None:
+        if method is not None:
+            raise TypeError("give either a method or a tune config, not both")
+        from mambamerge.tune import recipe_of_config
+
+        _check_model(model)
+        method = recipe_of_config(config, model)
+    elif method is None:
+        raise TypeError("patch needs a method name (e.g. 'mame'), a MergeRecipe or config= (a tune result's config)")
     model.token_reducer = make_reducer(model, method, reduction, schedule, r=r, keep=keep, start=start, every=every,
                                        track_source=track_source, **options)
     return model

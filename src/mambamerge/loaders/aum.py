@@ -10,8 +10,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mambamerge.loaders.common import depth_of, mixer_config, pair, require, resize_head_table
+from mambamerge.loaders.common import depth_of, mixer_config, require, resize_head_table
 from mambamerge.models.aum import AuMConfig
+from mambamerge.models.sizes import pair, patch_grid
 
 FAMILY = "aum"
 AUM_MEL_BINS = 128
@@ -31,10 +32,6 @@ def variant_of(sd: Dict[str, torch.Tensor]) -> str:
     return "Fo-Bi" if "layers.0.mixer.A_b_log" in sd else "Fo-Fo"
 
 
-def _grid(size: Tuple[int, int], patch: Tuple[int, int], stride: Tuple[int, int]) -> Tuple[int, int]:
-    return tuple((i - p) // s + 1 for i, p, s in zip(size, patch, stride))
-
-
 def interpolate_table(table: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
     """(1, 1 + old F'T', D), class entry first -> (1, 1 + new F'T', D), the patch part bilinear, antialiased."""
     return resize_head_table(table, old_grid, new_grid, mode="bilinear", antialias=True)
@@ -43,7 +40,7 @@ def interpolate_table(table: torch.Tensor, old_grid: Tuple[int, int], new_grid: 
 def _train_spec_size(slots: int, patch, stride, train_spec_size) -> Tuple[int, int]:
     if train_spec_size is not None:
         return train_spec_size
-    freq = _grid((AUM_MEL_BINS, patch[1]), patch, stride)[0]
+    freq = patch_grid((AUM_MEL_BINS, patch[1]), patch, stride)[0]
     if slots % freq:
         raise ValueError(f"the position table holds {slots} patches, which is not {freq} frequency patches (128 mel "
                          f"bins) times a number of time patches; pass train_spec_size=(F, T) and stride=")
@@ -76,7 +73,7 @@ def config_and_weights(sd: Dict[str, torch.Tensor], saved: Optional[dict] = None
         train_spec_size = pair(saved["spec_size"], "the spec_size of the file's saved config")
     stride = stride or patch
     train_size = _train_spec_size(slots, patch, stride, train_spec_size)
-    train_grid = _grid(train_size, patch, stride)
+    train_grid = patch_grid(train_size, patch, stride)
     if train_grid[0] * train_grid[1] != slots:
         raise ValueError(f"the position table holds {slots} patches but a {train_size[0]}x{train_size[1]} (F x T) "
                          f"spectrogram with stride {stride} gives {train_grid[0]}x{train_grid[1]}; check "

@@ -1,5 +1,5 @@
 """Helpers shared by the family loaders: the mixer's hyper-parameters from its tensors, the depth, and
-bounded sizes from options or a file's metadata (so that neither can make a loader allocate without limit)."""
+the resize of a position table with a class entry first."""
 import re
 from typing import Dict, Tuple
 
@@ -37,25 +37,6 @@ def require(sd: Dict[str, torch.Tensor], dims: Dict[str, int], family: str) -> N
         if key in sd and (sd[key].ndim != ndim or min(sd[key].shape) < 1):
             raise ValueError(f"{key} has shape {tuple(sd[key].shape)}, a {family}'s has {ndim} non-empty axes: the "
                              f"file is damaged")
-
-
-MAX_SIZE = 1 << 16  # the largest size (pixels, frames, mel bins) or stride an option or a file may give
-
-
-def whole(value, what: str, most: int = MAX_SIZE) -> int:
-    """A whole number from 1 to `most`, else a ValueError naming `what`."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-        raise ValueError(f"{what} is {value!r}: expected a whole number from 1 to {most}")
-    return value
-
-
-def pair(value, what: str, most: int = MAX_SIZE) -> Tuple[int, int]:
-    """An int or a pair of them, each from 1 to `most`, as a pair; else a ValueError naming `what`."""
-    items = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (not isinstance(items, (list, tuple)) or len(items) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= most for v in items)):
-        raise ValueError(f"{what} is {value!r}: expected a whole number from 1 to {most} or a pair of them")
-    return int(items[0]), int(items[1])
 
 
 def resize_head_table(table: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int],

@@ -11,7 +11,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mambamerge.loaders.common import depth_of, mixer_config, pair, require, resize_head_table, whole
+from mambamerge.loaders.common import depth_of, mixer_config, require, resize_head_table
+from mambamerge.models.sizes import pair, whole
 from mambamerge.models.videomamba import VideoMambaConfig
 
 FAMILY = "videomamba"

@@ -1,6 +1,6 @@
 """The interface every token-reduction method implements, and the helpers they share."""
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import ClassVar, Literal, Optional, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -12,14 +12,37 @@ from mambamerge.tokens import SSMStats, TokenLayout
 @dataclass
 class ReductionMethod:
     """Base of all methods. Subclasses are dataclasses whose fields are the method's options (each with
-    its default and the reason for it in the subclass docstring), implement `plan`, and are made known
-    by name with the `@register` decorator (registry.py).
+    its default in the subclass docstring; the evidence for it in docs/), implement `plan`, and are made
+    known by name with the `@register` decorator (registry.py).
 
+    A text option is typed `Literal[...]` and its value is checked here; `overrides` declares the options
+    a value of another makes meaningless ({option: {value: (ignored options...)}}), refused when set
+    together; `check` holds the remaining bounds (numbers, options that need each other).
     needs_ssm: the method reads the SSMStats of the block just run (Δ, B).
     """
 
     name = "base"
     needs_ssm = False
+    overrides: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        for option, kind in get_type_hints(type(self)).items():
+            value = getattr(self, option, None)
+            if get_origin(kind) is Literal and value not in get_args(kind):
+                *rest, last = map(repr, get_args(kind))
+                allowed = f"{', '.join(rest)} or {last}" if rest else last
+                raise ValueError(f"{self.name}: {option} must be {allowed}, got {value!r}")
+        defaults = self.options()
+        for option, by_value in self.overrides.items():
+            value = getattr(self, option)
+            for ignored in by_value.get(value, ()):
+                if getattr(self, ignored) != defaults[ignored]:
+                    raise ValueError(f"{self.name}: {option}={value!r} ignores {ignored} (got "
+                                     f"{ignored}={getattr(self, ignored)!r}); set one of them, not both")
+        self.check()
+
+    def check(self) -> None:
+        """Bounds beyond an option's type: a ValueError naming the option."""
 
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
         """Which r tokens leave and where they go. state holds L tokens; r <= capacity(L)."""
@@ -33,6 +56,11 @@ class ReductionMethod:
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         """Multiply-accumulates of one step's scoring and matching (for the FLOPs counter)."""
         return 0
+
+    @classmethod
+    def search_space(cls) -> dict:
+        """{option: values worth trying} for mambamerge.tune; options left out keep their defaults."""
+        return {}
 
     @classmethod
     def options(cls) -> dict:
@@ -60,9 +88,7 @@ def least(score: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
     return score.masked_fill(cls, float("inf")).topk(k, dim=1, largest=False).indices
 
 
-def check_feature(feature: str) -> None:
-    if feature not in ("residual", "hidden"):
-        raise ValueError(f"feature must be 'residual' or 'hidden', got {feature!r}")
+Feature = Literal["residual", "hidden"]
 
 
 def stream(state: TokenState, feature: str) -> torch.Tensor:

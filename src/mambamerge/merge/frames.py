@@ -17,7 +17,7 @@ from mambamerge.merge.matching import least_in_runs
 from mambamerge.merge.state import TokenState
 from mambamerge.tokens import TokenLayout
 
-SCOPES = ("free", "frame", "tube")
+SCOPES = ("free", "frame", "tube")  # as Literal[SCOPES] in the methods' options
 BALANCES = ("none", "frame")
 
 

@@ -1,6 +1,6 @@
 """MaMe (arXiv 2508.13599): the SSM step size Δ as token importance, order-preserving merges.
 
-Reconstruction (ALGORITHMS.md §2.1; the paper's text is not public, each choice is an option):
+Reconstruction (the paper's text is not public, each choice is an option):
 importance s_i = mean_d Δ^fwd_i + mean_d Δ^bwd_i of the block just run (a large Δ writes the token
 strongly into the state); tokens of low s leave and each merges into its most cosine-similar remaining
 token; survivors keep their order and a merged token sits in its destination's slot.
@@ -11,11 +11,11 @@ measurements on two trained models support (docs/results.md, "Choosing MaMe's de
 protected window around the class token and evenly spaced leaving tokens; Δ weights the merges.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, stream
+from mambamerge.merge.base import Feature, ReductionMethod, delta_importance, stream
 from mambamerge.merge.frames import BALANCES, SCOPES, balanced_sources, check_frame_options, scope_mask
 from mambamerge.merge.matching import (most_similar, near_class_token, pair_capacity, pair_sources, similarities,
                                        spread_sources, top_band)
@@ -27,8 +27,7 @@ from mambamerge.merge.stm import injection_strength
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
 from mambamerge.tokens import SSMStats, TokenLayout
 
-SOURCES = ("least_delta", "spread", "pairs", "uniform", "most_delta", "random")
-# the reconstruction before the validation study (issue 9): patch(model, "mame", **PAPER_AS_READ)
+# the reconstruction before the validation study (docs/results.md): patch(model, "mame", **PAPER_AS_READ)
 PAPER_AS_READ = dict(match="global", sources="least_delta", w_protect=0, keep_top=0.0, cap=0, weight="size_delta",
                      placement="destination", importance="delta")
 
@@ -57,106 +56,76 @@ def channel_z(delta: torch.Tensor) -> torch.Tensor:
 @register
 @dataclass
 class MaMe(ReductionMethod):
-    """Options. The defaults are the best mean top-1 at 60% and 80% reduction over validation images
-    of two trained models (docs/results.md, "Choosing MaMe's defaults"); `PAPER_AS_READ` restores the
-    first reconstruction: patch(model, "mame", **PAPER_AS_READ).
-    sources: which tokens leave (match "global"/"window"), from the tokens outside the protected
-        window. "uniform" (default): they are cut into r runs of consecutive tokens and the first of
-        each run leaves (evenly spaced, no score). "spread": the least important of each run.
-        "pairs": they are paired in order, the less important of each pair is a candidate and the
-        r least important candidates leave (as ToMe's alternating split, no pair loses both).
-        "least_delta": the r least important overall (the paper as read; they cluster in the flat
-        background of our images and accuracy fell below random pruning). "most_delta" and
-        "random" (drawn with `seed`) measure what the Δ ranking is worth. On validation, with the
-        same window, "uniform", "spread" and "random" scored within noise of each other and
-        "least_delta" lower (most at 80%): the simplest of the best is the default.
-    match: "global" (default; each leaving token joins its most similar allowed token anywhere:
-        "window" scored within noise of it), "window" (the most similar within `window` sequence
-        positions, anywhere if none is allowed there) or
-        "bipartite" (ToMe's alternating split, edges scored by similarity minus `delta_penalty` x the
-        source's normalised importance; `sources`, `keep_top` and `cap` do not apply).
+    """Options (defaults chosen on validation images: docs/results.md, "Choosing MaMe's defaults";
+    `PAPER_AS_READ` restores the first reconstruction).
+    sources: which tokens leave, from those outside the protected window. "uniform" (default): the
+        first of each of r runs of consecutive tokens; "spread": the least important of each run;
+        "pairs": the r least important of the less important of each pair in order; "least_delta": the
+        r least important overall (the paper as read); "most_delta", "random" (drawn with `seed`).
+    match: where a leaving token goes. "global" (default): its most similar allowed token; "window":
+        the most similar within `window` positions (anywhere if none is allowed there); "bipartite":
+        ToMe's alternating split, similarity minus `delta_penalty` x the source's normalised importance.
     window: neighbourhood for match="window" (default 4 tokens each side).
     delta_penalty: weight of the importance penalty for match="bipartite" (default 1.0).
-    w_protect: tokens on each side of the class token that neither leave nor receive (STM's
-        protected hidden states). Default 24, the best of 0 / 4 / 8 / 12 / 16 / 24 on validation: the
-        strongest lever found (+20 to +30 points at 60%), as the diag study's leave-one-out costs
-        predict (a token's distance to the class token ranks its cost far better than its Δ). Where
-        a step must remove more tokens than the rest can give, the window shrinks for that step so
-        every reduction stays reachable.
-    keep_top: fraction of the non-class tokens, the most important by s, that receive no merge
-        (MTR's keep band: destinations come from the middle band). Default 0, any token may receive:
-        0.3 scored within noise of 0 on validation (54.6 vs 55.1% at 60%).
-    cap: most leaving tokens one destination takes in a step (0: no limit); raised for a step where
-        the allowed destinations could not hold all leaving tokens otherwise. Default 0: a cap of 1
-        was within noise (56.3 vs 55.1% at 60%, 28.1 vs 27.7% at 80%).
-    weight: "size_delta" (default, w = size x mean Δ: informative tokens dominate the merged
-        feature; at 80% it beat "plain", 27.7 vs 25.1%), "size" (ToMe's size-weighted average) or
-        "plain" (every member counts once, MTR's average).
+    w_protect: tokens on each side of the class token that neither leave nor receive (default 24);
+        narrowed for a step that must remove more tokens than the rest can give.
+    keep_top: fraction of the non-class tokens, the most important, that receive no merge (default 0).
+    cap: most leaving tokens one destination takes in a step (default 0: no limit; raised for a step
+        whose destinations could not hold all leaving tokens otherwise).
+    weight: merge weights. "size_delta" (default, size x mean Δ), "size" (ToMe's) or "plain" (MTR's).
     placement: "destination" (default; the merged token keeps the destination's slot) or "important"
-        (the slot of its most important member; identical on the demo model in the first ablation).
-    feature: "residual" (default; the stream the next block normalises) or "hidden", for the similarity.
-    importance: the statistic that ranks tokens (sources, keep band, placement; unused by the default
-        sources): "delta" (default, mean Δ forward + backward), "delta_z" (per-channel standardised Δ, largest channel, both directions:
-        the Δ form that tracked leave-one-out importance best in the diag study, though weakly) or
-        "injection" (mean Δ x ||B||, STM's injection strength). Merge weights ("size_delta") always use
-        the mean Δ, which is positive.
+        (the slot of its most important member).
+    feature: "residual" (default) or "hidden", the stream compared for similarity.
+    importance: what ranks tokens for sources, keep band and placement. "delta" (default, mean Δ
+        forward + backward), "delta_z" (per-channel standardised Δ, largest channel) or "injection"
+        (mean Δ x ||B||, STM's). Merge weights always use the mean Δ.
     seed: generator seed for sources="random" (default 0).
-    scope: the destinations a leaving token may join, for clips (frames.py): "free" (default, any),
-        "frame" (tokens of its own frame; anywhere allowed if none of them is) or "tube" (its own
-        spatial position in another frame, the merged token keeping the earlier slot; anywhere
-        allowed if none is). Refused on layouts without frames.
-    balance: "none" (default) or "frame": every frame gives its share of the leaving tokens (the
-        frames with the most tokens first), spread evenly within the frame, instead of spreading them
-        over the sequence outside the protected window (which takes them all from the later frames
-        of a clip whose class token is at the head). With sources "uniform" or "spread" only; refused
-        on layouts without frames.
+    scope: destinations a leaving token may join in a clip (frames.py): "free" (default), "frame" (its
+        own frame) or "tube" (its own spatial position in another frame). Needs frames.
+    balance: "none" (default) or "frame" (every frame gives its share of the leaving tokens); with
+        sources "uniform" or "spread" only. Needs frames.
+    match="bipartite" ignores sources, keep_top, cap, scope and balance: setting one of them with it
+    is an error.
     """
 
-    sources: str = "uniform"
-    match: str = "global"
+    sources: Literal["least_delta", "spread", "pairs", "uniform", "most_delta", "random"] = "uniform"
+    match: Literal["global", "window", "bipartite"] = "global"
     window: int = 4
     delta_penalty: float = 1.0
     w_protect: int = 24
     keep_top: float = 0.0
     cap: int = 0
-    weight: str = "size_delta"
-    placement: str = "destination"
-    feature: str = "residual"
-    importance: str = "delta"
+    weight: Literal["size_delta", "size", "plain"] = "size_delta"
+    placement: Literal["destination", "important"] = "destination"
+    feature: Feature = "residual"
+    importance: Literal["delta", "delta_z", "injection"] = "delta"
     seed: int = 0
-    scope: str = "free"
-    balance: str = "none"
+    scope: Literal[SCOPES] = "free"
+    balance: Literal[BALANCES] = "none"
 
     name = "mame"
     needs_ssm = True
+    overrides = {"match": {"bipartite": ("sources", "keep_top", "cap", "scope", "balance")}}
+
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"w_protect": [0, 8, 24, 48], "sources": ["uniform", "spread", "least_delta"],
+                "match": ["global", "window"], "importance": ["delta", "delta_z"]}
 
     def __post_init__(self):
-        if self.match not in ("global", "window", "bipartite"):
-            raise ValueError(f"mame: match must be 'global', 'window' or 'bipartite', got {self.match!r}")
-        if self.weight not in ("size_delta", "size", "plain"):
-            raise ValueError(f"mame: weight must be 'size_delta', 'size' or 'plain', got {self.weight!r}")
-        if self.placement not in ("destination", "important"):
-            raise ValueError(f"mame: placement must be 'destination' or 'important', got {self.placement!r}")
+        super().__post_init__()
+        self._draws = Draws(self.seed)
+
+    def check(self):
         if self.window < 1:
             raise ValueError(f"mame: window must be >= 1, got {self.window}")
-        if self.sources not in SOURCES:
-            raise ValueError(f"mame: sources must be one of {', '.join(SOURCES)}, got {self.sources!r}")
         if self.w_protect < 0 or self.cap < 0:
             raise ValueError(f"mame: w_protect and cap must be >= 0, got {self.w_protect}, {self.cap}")
         if not 0.0 <= self.keep_top < 1.0:
             raise ValueError(f"mame: keep_top must be in [0, 1), got {self.keep_top}")
-        if self.importance not in ("delta", "delta_z", "injection"):
-            raise ValueError(f"mame: importance must be 'delta', 'delta_z' or 'injection', got {self.importance!r}")
-        if self.scope not in SCOPES or self.balance not in BALANCES:
-            raise ValueError(f"mame: scope must be one of {', '.join(SCOPES)} and balance one of {', '.join(BALANCES)}, "
-                             f"got {self.scope!r}, {self.balance!r}")
-        if self.match == "bipartite" and (self.scope != "free" or self.balance != "none"):
-            raise ValueError("mame: scope and balance apply to match='global' or 'window', not 'bipartite'")
         if self.balance != "none" and self.sources not in ("uniform", "spread"):
             raise ValueError(f"mame: balance={self.balance!r} spreads the leaving tokens over each frame: it needs "
                              f"sources 'uniform' or 'spread', got {self.sources!r}")
-        check_feature(self.feature)
-        self._draws = Draws(self.seed)
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
         check_frame_options(self.name, layout, self.scope, self.balance)

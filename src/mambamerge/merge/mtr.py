@@ -1,6 +1,6 @@
 """MTR, "Training-free Token Reduction for Vision Mamba" (Ma et al., arXiv 2507.14042).
 
-Our reading (ALGORITHMS.md §3; through detailed third-party notes, not the PDF): a token's importance
+Our reading (through detailed third-party notes, not the PDF): a token's importance
 is its step size Δ after softplus, summed over the two scan directions (the backward one in sequence
 order) and averaged over channels, the same s as MaMe's. The non-class tokens are split by s into
 three bands: keep (the highest, left untouched), target (the middle) and source (the lowest). Each
@@ -13,11 +13,11 @@ ratio); the target band is the rest. The notes give no keep fraction for the pap
 chosen on validation images (docs/results.md).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, delta_importance, least, stream
+from mambamerge.merge.base import Feature, ReductionMethod, delta_importance, least, stream
 from mambamerge.merge.matching import most_similar, similarities, top_band
 from mambamerge.merge.plan import MergePlan, plan_from_selection
 from mambamerge.merge.registry import register
@@ -40,18 +40,15 @@ class MTR(ReductionMethod):
     """
 
     keep_top: float = 0.5
-    weight: str = "plain"
-    feature: str = "residual"
+    weight: Literal["plain", "size"] = "plain"
+    feature: Feature = "residual"
 
     name = "mtr"
     needs_ssm = True
 
-    def __post_init__(self):
+    def check(self):
         if not 0.0 <= self.keep_top < 1.0:
             raise ValueError(f"mtr: keep_top must be in [0, 1), got {self.keep_top}")
-        if self.weight not in ("plain", "size"):
-            raise ValueError(f"mtr: weight must be 'plain' or 'size', got {self.weight!r}")
-        check_feature(self.feature)
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         return r * length * dim

@@ -4,7 +4,7 @@ The class token is never removed. Kept tokens keep their relative order; only EV
 token is placed by an option.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -38,13 +38,9 @@ class ToP(ReductionMethod):
     block 21. ToP-ViM fine-tunes the pruned model; this module is the pruning alone.
     """
 
-    clip: str = "relu"
+    clip: Literal["relu", "abs", "none"] = "relu"
 
     name = "top"
-
-    def __post_init__(self):
-        if self.clip not in ("relu", "abs", "none"):
-            raise ValueError(f"top: clip must be 'relu', 'abs' or 'none', got {self.clip!r}")
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         return length * dim
@@ -84,16 +80,10 @@ class EViT(ReductionMethod):
     that position when the next one is placed: at most one token is ever out of sequence order.
     """
 
-    importance: str = "delta"
-    fused_slot: str = "end"
+    importance: Literal["delta", "norm"] = "delta"
+    fused_slot: Literal["end", "cls_next"] = "end"
 
     name = "evit"
-
-    def __post_init__(self):
-        if self.importance not in ("delta", "norm"):
-            raise ValueError(f"evit: importance must be 'delta' or 'norm', got {self.importance!r}")
-        if self.fused_slot not in ("end", "cls_next"):
-            raise ValueError(f"evit: fused_slot must be 'end' or 'cls_next', got {self.fused_slot!r}")
 
     @property
     def needs_ssm(self) -> bool:
@@ -148,6 +138,7 @@ class RandomPrune(ReductionMethod):
     name = "random"
 
     def __post_init__(self):
+        super().__post_init__()
         self._draws = Draws(self.seed)
 
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:

@@ -3,7 +3,7 @@
 Each scan direction depends on its past with a dependence that fades with distance, so a merge k
 tokens from the class token perturbs the class feature by about gamma^k: merge only sequence-adjacent
 tokens, symmetrically on both sides of the class token, and never inside a protected window around
-it. Reconstruction (ALGORITHMS.md §2.2; each choice is an option):
+it. Reconstruction (each choice is an option; docs/merging.md, "Methods"):
 
 - sources are the tokens at even distance k > w_protect from the class token; each picks the more
   similar (cosine, residual stream) of its two neighbours on its side, which are at odd distances, so
@@ -14,12 +14,12 @@ it. Reconstruction (ALGORITHMS.md §2.2; each choice is an option):
   (averaged over the two scan directions), times size; a weighted average by default.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
+from mambamerge.merge.base import Feature, ReductionMethod, stream, token_norms
 from mambamerge.merge.frames import check_frame_options, frame_and_place
 from mambamerge.merge.plan import MergePlan, checks_values, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
@@ -58,27 +58,24 @@ class STM(ReductionMethod):
     """
 
     w_protect: int = 4
-    weight: str = "injection"
-    mode: str = "mean"
+    weight: Literal["injection", "size"] = "injection"
+    mode: Literal["mean", "sum"] = "mean"
     fading: float = 0.0
     gamma: float = 0.8
-    feature: str = "residual"
-    scope: str = "free"
+    feature: Feature = "residual"
+    scope: Literal["free", "frame"] = "free"
 
     name = "stm"
 
-    def __post_init__(self):
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"w_protect": [0, 4, 12, 24], "weight": ["injection", "size"], "mode": ["mean", "sum"]}
+
+    def check(self):
         if self.w_protect < 0:
             raise ValueError(f"stm: w_protect must be >= 0, got {self.w_protect}")
-        if self.weight not in ("injection", "size"):
-            raise ValueError(f"stm: weight must be 'injection' or 'size', got {self.weight!r}")
-        if self.mode not in ("mean", "sum"):
-            raise ValueError(f"stm: mode must be 'mean' or 'sum', got {self.mode!r}")
         if self.fading < 0 or not 0 < self.gamma < 1:
             raise ValueError(f"stm: need fading >= 0 and 0 < gamma < 1, got {self.fading}, {self.gamma}")
-        if self.scope not in ("free", "frame"):
-            raise ValueError(f"stm: scope must be 'free' or 'frame', got {self.scope!r}")
-        check_feature(self.feature)
 
     @property
     def needs_ssm(self) -> bool:

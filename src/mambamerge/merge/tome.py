@@ -8,11 +8,12 @@ tokens, then all B tokens) scrambles the scan order of an SSM; the ordered varia
 survivors in their original relative order, a merged token sitting in its B token's slot.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 
-from mambamerge.merge.base import ReductionMethod, check_feature, stream, token_norms
+from mambamerge.merge.base import Feature, ReductionMethod, stream, token_norms
+from mambamerge.merge.frames import check_frame_options, scope_mask
 from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
@@ -21,18 +22,23 @@ from mambamerge.tokens import SSMStats, TokenLayout
 NEG = float("-inf")
 
 
-def bipartite_match(x: torch.Tensor, protected: torch.Tensor, r: int,
-                    penalty: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def bipartite_match(x: torch.Tensor, protected: torch.Tensor, r: int, penalty: Optional[torch.Tensor] = None,
+                    outside: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The r best A -> B edges by cosine similarity.
 
     x: (B, L, D) features. protected: (B, L) bool, tokens that neither leave nor receive (the class
     token). penalty: optional (B, L), subtracted from the score of an edge whose A token it belongs
-    to. Returns src (B, r) even indices that leave and dst (B, r) the odd index each merges into.
+    to. outside: optional (B, La, Lb) bool, edges out of a scope: they rank below every edge inside one,
+    so they are used only where too few A tokens have a B token in their scope. Returns src (B, r) even
+    indices that leave and dst (B, r) the odd index each merges into.
     Needs r <= the unprotected even tokens and an unprotected odd token.
     """
     norms = token_norms(x)
     dots = x[:, 0::2] @ x[:, 1::2].transpose(1, 2)  # (B, La, Lb)
-    dots = (dots / norms[:, None, 1::2]).masked_fill(protected[:, None, 1::2], NEG)
+    dots = dots / norms[:, None, 1::2]
+    if outside is not None:  # a cosine is in [-1, 1]: 4 lower puts an edge below every edge in scope
+        dots = dots - 4.0 * norms[:, 0::2, None] * outside.to(dots.dtype)
+    dots = dots.masked_fill(protected[:, None, 1::2], NEG)
     best, partner = dots.max(dim=-1)  # (B, La); the A token's own norm does not change its partner
     best = best / norms[:, 0::2]
     if penalty is not None:
@@ -69,27 +75,39 @@ class ToMe(ReductionMethod):
     Options:
     feature: "residual" (default; the stream the next block normalises, as MaMe and STM compare) or
         "hidden" (the last block's output).
+    scope: "free" (default) or "frame", for clips (frames.py): an A token's edges to B tokens of other
+        frames rank below every edge within its frame, so a merge crosses frames only where too few A
+        tokens have a B token in theirs. No "tube": A and B alternate, so a token and its own position
+        in another frame fall on one side whenever a frame holds an even number of tokens (the video
+        demo's 16); mame's scope="tube" merges along time. Refused on layouts without frames.
 
     At most (L - 1) // 2 tokens leave per step (under half; the class token's side loses one
     candidate), and none from fewer than 4 tokens, where the class token could leave B empty.
     """
 
-    feature: str = "residual"
+    feature: Feature = "residual"
+    scope: Literal["free", "frame"] = "free"
 
     name = "tome"
     ordered = True
 
-    def __post_init__(self):
-        check_feature(self.feature)
+    @classmethod
+    def search_space(cls) -> dict:
+        return {"feature": ["residual", "hidden"]}
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
+        check_frame_options(self.name, layout, self.scope)
         return bipartite_capacity(length)
 
     def overhead_macs(self, length: int, r: int, dim: int) -> int:
         return bipartite_macs(length, dim)
 
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
-        src, dst = bipartite_match(stream(state, self.feature), state.cls_mask(), r)
+        outside = None
+        if self.scope == "frame":
+            even = torch.arange(0, state.length, 2, device=state.pos.device).expand(state.pos.shape[0], -1)
+            outside = ~scope_mask(state, self.scope, even)[:, :, 1::2]  # (B, La, Lb)
+        src, dst = bipartite_match(stream(state, self.feature), state.cls_mask(), r, outside=outside)
         order = None if self.ordered else even_then_odd(state.length, src)
         return plan_from_selection(state.length, src, dst, state.size, order=order)
 
@@ -112,6 +130,7 @@ class RMeeTo(ToMe):
 
     Options:
     feature: "hidden" (default, as R-MeeTo compares the blocks' hidden states) or "residual".
+    scope: as tome.
 
     Its published schedule is r tokens before blocks 2, 4, ..., 22 of 24 (r = 5 for Vim-Ti, 11 for
     Vim-S/B), chosen by the caller: patch(model, "rmeeto", schedule="constant", r=5, start=2,
@@ -119,6 +138,6 @@ class RMeeTo(ToMe):
     briefly (cross-entropy + 0.5 KL to the dense teacher); this module is the merging alone.
     """
 
-    feature: str = "hidden"
+    feature: Feature = "hidden"
 
     name = "rmeeto"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mambamerge.models.base import MambaClassifier, to_2tuple
+from mambamerge.models.sizes import patch_grid
 from mambamerge.tokens import TokenLayout
 
 # variant -> (mixer variant, divide_out)
@@ -64,7 +65,7 @@ class AuMConfig:
     @property
     def grid_size(self) -> Tuple[int, int]:
         """(freq, time) patches."""
-        return tuple((i - p) // s + 1 for i, p, s in zip(self.spec_size, self.patch_size, self.stride))
+        return patch_grid(self.spec_size, self.patch_size, self.stride)
 
     @property
     def num_patches(self) -> int:
@@ -147,7 +148,7 @@ class AudioMamba(MambaClassifier):
             if any(i < p for i, p in zip(size, self.cfg.patch_size)):
                 raise ValueError(f"input_size {tuple(input_size)} (T, F) is smaller than the patch size "
                                  f"{self.cfg.patch_size} (F, T)")
-            grid = tuple((i - p) // s + 1 for i, p, s in zip(size, self.cfg.patch_size, self.cfg.stride))
+            grid = patch_grid(size, self.cfg.patch_size, self.cfg.stride)
         return TokenLayout(grid, ("freq", "time"), cls="middle")
 
     def _init_weights(self) -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambamerge.models.base import MambaClassifier, to_2tuple
+from mambamerge.models.sizes import patch_grid
 from mambamerge.tokens import TokenLayout
 
 Size2 = Tuple[int, int]
@@ -54,7 +55,7 @@ class VimConfig:
 
     @property
     def grid_size(self) -> Size2:
-        return tuple((i - p) // s + 1 for i, p, s in zip(self.img_size, self.patch_size, self.stride))
+        return patch_grid(self.img_size, self.patch_size, self.stride)
 
     @property
     def num_patches(self) -> int:
@@ -132,7 +133,7 @@ class VisionMamba(MambaClassifier):
                 raise ValueError(f"input_size must be positive, got {input_size!r}")
             if any(i < p for i, p in zip(size, self.cfg.patch_size)):
                 raise ValueError(f"input_size {tuple(size)} is smaller than the patch size {self.cfg.patch_size}")
-            grid = tuple((i - p) // s + 1 for i, p, s in zip(size, self.cfg.patch_size, self.cfg.stride))
+            grid = patch_grid(size, self.cfg.patch_size, self.cfg.stride)
         return TokenLayout(grid, ("row", "col"), cls="middle")
 
     def _init_weights(self) -> None:

@@ -1,0 +1,122 @@
+"""mambamerge.tune (issue 19): label-free KL scoring, an exact-budget schedule search, a config that
+round-trips through JSON into patch(config=), seeded and resumable."""
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mambamerge
+from mambamerge.merge.schedule import Schedule
+from mambamerge.tune import kl_to_dense
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    torch.manual_seed(0)
+    model = mambamerge.create_model("vim_nano", img_size=32, depth=6, num_classes=10).eval()
+    return model, torch.randn(16, *model.input_shape)
+
+
+def tuned(model, inputs, **kw):
+    return mambamerge.tune(model, inputs, 0.6, methods=["mame", "stm"], max_candidates=16, screen=6, **kw)
+
+
+def test_kl_equals_a_hand_computation():
+    dense, other = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    p, q = F.softmax(dense, -1), F.softmax(other, -1)
+    hand = sum(p[0, i] * torch.log(p[0, i] / q[0, i]) for i in range(3))
+    assert kl_to_dense(dense, other).item() == pytest.approx(hand.item(), rel=1e-6)
+    assert kl_to_dense(dense, dense).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_tune_scores_against_the_dense_model_and_leaves_it_dense(model_and_inputs):
+    model, x = model_and_inputs
+    result = tuned(model, x)
+    assert model.token_reducer is None
+    chosen = result.config
+    assert chosen["score"]["kl"] == min(c["kl"] for c in result.candidates if c["inputs"] == len(x))
+    # the recorded KL is that of the patched model on the inputs, recomputed here independently
+    with torch.no_grad():
+        dense = model(x)
+        patched = mambamerge.patch(model, config=chosen)(x)
+    mambamerge.unpatch(model)
+    assert kl_to_dense(dense, patched).mean().item() == pytest.approx(chosen["score"]["kl"], rel=1e-5)
+
+
+def test_schedule_search_keeps_the_reduction_exact(model_and_inputs):
+    model, x = model_and_inputs
+    result = tuned(model, x)
+    moved = [c for c in result.candidates if c["stage"] == "schedule"]
+    assert moved, "the schedule search ran no candidate"
+    refined = [c for c in result.candidates if c["stage"] == "refine" and c["method"] == moved[0]["method"]
+               and c["options"] == moved[0]["options"]][0]
+    for c in moved:
+        assert c["removals"] != refined["removals"]
+        assert sum(Schedule(tuple(c["removals"])).token_counts(65)) == sum(
+            Schedule(tuple(refined["removals"])).token_counts(65))
+        assert c["reduction"] == pytest.approx(refined["reduction"], abs=1e-12)
+
+
+def test_config_round_trips_through_json_with_identical_logits(model_and_inputs):
+    model, x = model_and_inputs
+    config = tuned(model, x).config
+    back = json.loads(json.dumps(config))
+    with torch.no_grad():
+        a = mambamerge.patch(model, config=config)(x)
+        b = mambamerge.patch(model, config=back)(x)
+    mambamerge.unpatch(model)
+    assert torch.equal(a, b)
+    assert mambamerge.reduction_summary(mambamerge.patch(model, config=back))["removals"] == config["removals"]
+    mambamerge.unpatch(model)
+
+
+def test_config_refused_on_a_model_of_another_depth(model_and_inputs):
+    model, x = model_and_inputs
+    config = tuned(model, x).config
+    other = mambamerge.create_model("vim_nano", img_size=32, depth=4, num_classes=10)
+    with pytest.raises(ValueError, match="6 blocks and 65 tokens, but this model has 4 blocks"):
+        mambamerge.patch(other, config=config)
+
+
+def test_tune_is_seeded_and_repeatable(model_and_inputs):
+    model, x = model_and_inputs
+    a, b = tuned(model, x, seed=3), tuned(model, x, seed=3)
+    assert a.config == b.config
+    assert [(c["method"], c["options"], c["removals"], c["kl"]) for c in a.candidates] == [
+        (c["method"], c["options"], c["removals"], c["kl"]) for c in b.candidates]
+
+
+def test_a_killed_tune_resumes_from_its_journal(model_and_inputs, tmp_path, monkeypatch):
+    model, x = model_and_inputs
+    journal = tmp_path / "journal.json"
+    full = tuned(model, x)
+    tune_module = sys.modules["mambamerge.tune"]  # the package binds the name `tune` to the function
+    calls = []
+    real = tune_module._logits
+
+    def dies_after_five(*args):
+        calls.append(1)
+        if len(calls) > 6:  # the dense logits, then five candidates
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(tune_module, "_logits", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        tuned(model, x, journal=journal)
+    assert len(json.loads(journal.read_text())) == 5
+    calls.clear()
+    monkeypatch.setattr(tune_module, "_logits", lambda *args: (calls.append(1), real(*args))[1])
+    resumed = tuned(model, x, journal=journal)
+    assert resumed.config == full.config
+    assert len(calls) == 1 + len(full.candidates) - 5  # the journaled five are not run again
+
+
+def test_labels_rank_by_top1_first(model_and_inputs):
+    model, x = model_and_inputs
+    with torch.no_grad():
+        labels = model(x).argmax(-1)
+    result = tuned(model, x, labels=labels)
+    full = [c for c in result.candidates if c["inputs"] == len(x)]
+    assert result.config["score"]["top1"] == max(c["top1"] for c in full)
