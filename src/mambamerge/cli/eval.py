@@ -196,14 +196,18 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
     model before any data is read (to refuse settings the model cannot run before any work)."""
     from mambamerge.checkpoint import load_checkpoint
     from mambamerge.data import load_dataset
+    from mambamerge.devices import parse_device
     from mambamerge.evaluate import check_classes, check_fit
+    from mambamerge.memory import check_side, check_size_args
 
     data = DataSpec.parse(args.data)
     named = data.named
     if args.split and not named:
         raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
                          f"folder is one split: pass the split's own folder (e.g. imagenet/val) as --data")
+    check_side("--img-size", args.img_size)
     model = load_checkpoint(args.checkpoint, img_size=args.img_size)
+    check_size_args(args, model, parse_device(getattr(args, "device", None) or "cpu"))
     shape, name = tuple(model.input_shape), Path(args.checkpoint).name
     if len(shape) == 3 and shape[1] != shape[2]:
         raise ValueError(f"{name} runs at {shape[1]}x{shape[2]} images but datasets are loaded square; pass "

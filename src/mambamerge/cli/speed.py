@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     check_method_args(args, options)
     import torch
 
+    from mambamerge.memory import check_side, check_size_args
+
     from mambamerge.checkpoint import load_checkpoint
     from mambamerge.devices import parse_device
     from mambamerge.evaluate import paired_throughput
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from mambamerge.timing import time_call
 
     torch.set_num_threads(default_threads(args.threads))
+    check_side("--img-size", args.img_size)
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, img_size=args.img_size)
         name = args.checkpoint
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(args.model, **({"img_size": args.img_size} if args.img_size is not None else {})).eval()
         name = args.model
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_size_args(args, model, device)
     model = model.to(device)
     cfg = model.cfg
     params = sum(p.numel() for p in model.parameters())

@@ -264,8 +264,11 @@ def run(args: argparse.Namespace) -> int:
     from mambamerge.threads import default_threads
     from mambamerge.train import load_resume, run_record, train
 
+    from mambamerge.memory import check_side, check_size_args
+
     torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
+    check_side("--img-size", args.img_size)
     data = DataSpec.parse(args.data)
     torch.manual_seed(cfg.seed)  # before any model is built: the same seed gives the same initial weights
     base = load_checkpoint(args.init, img_size=args.img_size) if args.init else None
@@ -277,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
         check_fit(teacher, train_set.info, args.data)
         check_classes(teacher, train_set.info, args.data)
         teacher.to(device)
+    check_size_args(args, model, device, training=True)
     model.to(device)
     options = parse_options(args.option)
     if args.method:

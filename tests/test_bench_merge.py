@@ -1,0 +1,34 @@
+"""benchmarks/merge.py runs every model x batch x method configuration it is asked for and reports the
+cost of a reduction step (its figures are measurements, recorded in docs/performance.md, not asserted)."""
+import importlib.util
+import re
+from pathlib import Path
+
+import torch
+
+
+def load_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge.py"
+    spec = importlib.util.spec_from_file_location("bench_merge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prints_one_table_per_model_batch_and_method_with_the_step_cost(capsys):
+    threads = torch.get_num_threads()
+    try:
+        load_bench().main(["--models", "vim_nano", "--batch", "1", "2", "--methods", "tome", "mame",
+                           "--reductions", "0.5", "--runs", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert re.findall(r"== (vim_nano batch \d)", out) == ["vim_nano batch 1", "vim_nano batch 2"]
+    rows = re.findall(r"^\s+50%\s.*$", out, flags=re.M)
+    assert len(rows) == 4  # 2 batches x 2 methods
+    for row in rows:
+        ideal, measured, ratio, merge_ms, share, step_ms = row.split()[-6:]
+        assert float(ideal) == 2.0  # the demo model's 196 tokens halved on average
+        assert abs(float(ratio) - float(measured) / float(ideal)) < 0.011  # printed to two decimals
+        assert 0 < float(step_ms) <= float(merge_ms)
+    assert out.count("vim_nano batch") == 2 + 4  # table headers and the 50% target lines

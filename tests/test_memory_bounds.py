@@ -1,0 +1,50 @@
+"""Size arguments beyond what the machine can hold are refused (exit 2, the figures named) before any
+output is written, under a small address-space limit so that a missed check fails fast."""
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mambamerge import memory
+from mambamerge.memory import check_fits, step_bytes
+from mambamerge.models import create_model
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+LIMIT = 6 * 2**30  # torch alone maps ~3 GiB of address space
+
+
+def _limited():
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
+
+
+def _cli(*argv, cwd):
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mambamerge", *argv, "--threads", "1"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, preexec_fn=_limited)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["speed", "--batch", "1000000000"], "GiB free; the largest that fits is --batch-size"),
+    (["speed", "--img-size", "100000"], "--img-size 100000 is beyond"),
+    (["train", "--data", "fashion-mnist", "--img-size", "20000", "--out", "run"], "--img-size 20000 is beyond"),
+    (["train", "--data", "fashion-mnist", "--batch-size", "10000000", "--out", "run"], "--batch-size 10000000 needs"),
+])
+def test_oversized_arguments_are_refused_before_output(tmp_path, argv, named):
+    proc = _cli(*argv, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert named in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no --out folder, no command.json
+
+
+def test_largest_fitting_value_is_named_and_fits(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * 2**30)
+    model = create_model("vim_tiny")
+    with pytest.raises(ValueError, match=r"the largest that fits is --batch-size (\d+)") as err:
+        check_fits("--batch-size", 10**9, lambda n: step_bytes(model, n), "cpu")
+    largest = int(err.value.args[0].rsplit(" ", 1)[1])
+    check_fits("--batch-size", largest, lambda n: step_bytes(model, n), "cpu")
+    assert step_bytes(model, largest + 1) > 4 * 2**30
+    assert step_bytes(model, 128) < step_bytes(model, 128, training=True) < step_bytes(model, 128, True, "parallel")
