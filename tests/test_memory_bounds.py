@@ -13,6 +13,7 @@ from mambamerge.memory import check_fits, step_bytes
 from mambamerge.models import create_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+DEMO = str(Path(SRC) / "mambamerge" / "assets" / "vim_nano_fmnist.safetensors")
 LIMIT = 6 * 2**30  # torch alone maps ~3 GiB of address space
 
 
@@ -31,6 +32,10 @@ def _cli(*argv, cwd):
     (["speed", "--img-size", "100000"], "--img-size 100000 is beyond"),
     (["train", "--data", "fashion-mnist", "--img-size", "20000", "--out", "run"], "--img-size 20000 is beyond"),
     (["train", "--data", "fashion-mnist", "--batch-size", "10000000", "--out", "run"], "--batch-size 10000000 needs"),
+    (["eval", "--checkpoint", DEMO, "--data", "fashion-mnist", "--limit", "10", "--throughput-batch", "200000000"],
+     "--throughput-batch 200000000 needs"),
+    (["visualize", "--checkpoint", DEMO, "--data", "fashion-mnist", "--images", "100000000", "--out", "v"],
+     "--images 100000000 needs"),
 ])
 def test_oversized_arguments_are_refused_before_output(tmp_path, argv, named):
     proc = _cli(*argv, cwd=tmp_path)
