@@ -1,7 +1,7 @@
 """Bytes a forward or a training step needs, bytes the machine has free, and the one check every command
 makes before it writes anything: a size argument beyond what fits is refused with the figures.
-The constants are measured peaks (docs/memory.md), rounded up so that the estimate errs towards refusing
-only what clearly cannot fit."""
+The constants are measured peaks (docs/security.md, "Sizes the machine cannot hold"), rounded up so that
+the estimate errs towards refusing only what clearly cannot fit."""
 import math
 import resource
 from pathlib import Path
