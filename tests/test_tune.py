@@ -120,3 +120,19 @@ def test_labels_rank_by_top1_first(model_and_inputs):
     result = tuned(model, x, labels=labels)
     full = [c for c in result.candidates if c["inputs"] == len(x)]
     assert result.config["score"]["top1"] == max(c["top1"] for c in full)
+
+
+def test_clips_get_the_frame_scopes_in_the_search_and_images_do_not(model_and_inputs):
+    from test_families import small_videomamba
+
+    from mambamerge.merge import METHODS
+
+    image, _ = model_and_inputs
+    video = small_videomamba(seed=1, depth=4, num_frames=8)
+    for name, scopes in (("mame", ["free", "frame", "tube"]), ("stm", ["free", "frame"]), ("tome", ["free", "frame"])):
+        assert METHODS[name].search_space(video.layout)["scope"] == scopes
+        assert "scope" not in METHODS[name].search_space(image.layout)
+    clips = torch.randn(8, *video.input_shape)
+    result = mambamerge.tune(video, clips, 0.4, methods=["tome"], max_candidates=8, screen=4)
+    tried = {c["options"].get("scope", "free") for c in result.candidates}
+    assert tried == {"free", "frame"}

@@ -129,7 +129,7 @@ def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.T
         return record
 
     grid = [(m, dict(zip(space, values))) for m in methods
-            for space in [METHODS[m].search_space()] for values in itertools.product(*space.values())]
+            for space in [METHODS[m].search_space(work.layout)] for values in itertools.product(*space.values())]
     grid = [(m, opts) for m, opts in grid if _reachable(work, m, reduction, opts)]
     if not grid:
         raise ValueError(f"none of {', '.join(methods)} can reach an average reduction of {reduction:.0%} on this "

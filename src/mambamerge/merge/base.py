@@ -58,8 +58,9 @@ class ReductionMethod:
         return 0
 
     @classmethod
-    def search_space(cls) -> dict:
-        """{option: values worth trying} for mambamerge.tune; options left out keep their defaults."""
+    def search_space(cls, layout: TokenLayout) -> dict:
+        """{option: values worth trying} for mambamerge.tune on tokens laid out as `layout` (clips get the
+        frame options); options left out keep their defaults."""
         return {}
 
     @classmethod

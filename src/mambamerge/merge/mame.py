@@ -108,9 +108,10 @@ class MaMe(ReductionMethod):
     overrides = {"match": {"bipartite": ("sources", "keep_top", "cap", "scope", "balance")}}
 
     @classmethod
-    def search_space(cls) -> dict:
-        return {"w_protect": [0, 8, 24, 48], "sources": ["uniform", "spread", "least_delta"],
-                "match": ["global", "window"], "importance": ["delta", "delta_z"]}
+    def search_space(cls, layout: TokenLayout) -> dict:
+        space = {"w_protect": [0, 8, 24, 48], "sources": ["uniform", "spread", "least_delta"],
+                 "match": ["global", "window"], "importance": ["delta", "delta_z"]}
+        return dict(space, scope=list(SCOPES)) if layout.axis("frame") is not None else space
 
     def __post_init__(self):
         super().__post_init__()

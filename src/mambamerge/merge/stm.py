@@ -68,8 +68,9 @@ class STM(ReductionMethod):
     name = "stm"
 
     @classmethod
-    def search_space(cls) -> dict:
-        return {"w_protect": [0, 4, 12, 24], "weight": ["injection", "size"], "mode": ["mean", "sum"]}
+    def search_space(cls, layout: TokenLayout) -> dict:
+        space = {"w_protect": [0, 4, 12, 24], "weight": ["injection", "size"], "mode": ["mean", "sum"]}
+        return dict(space, scope=["free", "frame"]) if layout.axis("frame") is not None else space
 
     def check(self):
         if self.w_protect < 0:

@@ -92,8 +92,9 @@ class ToMe(ReductionMethod):
     ordered = True
 
     @classmethod
-    def search_space(cls) -> dict:
-        return {"feature": ["residual", "hidden"]}
+    def search_space(cls, layout: TokenLayout) -> dict:
+        space = {"feature": ["residual", "hidden"]}
+        return dict(space, scope=["free", "frame"]) if layout.axis("frame") is not None else space
 
     def capacity(self, length: int, layout: TokenLayout) -> int:
         check_frame_options(self.name, layout, self.scope)
