@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambamerge.models.fused import FusedPath, TritonPath, triton_unsupported_reason, unsupported_reason
-from mambamerge.ops import fused_kernels, selective_scan, softplus, softplus_with_row_mean, triton_kernels
+from mambamerge.ops import cpu_kernels, fused_kernels, selective_scan, softplus, softplus_with_row_mean, triton_kernels
 from mambamerge.tokens import SSMStats
 
 
@@ -116,7 +116,10 @@ class TorchPath:
     def branch(self, x: torch.Tensor, branch: Branch, mean_delta: bool) -> BranchInputs:
         mixer = self.mixer
         conv = getattr(mixer, "conv1d" + branch.suffix)
-        u = F.silu(depthwise_conv_along_sequence(x, conv.weight, conv.bias, branch.reverse))
+        if cpu_kernels.handles(x) and not torch.is_grad_enabled():  # inference: one kernel pass
+            u = cpu_kernels.conv_silu(x, conv.weight, conv.bias, branch.reverse)
+        else:
+            u = F.silu(depthwise_conv_along_sequence(x, conv.weight, conv.bias, branch.reverse))
         dt, B, C = torch.split(getattr(mixer, "x_proj" + branch.suffix)(u),
                                [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
         scan_dtype = torch.promote_types(u.dtype, torch.float32)
