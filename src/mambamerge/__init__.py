@@ -15,6 +15,7 @@ _EXPORTS = {
     "mambamerge.checkpoint": ("CheckpointError", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
     "mambamerge.models": ("AudioMamba", "AuMConfig", "VideoMamba", "VideoMambaConfig", "VimConfig", "VisionMamba",
                           "create_model", "list_models"),
+    "mambamerge.compiling": ("compile",),
     "mambamerge.flops": ("FlopsReport", "flops"),
     "mambamerge.merge.recipe": ("MergeRecipe",),
     "mambamerge.patch": ("patch", "reduction_summary", "unpatch"),

@@ -11,7 +11,7 @@ from mambamerge.distributed import shard, sum_all, union_all, world
 from mambamerge.flops import flops
 from mambamerge.patch import patch, reduction_summary, unpatch
 from mambamerge.progress import progress as bar
-from mambamerge.timing import time_call, time_interleaved
+from mambamerge.timing import first_call_seconds, time_call, time_interleaved
 
 
 def accuracy(model, dataset, batch_size: int = 256, progress: Optional[str] = None, amp: str = "none",
@@ -115,44 +115,61 @@ def _random_inputs(model, batch_size: int) -> torch.Tensor:
     return torch.randn(batch_size, *model.input_shape, device=next(model.parameters()).device)
 
 
-def throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: str = "none") -> float:
-    """Inputs per second of `model` (dense or patched, put in eval mode) on random inputs
-    (batch_size, *model.input_shape) on its own device: median of `runs` timed forwards after `warmup`
-    discarded ones (timing.time_call)."""
+def _forward(model, compile: bool):
+    """model, or its forward compiled by mambamerge.compiling.compile."""
+    if not compile:
+        return model
+    from mambamerge.compiling import compile as compile_model
+
+    return compile_model(model)
+
+
+def throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: str = "none",
+               compile: bool = False) -> Tuple[float, Optional[float]]:
+    """(inputs per second, compile seconds or None) of `model` (dense or patched, put in eval mode) on
+    random inputs (batch_size, *model.input_shape) on its own device: median of `runs` timed forwards
+    after `warmup` discarded ones (timing.time_call). compile: time the torch.compile'd forward; its
+    first call, the compile, is timed apart and is not one of the runs."""
     images = _random_inputs(model, batch_size)
     model.eval()
+    forward = _forward(model, compile)
     with torch.inference_mode(), autocast(images.device, amp):
-        seconds = statistics.median(time_call(lambda: model(images), images.device, warmup=warmup, runs=runs))
-    return batch_size / seconds
+        compile_s = first_call_seconds({"model": lambda: forward(images)}, images.device)["model"] if compile else None
+        seconds = statistics.median(time_call(lambda: forward(images), images.device, warmup=warmup, runs=runs))
+    return batch_size / seconds, compile_s
 
 
-def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: str = "none"
-                      ) -> Tuple[float, float]:
+def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: str = "none",
+                      compile: bool = False) -> Tuple[float, float, Optional[Dict[str, float]]]:
     """(patched, dense) images per second of a patched `model` at its own image size, the two forwards
     timed round-robin in this process (timing.time_interleaved: medians of `runs`), so that load from
-    other processes hits both alike and their ratio stays honest. The model stays patched."""
+    other processes hits both alike and their ratio stays honest, and the compile seconds of each
+    ({"patched": s, "dense": s}, their first calls, timed apart) with compile=True, else None. The
+    model stays patched."""
     reducer = model.token_reducer
     images = _random_inputs(model, batch_size)
+    run = _forward(model, compile)
 
     def forward_with(token_reducer):
         def forward():
             model.token_reducer = token_reducer
-            return model(images)
+            return run(images)
         return forward
 
     model.eval()
+    fns = {"patched": forward_with(reducer), "dense": forward_with(None)}
     try:
         with torch.inference_mode(), autocast(images.device, amp):
-            seconds = time_interleaved({"patched": forward_with(reducer), "dense": forward_with(None)},
-                                       images.device, warmup=warmup, runs=runs)
+            compile_s = first_call_seconds(fns, images.device) if compile else None
+            seconds = time_interleaved(fns, images.device, warmup=warmup, runs=runs)
     finally:
         model.token_reducer = reducer
-    return batch_size / seconds["patched"], batch_size / seconds["dense"]
+    return batch_size / seconds["patched"], batch_size / seconds["dense"], compile_s
 
 
 def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[float] = None, batch_size: int = 256,
              throughput_batch: int = 8, runs: int = 5, warmup: int = 1, progress: Optional[str] = None,
-             amp: str = "none", workers: int = 0, **patch_options) -> dict:
+             amp: str = "none", workers: int = 0, compile: bool = False, **patch_options) -> dict:
     """Evaluate `model` dense (method None) or patched with `method` at target average `reduction`
     (patch_options: schedule parameters and the method's own options, as for mambamerge.patch; with
     reduction None the schedule's size comes from them, e.g. r=).
@@ -166,7 +183,8 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
     throughput_batch; for a method the patched and dense forwards are interleaved, see
     paired_throughput), speedup (their ratio), throughput_batch, timing_runs, schedule (removals and
     token counts per block). amp: autocast for every forward ("none", "bf16", "fp16"); workers:
-    DataLoader processes for folder data. Under torchrun the accuracy covers every input once (summed
+    DataLoader processes for folder data; compile: time torch.compile'd forwards (the accuracy pass
+    stays eager), compile_s their compile seconds ({"patched", "dense"} or {"model"}), else None. Under torchrun the accuracy covers every input once (summed
     over processes); each process times its own forwards.
     A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
     raised before any image is run. The model is left unpatched."""
@@ -182,9 +200,10 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
         macs = flops(model).summary()
         top = top_k_accuracy(model, dataset, (1, 5), batch_size, progress, amp=amp, workers=workers)
         if method is None:
-            per_s = dense_per_s = throughput(model, throughput_batch, runs, warmup, amp)
+            per_s, compiling = throughput(model, throughput_batch, runs, warmup, amp, compile)
+            dense_per_s, compile_s = per_s, None if compiling is None else {"model": compiling}
         else:
-            per_s, dense_per_s = paired_throughput(model, throughput_batch, runs, warmup, amp)
+            per_s, dense_per_s, compile_s = paired_throughput(model, throughput_batch, runs, warmup, amp, compile)
     finally:
         unpatch(model)
     return {
@@ -197,5 +216,6 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
                                                  "total_one_direction", "total_both_directions")},
         "inputs_per_s": per_s, "dense_inputs_per_s": dense_per_s,
         "speedup": per_s / dense_per_s, "throughput_batch": throughput_batch, "timing_runs": runs,
+        "compiled": compile, "compile_s": compile_s,
         "schedule": {"removals": summary["removals"], "token_counts": summary["token_counts"]},
     }

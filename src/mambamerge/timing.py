@@ -26,6 +26,12 @@ def time_call(fn: Callable[[], object], device="cpu", warmup: int = 1, runs: int
     return times
 
 
+def first_call_seconds(fns: Dict[str, Callable[[], object]], device="cpu") -> Dict[str, float]:
+    """Seconds of one call of each function: for torch.compile'd forwards, their compile (the runs
+    timed afterwards exclude it)."""
+    return {name: time_call(fn, device, warmup=0, runs=1)[0] for name, fn in fns.items()}
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], device="cpu", warmup: int = 1,
                      runs: int = 5) -> Dict[str, float]:
     """Median seconds per call of several functions measured round-robin in one process, so that

@@ -42,6 +42,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=5, help="timed forwards per throughput, median (default: 5)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
     add_device_options(p)
+    add_compile_option(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="schedule parameter or method option, as for mambamerge.patch, e.g. --option every=1 "
                         "--option match=window; repeatable")
@@ -56,6 +57,21 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader processes decoding image folders (default: "
                         "min(8, CPU cores per process - 1))")
+
+
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    """--compile, shared by the commands that time forwards."""
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile'd forwards (mambamerge.compile; the accuracy pass stays eager); each "
+                        "compile is timed apart from the runs, and inductor caches it for later runs")
+
+
+def compile_line(compile_s: Dict[str, float]) -> str:
+    """The report line of --compile: each forward's compile seconds and where torch caches the code."""
+    from mambamerge.compiling import cache_dir
+
+    times = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_s.items())
+    return f"torch.compile (inductor), first calls not timed: {times}; cache {cache_dir()}"
 
 
 def default_workers(requested: Optional[int]) -> int:
@@ -262,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     if recipe:
         options = recipe.patch_options()
     timing = dict(batch_size=args.batch_size, throughput_batch=args.throughput_batch, runs=args.runs, amp=args.amp,
-                  workers=default_workers(args.workers))
+                  workers=default_workers(args.workers), compile=args.compile)
     result = evaluate(model, dataset, method, args.reduction, progress="eval: top-1", **timing, **options)
     distributed.teardown()
     if not world().is_main:
@@ -295,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
               f"timed interleaved with it: speed-up {result['speedup']:.2f}x ({timed})")
     else:
         print(f"throughput  {result['inputs_per_s']:.1f} {kind}/s ({timed})")
+    if result["compile_s"]:
+        print(f"compile     {compile_line(result['compile_s'])}")
     if args.json:
         from mambamerge.data import subset_record
 

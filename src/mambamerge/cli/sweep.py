@@ -129,7 +129,7 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
             check_method(method, options)
     configs = plan(model, list(dict.fromkeys(methods)), list(dict.fromkeys(args.reductions)), options)
     timing = dict(batch_size=args.batch_size, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
-                  amp=args.amp, workers=default_workers(args.workers))
+                  amp=args.amp, workers=default_workers(args.workers), compile=args.compile)
     rows = measure(model, dataset, configs, options, **timing)
     distributed.teardown()
     if not world().is_main:
