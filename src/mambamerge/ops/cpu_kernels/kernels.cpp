@@ -1,5 +1,6 @@
-// CPU kernels: the selective scan, the softplus that gives its step sizes, and the planning and
-// application of a token-merge step. Plain C++ (no torch headers), built by build.py and bound with ctypes by library.py.
+// CPU kernels: the selective scan, the softplus that gives its step sizes, the convolution + SiLU before
+// the scan, and the planning and application of a token-merge step. Plain C++ (no torch headers), built
+// by build.py and bound with ctypes by library.py.
 //
 // Layouts (row-major, all contiguous):
 //   u, delta, y, dy, du, ddelta: (batch, L, d)
@@ -457,6 +458,89 @@ extern "C" int mm_plan_from_selection(const int64_t* src, const int64_t* dst, in
   return plan_from_selection(src, dst, rep, assign, batch, length, r);
 }
 
+// The mixer's depthwise causal convolution along the sequence and its SiLU, in one pass:
+// y[b, t, c] = silu(bias[c] + sum_k w[k, c] x[b, t - (K-1) + k, c]) (reverse: x[b, t + (K-1) - k, c]),
+// zeros outside the sequence. x rows are `x_stride` apart (the x half of in_proj's output without a copy);
+// w is (K, channels), y contiguous (batch, length, channels).
+constexpr int64_t kConvChunk = 32768;  // output elements per task, in whole rows
+
+// y = y / (1 + e^-y) over a row. The float version vectorises with vexp, whose polynomial is the same
+// arithmetic in vector and scalar form; the double one stays scalar, because -ffast-math would give
+// vector lanes libmvec's exp and the alignment-peeled lanes libm's, so a token's value would depend on
+// where its row lies in memory (the batch it is in).
+inline void silu_row(float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] = y[c] / (1.0f + vexp(-y[c]));
+}
+__attribute__((optimize("no-tree-vectorize"))) inline void silu_row(double* y, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) y[c] = y[c] / (1.0 + std::exp(-y[c]));
+}
+
+template <typename T>
+int conv_silu(const T* x, const T* w, const T* bias, T* y, int64_t batch, int64_t length, int64_t channels,
+              int64_t x_stride, int64_t k_size, bool reverse, int num_threads, ParallelLauncher launcher) {
+  const int64_t rows = batch * length;
+  const int64_t per_task = std::max<int64_t>(1, kConvChunk / channels);
+  const int64_t n_tasks = (rows + per_task - 1) / per_task;
+  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
+    const int64_t end = std::min(rows, (task + 1) * per_task);
+    for (int64_t row = task * per_task; row < end; ++row) {
+      const int64_t b = row / length, t = row % length;
+      T* yr = y + row * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) yr[c] = bias[c];
+      for (int64_t k = 0; k < k_size; ++k) {
+        const int64_t s = reverse ? t + (k_size - 1) - k : t - (k_size - 1) + k;
+        if (s < 0 || s >= length) continue;
+        const T* xr = x + (b * length + s) * x_stride;
+        const T* wk = w + k * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) yr[c] += wk[c] * xr[c];
+      }
+      silu_row(yr, channels);
+    }
+  });
+}
+
+// The mixer's output gate: out = (y + y2) * silu(z), halved when `halve` (y2 optional: the second scan of a
+// bidirectional mixer), over `rows` rows of `channels`; y, y2 and out contiguous, z rows `z_stride` apart
+// (in_proj's z half read in place).
+inline float gate_one(float y, float z) { return y * z / (1.0f + vexp(-z)); }
+
+template <typename T>
+void gate_row(const T* y, const T* y2, const T* z, T* out, int64_t n, T scale) {
+  if (y2) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] = scale * gate_one(y[c] + y2[c], z[c]);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] = scale * gate_one(y[c], z[c]);
+  }
+}
+// double: scalar, for the reason given at silu_row
+template <>
+__attribute__((optimize("no-tree-vectorize"))) void gate_row(const double* y, const double* y2, const double* z,
+                                                             double* out, int64_t n, double scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double v = y2 ? y[c] + y2[c] : y[c];
+    out[c] = scale * (v * z[c] / (1.0 + std::exp(-z[c])));
+  }
+}
+
+template <typename T>
+int gate(const T* y, const T* y2, const T* z, T* out, int64_t rows, int64_t channels, int64_t z_stride, bool halve,
+         int num_threads, ParallelLauncher launcher) {
+  const T scale = halve ? T(0.5) : T(1);
+  const int64_t per_task = std::max<int64_t>(1, kConvChunk / channels);
+  const int64_t n_tasks = (rows + per_task - 1) / per_task;
+  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
+    const int64_t end = std::min(rows, (task + 1) * per_task);
+    for (int64_t row = task * per_task; row < end; ++row)
+      gate_row(y + row * channels, y2 ? y2 + row * channels : nullptr, z + row * z_stride, out + row * channels,
+               channels, scale);
+  });
+}
+
 #define MM_SCAN_ENTRY_POINTS(T, SUFFIX)                                                         \
   extern "C" int mm_scan_forward_##SUFFIX(const T* u, const T* delta, const T* At, const T* B,  \
                                           const T* C, const T* D, T* y, int64_t batch,          \
@@ -478,6 +562,18 @@ extern "C" int mm_plan_from_selection(const int64_t* src, const int64_t* dst, in
                                       int64_t row_len, int num_threads,                         \
                                       ParallelLauncher launcher) {                              \
     return softplus(x, y, row_mean, rows, row_len, num_threads, launcher);                      \
+  }                                                                                             \
+  extern "C" int mm_conv_silu_##SUFFIX(const T* x, const T* w, const T* bias, T* y, int64_t batch,    \
+                                       int64_t length, int64_t channels, int64_t x_stride,           \
+                                       int64_t k_size, int reverse, int num_threads,                 \
+                                       ParallelLauncher launcher) {                                  \
+    return conv_silu(x, w, bias, y, batch, length, channels, x_stride, k_size, reverse != 0,       \
+                     num_threads, launcher);                                                         \
+  }                                                                                             \
+  extern "C" int mm_gate_##SUFFIX(const T* y, const T* y2, const T* z, T* out, int64_t rows,          \
+                                  int64_t channels, int64_t z_stride, int halve, int num_threads,    \
+                                  ParallelLauncher launcher) {                                       \
+    return gate(y, y2, z, out, rows, channels, z_stride, halve != 0, num_threads, launcher);        \
   }                                                                                             \
   extern "C" int mm_merge_apply_##SUFFIX(                                                       \
       const T* residual, const T* hidden, const int64_t* rep, const int64_t* assign,            \
