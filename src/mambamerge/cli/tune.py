@@ -3,6 +3,7 @@ each target reduction, found on held-out inputs of the user's data (mambamerge.t
 DIR/config_<R>.json per reduction, DIR/tune.md, tune.csv, tune.json and tune.png, all at the end."""
 import argparse
 import csv
+import hashlib
 import io
 import json
 from contextlib import nullcontext
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Dict
 
 from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction,
-                                 open_data, setup_device)
+                                 default_workers, open_data, setup_device)
 from mambamerge.cli.inputs import DataSpec
 
 HELP = ("find the method, options and per-block schedule that keep the most of the dense model at a reduction, "
@@ -103,6 +104,18 @@ def summary_table(results: Dict[float, "object"], labels: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def candidates_table(results: Dict[float, "object"], labels: bool) -> str:
+    """Every candidate of every target, in the order scored, as markdown."""
+    head = "| target | stage | method | options | removals before each block | inputs | GMACs | KL to dense |"
+    lines = [head + (" top-1 |" if labels else ""), "|" + "---|" * (9 if labels else 8)]
+    for target, result in results.items():
+        for c in result.candidates:
+            row = (f"| {target:.0%} | {c['stage']} | {c['method']} | {json.dumps(c['options'], sort_keys=True)} | "
+                   f"{' '.join(map(str, c['removals']))} | {c['inputs']} | {c['gmacs']:.4g} | {c['kl']:.4g} |")
+            lines.append(row + (f" {c['top1']:.2%} |" if labels else ""))
+    return "\n".join(lines) + "\n"
+
+
 def _defaults(method: str) -> dict:
     from mambamerge.merge import METHODS
 
@@ -121,13 +134,26 @@ def run(args: argparse.Namespace) -> int:
         return _tune(args, out)
 
 
-def _inputs(dataset, labels: bool):
-    """(N, *input_shape) inputs and (N,) labels (None unless asked for) of the whole dataset."""
+def _inputs(dataset, labels: bool, batch_size: int, workers: int):
+    """(N, *input_shape) inputs and (N,) labels (None unless asked for) of the whole dataset, decoded by
+    `workers` DataLoader processes."""
     import torch
+    from torch.utils.data import DataLoader
 
-    items = [dataset[i] for i in range(len(dataset))]
-    inputs = torch.stack([x for x, _ in items])
-    return inputs, (torch.tensor([int(y) for _, y in items]) if labels else None)
+    batches = list(DataLoader(dataset, batch_size=batch_size, num_workers=workers))
+    inputs = torch.cat([x for x, _ in batches])
+    return inputs, (torch.cat([torch.as_tensor(y) for _, y in batches]).long() if labels else None)
+
+
+def journal_name(args: argparse.Namespace, split: str, target: float) -> str:
+    """The journal of one target's scores, named by everything the scores depend on (the checkpoint file,
+    the inputs, labels, batch size, device and precision): a rerun with the same arguments continues from
+    it, one with other inputs or another checkpoint starts afresh instead of reusing stale scores."""
+    checkpoint = Path(args.checkpoint).resolve()
+    stat = checkpoint.stat()
+    key = [str(checkpoint), stat.st_size, stat.st_mtime_ns, args.data, split, args.limit, args.img_size,
+           args.labels, args.batch_size, args.device, args.amp]
+    return f"journal_{target:g}_{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.json"
 
 
 def _tune(args: argparse.Namespace, out: Path) -> int:
@@ -135,6 +161,7 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
 
     from mambamerge.atomic import write_files
     from mambamerge.data import subset_record
+    from mambamerge.devices import autocast
     from mambamerge.evaluate import input_kind
     from mambamerge.plots import tune_png
     from mambamerge.progress import progress
@@ -147,7 +174,7 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
     split = calibration_split(args)
     model, dataset, label = open_data(args, default_split=split, limit=args.limit, suggest_test=False)
     model = model.to(device)
-    inputs, labels = _inputs(dataset, args.labels)
+    inputs, labels = _inputs(dataset, args.labels, args.batch_size, default_workers(args.workers))
     inputs = inputs.to(device)
     labels = None if labels is None else labels.to(device)
     methods = list(args.methods or DEFAULT_METHODS)
@@ -156,10 +183,11 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
         with progress(total=args.max_candidates, desc=f"tune {target:.0%}", unit="candidates", leave=True) as bar:
             def scored(record, bar=bar):
                 bar.finished(f"{record['method']} ({record['stage']}): KL {record['kl']:.4g}")
-            results[target] = tune(model, inputs, target, labels=labels, methods=methods,
-                                   max_candidates=args.max_candidates, time_budget_s=args.time_budget,
-                                   seed=args.seed, batch_size=args.batch_size,
-                                   journal=out / f"journal_{target:g}.json", on_candidate=scored)
+            with autocast(device, args.amp):
+                results[target] = tune(model, inputs, target, labels=labels, methods=methods,
+                                       max_candidates=args.max_candidates, time_budget_s=args.time_budget,
+                                       seed=args.seed, batch_size=args.batch_size,
+                                       journal=out / journal_name(args, split, target), on_candidate=scored)
     kind = input_kind(model.input_shape)
     title = f"{Path(args.checkpoint).name} tuned on {label} ({len(inputs)} {kind})"
     table = summary_table(results, args.labels)
@@ -171,7 +199,8 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
                "tunes": [{"target_reduction": t, "config": r.config, "candidates": r.candidates}
                          for t, r in results.items()]}
     files = {f"config_{t:g}.json": json_text(r.config) for t, r in results.items()}
-    files.update({"tune.md": f"# {title}\n\n{table}", "tune.csv": candidates_csv(results),
+    files.update({"tune.md": f"# {title}\n\n## Chosen\n\n{table}\n## Every candidate\n\n"
+                                       f"{candidates_table(results, args.labels)}", "tune.csv": candidates_csv(results),
                   "tune.json": json_text(payload), "tune.png": tune_png(results, title)})
     write_files(out, files)
     print(table, end="")
