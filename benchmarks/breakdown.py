@@ -1,6 +1,7 @@
-"""Where a dense Vim forward spends its time on CPU: projections, convolution + SiLU, step-size softplus,
-selective scan, norms, and the rest (gating, residual adds, embedding, head), per forward and as shares;
-then the whole forward with the convolution kernel against torch's convolution, timed interleaved.
+"""Where a dense Vim forward spends its time on CPU: projections, convolution (with its SiLU in the
+kernel), step-size softplus, selective scan, output gate (kernel), norms, and the rest (residual adds,
+embedding, head; on the torch path also the convolution's SiLU and the gate), per forward and as
+shares; then the whole forward with the mixer kernels against torch's operations, timed interleaved.
 
 Run: .venv/bin/python benchmarks/breakdown.py [--model vim_tiny] [--batch 8] [--threads 2] [--runs 5]
 """
@@ -19,7 +20,7 @@ import mambamerge.models.mixer as mixer_module
 from mambamerge.models.blocks import RMSNorm
 from mambamerge.timing import time_interleaved
 
-PARTS = ("projections", "convolution + SiLU", "softplus", "scan", "norms", "other")
+PARTS = ("projections", "convolution", "softplus", "scan", "gate", "norms", "other")
 
 
 class PartClock:
@@ -61,11 +62,12 @@ class PartClock:
                                                                       "selective_scan", "depthwise_conv_along_sequence")}
         if hasattr(kernels, "conv_silu"):
             mixer_module.cpu_kernels = types.SimpleNamespace(
-                handles=kernels.handles, conv_silu=self.timed("convolution + SiLU", kernels.conv_silu))
+                handles=kernels.handles, conv_silu=self.timed("convolution", kernels.conv_silu),
+                gate=self.timed("gate", kernels.gate))
         mixer_module.softplus = self.timed("softplus", originals["softplus"])
         mixer_module.softplus_with_row_mean = self.timed("softplus", originals["softplus_with_row_mean"])
         mixer_module.selective_scan = self.timed("scan", originals["selective_scan"])
-        mixer_module.depthwise_conv_along_sequence = self.timed("convolution + SiLU",
+        mixer_module.depthwise_conv_along_sequence = self.timed("convolution",
                                                                 originals["depthwise_conv_along_sequence"])
         try:
             yield self
@@ -97,8 +99,8 @@ def breakdown(model, images, runs):
 
 
 @contextmanager
-def torch_convolution():
-    """The mixers convolve with torch's operations instead of the kernel, while the block runs."""
+def torch_path():
+    """The mixers convolve and gate with torch's operations instead of the kernels, while the block runs."""
     kernels = mixer_module.cpu_kernels
     mixer_module.cpu_kernels = types.SimpleNamespace(handles=lambda x: False)
     try:
@@ -119,7 +121,7 @@ def main():
     model = mambamerge.create_model(args.model).eval()
     images = torch.randn(args.batch, *model.input_shape)
     print(f"{args.model}, batch {args.batch}, {args.threads} threads, dense, inference")
-    for label, context in (("convolution kernel", nullcontext), ("torch convolution", torch_convolution)):
+    for label, context in (("mixer kernels", nullcontext), ("torch path", torch_path)):
         with context():
             parts, total = breakdown(model, images, args.runs)
         print(f"\n{label}: {total:.1f} ms per forward ({1e3 * args.batch / total:.1f} inputs/s)")
@@ -130,13 +132,13 @@ def main():
         with torch.inference_mode():
             return model(images)
 
-    def forward_torch_conv():
-        with torch_convolution():
+    def forward_torch():
+        with torch_path():
             return forward()
 
-    times = time_interleaved({"kernel": forward, "torch": forward_torch_conv}, runs=args.runs)
+    times = time_interleaved({"kernel": forward, "torch": forward_torch}, runs=args.runs)
     print(f"\nwhole forward, timed interleaved: kernel {1e3 * times['kernel']:.1f} ms "
-          f"({args.batch / times['kernel']:.1f} inputs/s), torch convolution {1e3 * times['torch']:.1f} ms: "
+          f"({args.batch / times['kernel']:.1f} inputs/s), torch path {1e3 * times['torch']:.1f} ms: "
           f"{times['torch'] / times['kernel']:.2f}x")
 
 

@@ -7,7 +7,7 @@ import torch
 
 import mambamerge
 from mambamerge import CheckpointError, load_checkpoint, save_checkpoint
-from mambamerge.loaders.videomamba import interpolate_temporal
+from mambamerge.models.videomamba import interpolate_temporal
 from conftest import perturb_
 
 
@@ -58,7 +58,7 @@ def test_videomamba_runs_at_another_clip_length_and_frame_size(tmp_path):
 def test_spatial_interpolation_keeps_a_constant_table_constant():
     table = torch.full((1, 5, 3), 0.25)
     assert torch.equal(interpolate_temporal(table, 9), torch.full((1, 9, 3), 0.25))
-    from mambamerge.loaders.videomamba import interpolate_spatial
+    from mambamerge.models.videomamba import interpolate_spatial
     out = interpolate_spatial(torch.full((1, 1 + 4, 3), 0.5), (2, 2), (3, 5))
     torch.testing.assert_close(out, torch.full((1, 16, 3), 0.5))
 

@@ -87,17 +87,18 @@ def pico_sd():
 
 
 def test_a_file_cannot_make_the_loader_build_more_than_it_holds(tmp_path, pico_sd, monkeypatch, capsys):
-    import mambamerge.checkpoint as ckpt
+    from mambamerge.models import VisionMamba
+    from mambamerge.models.adapter import ADAPTERS
 
     built = []
 
-    class Recording(ckpt.VisionMamba):
+    class Recording(VisionMamba):
         def __init__(self, cfg):
             built.append(cfg.depth)
             assert cfg.depth <= 2, f"the loader builds a {cfg.depth}-block model for a 2-block file"
             super().__init__(cfg)
 
-    monkeypatch.setattr(ckpt, "VisionMamba", Recording)
+    monkeypatch.setattr(ADAPTERS["vim"], "model_class", Recording)
     path = tmp_path / "absurd.pth"
     torch.save({**pico_sd, "layers.99999.foo": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="3 blocks numbered from 0 to 99999.*without gaps"):

@@ -145,8 +145,8 @@ def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1
     timed round-robin in this process (timing.time_interleaved: medians of `runs`), so that load from
     other processes hits both alike and their ratio stays honest, and the compile seconds of each
     ({"patched": s, "dense": s}, their first calls, timed apart) with compile=True, else None. The
-    model stays patched."""
-    reducer = model.token_reducer
+    model is left as given (its reducer and train / eval mode restored)."""
+    reducer, training = model.token_reducer, model.training
     images = _random_inputs(model, batch_size)
     run = _forward(model, compile)
 
@@ -164,6 +164,7 @@ def paired_throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1
             seconds = time_interleaved(fns, images.device, warmup=warmup, runs=runs)
     finally:
         model.token_reducer = reducer
+        model.train(training)
     return batch_size / seconds["patched"], batch_size / seconds["dense"], compile_s
 
 
@@ -187,11 +188,12 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
     stays eager), compile_s their compile seconds ({"patched", "dense"} or {"model"}), else None. Under torchrun the accuracy covers every input once (summed
     over processes); each process times its own forwards.
     A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
-    raised before any image is run. The model is left unpatched."""
+    raised before any image is run. The model is left as given (its reducer and train / eval mode)."""
     check_fit(model, dataset.info)
     check_classes(model, dataset.info)
     if method is None and (reduction or patch_options):
         raise ValueError("a reduction or patch options need a method; pass method='mame' (or another one)")
+    given, training = model.token_reducer, model.training
     unpatch(model)
     try:
         if method is not None:
@@ -205,7 +207,8 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
         else:
             per_s, dense_per_s, compile_s = paired_throughput(model, throughput_batch, runs, warmup, amp, compile)
     finally:
-        unpatch(model)
+        model.token_reducer = given
+        model.train(training)
     return {
         "method": method or "dense", "target_reduction": reduction or 0.0, "options": dict(patch_options),
         "top1": top[1], "top5": top[5], "inputs": len(dataset) - len(unreadable(dataset)),

@@ -1,10 +1,10 @@
-"""The accuracy plot of a sweep: top-1 vs GMACs and vs measured speed-up, one curve per method.
+"""The plots: a sweep's top-1 vs GMACs and vs measured speed-up, one curve per method; a tune's candidates.
 
 Drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global backend change).
 """
 import io
 import statistics
-from typing import List
+from typing import Dict, List
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -102,3 +102,37 @@ def _reduction_axis(ax, rows: List[dict]) -> None:
     top = ax.secondary_xaxis("top")
     top.set_xticks(positions, labels=[f"{t:.0%}" for t in targets])
     top.set_xlabel("target average reduction", fontsize=9)
+
+
+def tune_png(results: Dict[float, "TuneResult"], title: str) -> bytes:
+    """PNG bytes of a tune: every scored candidate's KL to the dense model (log scale) against its GMACs,
+    one colour per method, the chosen configuration of each reduction ringed. results: {reduction:
+    TuneResult}; only candidates scored on all calibration inputs are drawn (screening scores are on a
+    slice and are not comparable)."""
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    drawn = set()
+    for result in results.values():
+        full = max(c["inputs"] for c in result.candidates)
+        for c in result.candidates:
+            if c["inputs"] != full:
+                continue
+            colour, marker = method_style(c["method"])
+            ax.scatter(c["gmacs"], max(c["kl"], 1e-6), color=colour, marker=marker, s=22, alpha=0.7,
+                       label=None if c["method"] in drawn else c["method"])
+            drawn.add(c["method"])
+        chosen = result.config
+        ax.scatter(chosen["gmacs"], max(chosen["score"]["kl"], 1e-6), s=160, facecolors="none", edgecolors="black",
+                   linewidths=1.5, label=None if "chosen" in drawn else "chosen")
+        ax.annotate(f"{chosen['reduction']:.0%}", (chosen["gmacs"], max(chosen["score"]["kl"], 1e-6)),
+                    textcoords="offset points", xytext=(8, 6), fontsize=8)
+        drawn.add("chosen")
+    ax.set_yscale("log")
+    ax.set_xlabel("GMACs per input (one scan direction, merge included)")
+    ax.set_ylabel("KL to the dense model (nats, lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ def _moves(removals: Sequence[int], step: int) -> List[tuple]:
 def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.Tensor] = None,
          methods: Optional[Sequence[str]] = None, max_candidates: int = 100, time_budget_s: Optional[float] = None,
          seed: int = 0, screen: int = 64, keep: int = 3, batch_size: int = 32,
-         journal: Optional[Path] = None) -> TuneResult:
+         journal: Optional[Path] = None, on_candidate: Optional[Callable[[dict], None]] = None) -> TuneResult:
     """Find the reduction of `model` (a mambamerge model; left as it was) at average `reduction` that
     keeps its predictions on `inputs` (N, *model.input_shape) closest to the dense model's.
 
@@ -83,7 +83,8 @@ def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.T
     candidates / seconds (the best so far is returned). seed: which option combinations are screened
     when there are more than max_candidates. screen: inputs of the first, cheap pass; keep: how many of
     its best are rescored on all inputs. journal: a JSON file of scored candidates, written atomically
-    after each one, so that a tune killed and rerun with the same arguments continues where it was."""
+    after each one, so that a tune killed and rerun with the same arguments continues where it was.
+    on_candidate: called with each candidate's record once scored (or read back from the journal)."""
     methods = list(methods or DEFAULT_METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -126,6 +127,8 @@ def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.T
                 write_bytes(journal, json.dumps(done))
         record = dict(record, stage=stage)
         candidates.append(record)
+        if on_candidate is not None:
+            on_candidate(record)
         return record
 
     grid = [(m, dict(zip(space, values))) for m in methods

@@ -2,6 +2,7 @@
 throughput beside the dense model's. Also the argument handling and loading that `mambamerge sweep` shares."""
 import argparse
 import ast
+import json
 import os
 import sys
 from pathlib import Path
@@ -100,7 +101,27 @@ def setup_device(args: argparse.Namespace) -> "torch.device":
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_common(p)
     add_method_options(p)
+    add_config_option(p)
     p.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="a configuration `mambamerge tune` chose (DIR/config_<R>.json): its method, options and "
+                        "per-block schedule")
+
+
+def read_config(path: Optional[str]) -> Optional[dict]:
+    """The tune configuration at --config (None when not given); a ValueError naming the file when it is
+    missing or not JSON."""
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file (mambamerge tune writes DIR/config_<R>.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {path} is not a tune configuration (JSON): {err}") from None
 
 
 def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
@@ -203,13 +224,14 @@ def load_inputs(args: argparse.Namespace) -> Tuple["torch.nn.Module", object, st
 
 
 def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int],
-              start: int = 0, check: Optional[Callable[["torch.nn.Module"], None]] = None
-              ) -> Tuple["torch.nn.Module", object, str]:
+              start: int = 0, check: Optional[Callable[["torch.nn.Module"], None]] = None,
+              suggest_test: bool = True) -> Tuple["torch.nn.Module", object, str]:
     """(model on the CPU, dataset of `limit` of its inputs from `start` on (load_dataset), data label)
     from --checkpoint, --data,
     --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
     Every way they do not fit each other is a ValueError naming both sides. check: called with the
-    model before any data is read (to refuse settings the model cannot run before any work)."""
+    model before any data is read (to refuse settings the model cannot run before any work). suggest_test:
+    a missing split's error points to the shipped test split."""
     from mambamerge.checkpoint import load_checkpoint
     from mambamerge.data import load_dataset
     from mambamerge.devices import parse_device
@@ -236,7 +258,7 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
     try:
         dataset = load_dataset(args.data, split, input_shape=shape, limit=limit, start=start)
     except FileNotFoundError as err:
-        if not named or split == "test" or data.root is not None:
+        if not named or split == "test" or data.root is not None or not suggest_test:
             raise
         raise FileNotFoundError(f"{err}; or use the test split, which ships with mambamerge: --split test") from None
     label = f"{args.data} {split}" if named else args.data
@@ -266,14 +288,22 @@ def run(args: argparse.Namespace) -> int:
 
     options = check_common(args)
     check_method_args(args, options)
+    config = read_config(args.config)
+    if config is not None and (args.method is not None or options):
+        raise ValueError("--config gives the method, options and schedule: drop --method, --reduction and --option")
     if args.json:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'eval.json'}")
         check_target(Path(args.json))
         check_writable(Path(args.json).parent, create=False)
     model, dataset, label = load_inputs(args)
-    recipe = recorded_merge(model, args.checkpoint, "eval", "running it that way (--method none runs it dense)") \
-        if args.method is None else None
+    if config is not None:
+        from mambamerge.tune import recipe_of_config
+
+        recipe = recipe_of_config(config, model)
+    else:
+        recipe = recorded_merge(model, args.checkpoint, "eval", "running it that way (--method none runs it dense)") \
+            if args.method is None else None
     method = recipe.method if recipe else None if args.method == "none" else args.method
     if recipe:
         options = recipe.patch_options()
@@ -290,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     if result["unreadable_images"]:
         print(f"skipped     {len(result['unreadable_images'])} unreadable files (named in the warnings above)")
     if recipe:
-        print(f"method      {recipe.describe()} (recorded in the checkpoint)")
+        print(f"method      {recipe.describe()} ({'from ' + args.config if config else 'recorded in the checkpoint'})")
     elif method:
         target = f"target reduction {args.reduction:.0%}" if args.reduction is not None else "schedule from options"
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
@@ -317,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         from mambamerge.data import subset_record
 
         payload = {"checkpoint": str(args.checkpoint), "model": cfg.to_dict(), "data": label, **subset_record(args.limit),
-                   "method_from": "checkpoint" if recipe else "command line",
+                   "method_from": args.config if config else "checkpoint" if recipe else "command line",
                    "environment": environment(next(model.parameters()).device), "result": result}
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ def list_model_table() -> None:
 
     from mambamerge.evaluate import describe_input
     from mambamerge.flops import flops
-    from mambamerge.loaders import FAMILY_NAMES
     from mambamerge.models import OFFICIAL_NAMES, create_model, list_models
+    from mambamerge.models.adapter import family_title
 
     header = ("name", "family", "input", "depth", "width", "tokens", "parameters", "GMACs 1-dir / 2-dir")
     rows = [header]
@@ -35,7 +35,7 @@ def list_model_table() -> None:
         with torch.device("meta"):
             model = create_model(name)
         report = flops(model)
-        rows.append((name, FAMILY_NAMES.get(model.family, model.family), describe_input(model.input_shape),
+        rows.append((name, family_title(model.family), describe_input(model.input_shape),
                      str(model.cfg.depth), str(model.cfg.embed_dim), str(model.layout.length),
                      f"{report.params / 1e6:.2f} M", f"{report.one_direction / 1e9:.4g} / "
                                                     f"{report.both_directions / 1e9:.4g}"))
@@ -52,21 +52,15 @@ def run(args: argparse.Namespace) -> int:
     if args.models or not args.checkpoint:
         list_model_table()
         return 0
-    from mambamerge.checkpoint import check_tensors, family_config, infer_config, read_checkpoint
-    from mambamerge.loaders import FAMILY_NAMES, detect_family
+    from mambamerge.evaluate import describe_input
+    from mambamerge.checkpoint import infer_architecture, read_checkpoint
 
     raw = read_checkpoint(args.checkpoint)
-    family = raw.family or detect_family(raw.state_dict)
+    adapter, cfg, grid, _ = infer_architecture(raw, args.checkpoint, img_size=args.img_size)
     n = sum(t.numel() for t in raw.state_dict.values())
-    print(f"{args.checkpoint}: {FAMILY_NAMES.get(family, family)}, {len(raw.state_dict)} tensors, "
-          f"{n / 1e6:.2f} M values")
-    if family != "vim":
-        cfg, _ = family_config(raw, args.checkpoint, family)
-    else:
-        cfg, grid = infer_config(raw, img_size=args.img_size)
-        check_tensors(raw, cfg, grid, args.checkpoint)
-        print(f"trained grid {grid[0]}x{grid[1]}; at {cfg.img_size[0]}x{cfg.img_size[1]}: grid "
-              f"{cfg.grid_size[0]}x{cfg.grid_size[1]}")
+    print(f"{args.checkpoint}: {adapter.title}, {len(raw.state_dict)} tensors, {n / 1e6:.2f} M values")
+    built_for = describe_input(adapter.model_class.input_shape_for(cfg))
+    print(f"trained grid {'x'.join(map(str, grid))}; built for {built_for}: grid {'x'.join(map(str, cfg.grid_size))}")
     for key, value in cfg.to_dict().items():
         print(f"  {key:15s} {value}")
     if cfg.num_classes == 0:

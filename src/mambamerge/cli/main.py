@@ -10,12 +10,12 @@ import warnings
 from typing import List, Optional
 
 from mambamerge import __version__
-from mambamerge.cli import demo, info, speed, sweep, train
+from mambamerge.cli import demo, info, speed, sweep, train, tune
 from mambamerge.cli import eval as eval_command  # not `eval`: that name is a builtin
 from mambamerge.cli import diagnose, visualize
 
 COMMANDS = {"demo": demo, "eval": eval_command, "sweep": sweep, "train": train, "speed": speed, "info": info}
-COMMANDS.update(diagnose=diagnose, visualize=visualize)
+COMMANDS.update(tune=tune, diagnose=diagnose, visualize=visualize)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"merging      {recipe.describe() if recipe else args.method}: {summary['average_reduction']:.1%} "
               f"average reduction, final tokens {summary['final_tokens']} of {summary['initial_tokens']}, GMACs "
               f"{flops(model).summary()['total_one_direction']:.4g} with the merge overhead")
-        merged, dense = paired_throughput(model, args.batch_size, args.runs)
+        merged, dense, _ = paired_throughput(model, args.batch_size, args.runs)
         print(f"forward      batch {args.batch_size}: {merged:.1f} inputs/s merged, {dense:.1f} dense, timed "
               f"interleaved (median of {args.runs}): speed-up {merged / dense:.2f}x")
         return 0

@@ -5,8 +5,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List
 
-from mambamerge.cli.eval import (add_common, check_common, check_method, check_reduction, default_workers, describe,
-                                 load_inputs, recorded_merge)
+from mambamerge.cli.eval import (add_common, add_config_option, check_common, check_method, check_reduction,
+                                 default_workers, describe, load_inputs, read_config, recorded_merge)
 from mambamerge.cli.names import METHODS
 
 HELP = "evaluate methods x reductions beside the dense model; write a table, CSV, JSON and an accuracy plot"
@@ -23,6 +23,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         f"else all: {', '.join(METHODS)})")
     p.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8], metavar="R",
                    help="target average reductions in [0, 1) (default: 0.2 0.4 0.6 0.8)")
+    add_config_option(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if needed)")
 
 
@@ -90,6 +91,20 @@ def measure(model, dataset, configs: List[dict], options: Dict[str, object], **t
     return rows
 
 
+def tuned_row(model, dataset, config: dict, dense: dict, **timing) -> dict:
+    """The row of a tune configuration (mambamerge tune's config_<R>.json), named "tuned", against the
+    dense row."""
+    from mambamerge.evaluate import evaluate
+    from mambamerge.tune import recipe_of_config
+
+    recipe = recipe_of_config(config, model)
+    row = evaluate(model, dataset, recipe.method, None, progress="tuned: top-1", **timing, **recipe.patch_options())
+    row.update(method="tuned", tuned_method=recipe.method, target_reduction=config["reduction"], status="ok",
+               delta_top1=row["top1"] - dense["top1"],
+               delta_top5=None if row["top5"] is None else row["top5"] - dense["top5"])
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     """The sweep, holding --out's lock all along (atomic.hold): a second sweep into it is refused at once."""
     from mambamerge.atomic import hold
@@ -111,12 +126,17 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     from mambamerge.results import csv_text, environment, json_text, markdown_table
 
     options = check_common(args)
+    config = read_config(args.config)
     check_sweep_options(options)
     for method in args.methods or ():
         check_method(method, options)
     for reduction in args.reductions:
         check_reduction(reduction)
     model, dataset, label = load_inputs(args)
+    if config is not None:
+        from mambamerge.tune import recipe_of_config
+
+        recipe_of_config(config, model)  # a config of another model is refused before any work
     methods = args.methods
     if methods is None:
         recipe = recorded_merge(model, args.checkpoint, "sweep", "sweeping that method with those options at each "
@@ -131,6 +151,8 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     timing = dict(batch_size=args.batch_size, throughput_batch=args.throughput_batch, runs=args.runs, warmup=1,
                   amp=args.amp, workers=default_workers(args.workers), compile=args.compile)
     rows = measure(model, dataset, configs, options, **timing)
+    if config is not None:
+        rows.append(tuned_row(model, dataset, config, rows[0], **timing))
     distributed.teardown()
     if not world().is_main:
         return 0
@@ -143,7 +165,8 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     payload = {"checkpoint": str(args.checkpoint), "model": model.cfg.to_dict(),
                "data": {"spec": args.data, "label": label, "inputs": len(dataset) - len(skipped), "input_kind": kind,
                         "unreadable_images": skipped, "classes": dataset.info.classes, **subset_record(args.limit)},
-               "settings": {"methods": methods, "reductions": args.reductions, "options": options, **timing},
+               "settings": {"methods": methods, "reductions": args.reductions, "options": options,
+                            "config": args.config, **timing},
                "environment": env, "rows": rows}
     plot = accuracy_png([row for row in rows if row["status"] == "ok"], title,
                         f"batch {args.throughput_batch}, {env['device']}, threads: {env['threads']}", kind)

@@ -204,7 +204,7 @@ def _data(args, base):
     """(train, validation, test, model) with the model built for the data (or checked against it)."""
     from mambamerge.data.folders import probe_folder
     from mambamerge.evaluate import check_classes, check_fit, describe_input
-    from mambamerge.loaders import FAMILY_NAMES
+    from mambamerge.models.adapter import family_title
     from mambamerge.models import create_model
 
     data = DataSpec.parse(args.data)
@@ -221,7 +221,7 @@ def _data(args, base):
     elif args.in_chans == 3:
         raise ValueError(f"{args.data} is grey: its models take --in-chans 1")
     if base is not None and len(base.input_shape) != 3:
-        raise ValueError(f"--init {args.init} ({FAMILY_NAMES.get(base.family, base.family)}) takes "
+        raise ValueError(f"--init {args.init} ({family_title(base.family)}) takes "
                          f"{describe_input(base.input_shape)}, but {args.data} gives images; fine-tune it on data of "
                          f"its kind (e.g. fsdd for audio, moving-fashion-mnist for video)")
     if base is not None:

@@ -1,4 +1,5 @@
 """Every diagnostic of one checkpoint on a few inputs: the numbers (JSON-ready), the figures and a text summary."""
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -93,12 +94,12 @@ def _cell(value: Optional[float], spec: str) -> str:
 
 def _attention(model, images, settings, report: Report, title: str) -> None:
     maps = {}
+    wide = copy.deepcopy(model).double()  # the maps in float64, on a copy: `model` keeps its dtype
     with torch.inference_mode():
-        tr = trace(model.double(), images[:1].double())
+        tr = trace(wide, images[:1].double())
         for block in settings.attention_blocks:
-            scans = block_scans(model, tr, block)
+            scans = block_scans(wide, tr, block)
             maps[block] = {d: implicit_attention(scans[d])[0].abs().mean(0).float() for d in DIRECTIONS}
-    model.float()
     cls = class_index(model)
     report.numbers["attention"] = {
         str(block): {d: {"class_row_share_within_8": _share_near(m[d][cls], cls, 8)} for d in DIRECTIONS}
@@ -195,9 +196,10 @@ def diagnose(model, images: torch.Tensor, labels: torch.Tensor, settings: Settin
              title: str = "model") -> Report:
     """Run the chosen diagnostics on images (N, C, H, W) with labels (N,). The leave-one-out study uses
     the first settings.loo_images images, the perturbation curves the first settings.curve_images, the
-    decay kernels the first 8, the attention maps the first; token order and prune-vs-merge all of them."""
+    decay kernels the first 8, the attention maps the first; token order and prune-vs-merge all of them.
+    Runs on a copy of `model` in eval mode: the caller's model (mode, dtype, token reducer) is left as it is."""
     settings = settings.resolve(len(model.layers))
-    model.eval()
+    model = copy.deepcopy(model).eval()
     report = Report({"images": images.shape[0], "settings": {k: v for k, v in vars(settings).items()}}, {}, [])
     if "decay" in settings.parts:
         _decay(model, images[:8], settings, report, title)

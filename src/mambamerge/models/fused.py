@@ -106,8 +106,9 @@ class FusedPath:
             delta_bias=getattr(mixer, "dt_proj" + branch.suffix).bias.float(), delta_softplus=True)
         return y.flip(-1) if scan.reverse else y
 
-    def output(self, y: torch.Tensor, z: torch.Tensor, halve: bool) -> torch.Tensor:
+    def output(self, parts, z: torch.Tensor, halve: bool) -> torch.Tensor:
         """The summed (already gated) scans, halved when asked, through out_proj: (batch, L, d_model)."""
+        y = sum(parts[1:], parts[0])
         return F.linear((y * 0.5 if halve else y).transpose(1, 2), self.mixer.out_proj.weight)
 
     def stats(self, inputs: KernelInputs, branch):

@@ -7,7 +7,7 @@ reverse instead of flipping the sequence twice, so its per-token quantities come
 sequence order.
 """
 import math
-from typing import Callable, NamedTuple, Optional, Set, Tuple
+from typing import Callable, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,10 +138,15 @@ class TorchPath:
             return self.scan_fn(args)
         return selective_scan(*args, impl=self.mixer.scan_impl)
 
-    def output(self, y: torch.Tensor, z: torch.Tensor, halve: bool) -> torch.Tensor:
-        """The summed scans gated by SiLU(z) (and halved), through out_proj: (batch, L, d_model)."""
-        y = y.to(z.dtype) * F.silu(z)
-        return self.mixer.out_proj(y * 0.5 if halve else y)
+    def output(self, parts: List[torch.Tensor], z: torch.Tensor, halve: bool) -> torch.Tensor:
+        """The summed scans (one or two) gated by SiLU(z) (and halved), through out_proj: (batch, L, d_model)."""
+        if len(parts) <= 2 and cpu_kernels.handles(z) and all(p.dtype == z.dtype for p in parts) \
+                and not torch.is_grad_enabled():  # inference: one kernel pass
+            y = cpu_kernels.gate(parts[0], parts[1] if len(parts) == 2 else None, z, halve)
+        else:
+            y = sum(parts[1:], parts[0]).to(z.dtype) * F.silu(z)
+            y = y * 0.5 if halve else y
+        return self.mixer.out_proj(y)
 
     def stats(self, inputs: BranchInputs, branch: Branch):
         """A branch's part of SSMStats: delta (batch, d_inner, L), B (batch, N, L), delta's mean (batch, L)."""
@@ -261,11 +266,8 @@ class MambaMixer(nn.Module):
         spec = self.spec
         x, z = path.project(hidden)
         branches = [path.branch(x, branch, mean_delta=return_ssm) for branch in spec.branches]
-        y = None
-        for scan_spec in spec.scans:
-            part = path.scan(branches[scan_spec.branch], spec.branches[scan_spec.branch], scan_spec, z)
-            y = part if y is None else y + part
-        out = path.output(y, z, halve=self.divide_out and len(spec.scans) == 2)
+        parts = [path.scan(branches[s.branch], spec.branches[s.branch], s, z) for s in spec.scans]
+        out = path.output(parts, z, halve=self.divide_out and len(spec.scans) == 2)
         if not return_ssm:
             return out
         first, last = spec.scans[0].branch, spec.scans[-1].branch

@@ -1,16 +1,16 @@
 """The model families and the named configurations of each; `create_model`.
 
 Adding a family: its module defines a MambaClassifier subclass with `family` (a short name) and
-`config_class` (its config dataclass); list the class in FAMILIES and its named configs in MODEL_CONFIGS.
+`config_class` (its config dataclass) and registers its CheckpointAdapter (models/adapter.py); import
+the module here and list its named configs in MODEL_CONFIGS.
 """
 from typing import Dict, Tuple
 
-from mambamerge.models.aum import AudioMamba
+from mambamerge.models import aum, videomamba, vim  # noqa: F401  (each registers its adapter)
+from mambamerge.models.adapter import ADAPTERS
 from mambamerge.models.base import MambaClassifier
-from mambamerge.models.videomamba import VideoMamba
-from mambamerge.models.vim import VisionMamba
 
-FAMILIES: Dict[str, type] = {cls.family: cls for cls in (VisionMamba, VideoMamba, AudioMamba)}
+FAMILIES: Dict[str, type] = {family: adapter.model_class for family, adapter in ADAPTERS.items()}
 
 # name -> (family, config keyword arguments)
 MODEL_CONFIGS: Dict[str, Tuple[str, dict]] = {

@@ -3,6 +3,7 @@ metadata (so that neither can make a model allocate without limit), and the patc
 from typing import Sequence, Tuple
 
 MAX_SIZE = 1 << 16  # the largest size (pixels, frames, mel bins) or stride an option or a file may give
+MAX_PIXELS = 16384  # the largest image or frame side (and stride) an option or a file may give
 
 
 def whole(value, what: str, most: int = MAX_SIZE) -> int:

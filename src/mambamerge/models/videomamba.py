@@ -3,16 +3,21 @@
 Numerically the official video model (`videomamba_tiny/small/middle` of the video_sm code) with the
 same state-dict keys, so official checkpoints load with strict=True: patch_embed.proj (a Conv3d with
 kernel = stride = (tubelet, p, p)), cls_token, pos_embed (1, 1 + H'W', D) (the spatial table, the
-class token's entry first), temporal_pos_embedding (1, T', D), layers.{i}, norm_f, head.
+class token's entry first), temporal_pos_embedding (1, T', D), layers.{i}, norm_f, head;
+VideoMambaCheckpoint reads them.
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mambamerge.models.adapter import CheckpointAdapter, depth_of, mixer_config, register_adapter, \
+    require, resize_head_table
 from mambamerge.models.base import MambaClassifier, to_2tuple
+from mambamerge.models.sizes import MAX_PIXELS, pair, whole
 from mambamerge.tokens import TokenLayout
 
 Size3 = Tuple[int, int, int]
@@ -165,3 +170,76 @@ class VideoMamba(MambaClassifier):
         x = x + pos[:, None, 1:] + self.temporal_pos_embedding.to(x.dtype)[:, :, None]
         cls = (self.cls_token.to(x.dtype) + pos[:, :1]).expand(batch, -1, -1)
         return self.pos_drop(torch.cat((cls, x.flatten(1, 2)), dim=1))
+
+
+MAX_FRAMES = 4096
+# the tensors the architecture is read from, and their number of axes
+_REQUIRED = {"patch_embed.proj.weight": 5, "pos_embed": 3, "temporal_pos_embedding": 3, "cls_token": 3,
+             "norm_f.weight": 1, "layers.0.mixer.in_proj.weight": 2, "layers.0.mixer.A_log": 2,
+             "layers.0.mixer.conv1d.weight": 3, "layers.0.mixer.dt_proj.weight": 2,
+             "layers.0.mixer.conv1d_b.weight": 3}
+
+
+def interpolate_spatial(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
+    """(1, 1 + old H'W', D), class entry first -> (1, 1 + new H'W', D); the patch part resized bicubically."""
+    return resize_head_table(pos_embed, old_grid, new_grid, mode="bicubic", align_corners=False)
+
+
+def interpolate_temporal(table: torch.Tensor, frames: int) -> torch.Tensor:
+    """(1, T', D) -> (1, frames, D), linearly."""
+    if table.shape[1] == frames:
+        return table
+    out = F.interpolate(table.permute(0, 2, 1).float(), size=frames, mode="linear", align_corners=False)
+    return out.permute(0, 2, 1).to(table.dtype)
+
+
+@register_adapter
+class VideoMambaCheckpoint(CheckpointAdapter):
+    """Official files hold the weights under "model" (mambamerge.checkpoint unpacks them). Inferred from
+    the tensors: width, depth, the mixer, patch size, tubelet, frames (temporal table x tubelet), frame
+    size (square spatial table x patch, unless our metadata says otherwise) and classes. Another frame
+    size or clip length interpolates the spatial table bicubically (the class entry kept) and the
+    temporal one linearly, as the official fine-tuning does."""
+
+    model_class = VideoMamba
+    title = "VideoMamba"
+    takes = "VideoMamba takes img_size= and num_frames="
+
+    def matches(self, state_dict: Dict[str, torch.Tensor]) -> bool:
+        return "temporal_pos_embedding" in state_dict
+
+    def infer(self, raw, img_size=None, num_frames: Optional[int] = None, **unknown):
+        """Run at img_size (int or (H, W)) and num_frames; both default to what the file was trained at.
+        The grid is (T', H', W') of the file's tables."""
+        self.refuse(unknown)
+        sd, saved = raw.state_dict, raw.config
+        require(sd, _REQUIRED, "VideoMamba")
+        embed_dim, in_chans, tubelet, ph, pw = sd["patch_embed.proj.weight"].shape
+        slots = sd["pos_embed"].shape[1] - 1
+        img_size = pair(img_size, "img_size=", MAX_PIXELS) if img_size is not None else None
+        num_frames = whole(num_frames, "num_frames=", MAX_FRAMES) if num_frames is not None else None
+        if saved is not None and "img_size" in saved:
+            train_size = pair(saved["img_size"], "the img_size of the file's saved config", MAX_PIXELS)
+            train_grid = (train_size[0] // ph, train_size[1] // pw)
+        else:
+            side = math.isqrt(slots)
+            if side * side != slots:
+                raise ValueError(f"the spatial position table holds {slots} patches, not a square grid")
+            train_grid, train_size = (side, side), (side * ph, side * pw)
+        if train_grid[0] * train_grid[1] != slots:
+            raise ValueError(f"the spatial position table holds {slots} patches, not the {train_grid} grid of the "
+                             f"saved config")
+        train_frames = sd["temporal_pos_embedding"].shape[1]
+        cfg = VideoMambaConfig(
+            embed_dim=embed_dim, depth=depth_of(sd), num_frames=num_frames or train_frames * tubelet, tubelet=tubelet,
+            img_size=img_size or train_size, patch_size=(ph, pw), in_chans=in_chans,
+            num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0, **mixer_config(sd, embed_dim))
+        if cfg.num_frames % tubelet:
+            raise ValueError(f"num_frames={cfg.num_frames} is not a multiple of the tubelet size {tubelet}")
+        return cfg, (train_frames, *train_grid)
+
+    def adapt(self, state_dict, grid, cfg):
+        state = dict(state_dict)
+        state["pos_embed"] = interpolate_spatial(state["pos_embed"], grid[1:], cfg.grid_size[1:])
+        state["temporal_pos_embedding"] = interpolate_temporal(state["temporal_pos_embedding"], cfg.grid_size[0])
+        return state

@@ -1,18 +1,19 @@
 """Vision Mamba (Vim): patch tokens with a middle class token, bidirectional Mamba blocks, cls head.
 
 Numerically the official model (hustvl/Vim, "bimambav2 ... midclstok div2" variants) and with the
-same state-dict keys, so official checkpoints load with strict=True.
+same state-dict keys, so official checkpoints load with strict=True; VimCheckpoint reads them.
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mambamerge.models.adapter import (CheckpointAdapter, depth_of, listing, mixer_config, register_adapter,
+                                       resize_grid)
 from mambamerge.models.base import MambaClassifier, to_2tuple
-from mambamerge.models.sizes import patch_grid
+from mambamerge.models.sizes import MAX_PIXELS, pair, patch_grid
 from mambamerge.tokens import TokenLayout
 
 Size2 = Tuple[int, int]
@@ -167,10 +168,119 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Size2, new_grid: Si
         return pos_embed
     c = old_m // 2
     cls = pos_embed[:, c:c + 1]
-    patches = torch.cat((pos_embed[:, :c], pos_embed[:, c + 1:]), dim=1)
-    dim = patches.shape[-1]
-    grid = patches.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
-    patches = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    patches = resize_grid(torch.cat((pos_embed[:, :c], pos_embed[:, c + 1:]), dim=1), old_grid, new_grid,
+                          mode="bicubic", align_corners=False)
     nc = patches.shape[1] // 2
     return torch.cat((patches[:, :nc], cls, patches[:, nc:]), dim=1)
+
+
+# the tensors the architecture is read from, with the dimensions a Vim gives them
+_REQUIRED = {"patch_embed.proj.weight": ("embed_dim", "channels", "patch_h", "patch_w"),
+             "pos_embed": ("1", "tokens", "embed_dim"), "cls_token": ("1", "1", "embed_dim"),
+             "norm_f.weight": ("embed_dim",), "layers.0.mixer.in_proj.weight": ("2 x d_inner", "embed_dim"),
+             "layers.0.mixer.A_log": ("d_inner", "d_state"), "layers.0.mixer.conv1d.weight": ("d_inner", "1", "d_conv"),
+             "layers.0.mixer.dt_proj.weight": ("d_inner", "dt_rank")}
+_OPTIONAL = {"head.weight": ("classes", "embed_dim")}
+_FALLBACK_SIZE = 224
+_CLI_CANNOT = ("the command line cannot set these: convert the file once in Python, mambamerge.save_checkpoint "
+               "records them")
+
+
+def _check_layout(sd: Dict[str, torch.Tensor]) -> int:
+    """Check the tensors the architecture is read from and the block numbering; returns the depth.
+    Done before anything is built, so a file cannot ask for more than its own tensors describe."""
+    for key, dims in {**_REQUIRED, **_OPTIONAL}.items():
+        if key in sd and (sd[key].ndim != len(dims) or min(sd[key].shape) < 1):
+            raise ValueError(f"{key} has shape {tuple(sd[key].shape)}, a Vim's is ({', '.join(dims)}): the "
+                             f"file is damaged or not a Vim checkpoint")
+    return depth_of(sd)
+
+
+def _user_pair(value, what: str) -> Size2:
+    return pair(value, what, MAX_PIXELS, unit=" of pixels")
+
+
+def _infer_stride(num_slots: int, patch: Size2, raw, img_size: Optional[Size2], stride,
+                  train_img_size) -> Tuple[Size2, Size2]:
+    """Returns (stride, training grid) from the position-embedding length and what is known."""
+    stride = _user_pair(stride, "stride=") if stride is not None else raw.stride
+    train = _user_pair(train_img_size, "train_img_size=") if train_img_size is not None else raw.train_img_size
+    num_patches = num_slots - 1
+    if train is not None and stride is not None:
+        grid = patch_grid(train, patch, stride)
+    else:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(f"pos_embed holds {num_patches} patches, not a square grid; pass "
+                             f"train_img_size=(H, W) and stride= to load_checkpoint ({_CLI_CANNOT})")
+        grid = (side, side)
+        if stride is None:
+            ref = train or img_size or (_FALLBACK_SIZE, _FALLBACK_SIZE)
+            if side == 1:
+                stride = patch
+            else:
+                steps = [(r - p) / (side - 1) for r, p in zip(ref, patch)]
+                if not all(s >= 1 and s == int(s) for s in steps):
+                    fix = ("train_img_size= (the resolution the checkpoint was trained at) or stride= to "
+                           f"load_checkpoint ({_CLI_CANNOT})" if img_size and not train
+                           else "the resolution it was trained at (img_size=, on the command line --img-size)")
+                    raise ValueError(
+                        f"cannot infer the patch stride: a {side}x{side} patch grid with {patch[0]}x{patch[1]} "
+                        f"patches does not fit a {ref[0]}x{ref[1]} image; pass {fix}")
+                stride = tuple(int(s) for s in steps)
+                if not (train or img_size) and any(s > p for s, p in zip(stride, patch)):
+                    raise ValueError(
+                        f"the file does not record the resolution it was trained at, and at the default "
+                        f"{ref[0]}x{ref[1]} its {side}x{side} grid of {patch[0]}x{patch[1]} patches would need a "
+                        f"stride of {stride[0]}, which skips pixels between patches; pass the resolution it was "
+                        f"trained at (img_size=, on the command line --img-size)")
+    if grid[0] * grid[1] != num_patches:
+        raise ValueError(f"pos_embed holds {num_patches} patches but train size {train} with stride {stride} "
+                         f"gives a {grid[0]}x{grid[1]} grid; check train_img_size and stride")
+    return stride, grid
+
+
+@register_adapter
+class VimCheckpoint(CheckpointAdapter):
+    """Official Vim files (the weights under "model" or "model_ema", args.input_size and the stride in
+    args.model) and ours; the reader of files no other family matches, so it says what they lack.
+    Inferred from the tensors: width, depth, the mixer, patch size, channels, classes; the stride from
+    the file, the options or the position-table length at the training size (default 224)."""
+
+    model_class = VisionMamba
+    title = "Vision Mamba (Vim)"
+    takes = "Vim takes img_size=, stride= and train_img_size="
+    fallback = True
+
+    def matches(self, state_dict: Dict[str, torch.Tensor]) -> bool:
+        return False  # the fallback: files of the other families are recognised by their own keys
+
+    def infer(self, raw, img_size=None, stride=None, train_img_size=None, **unknown) -> Tuple[VimConfig, Size2]:
+        """Built for `img_size` (default: the training resolution the file records or train_img_size,
+        else 224)."""
+        self.refuse(unknown)
+        sd = raw.state_dict
+        missing = [k for k in _REQUIRED if k not in sd]
+        if missing:
+            raise ValueError(f"not a Vision Mamba (Vim) checkpoint: missing {listing(missing)}; "
+                             f"the file has keys like {listing(sd)}")
+        depth = _check_layout(sd)
+        embed_dim, in_chans, ph, pw = sd["patch_embed.proj.weight"].shape
+        mixer = mixer_config(sd, embed_dim)
+        size = _user_pair(img_size, "img_size=") if img_size is not None else None
+        stride, grid = _infer_stride(sd["pos_embed"].shape[1], (ph, pw), raw, size, stride, train_img_size)
+        if size is None:
+            size = (_user_pair(train_img_size, "train_img_size=") if train_img_size is not None
+                    else raw.train_img_size or (_FALLBACK_SIZE, _FALLBACK_SIZE))
+        try:
+            cfg = VimConfig(embed_dim=embed_dim, depth=depth, img_size=size, patch_size=(ph, pw), stride=stride,
+                            in_chans=in_chans, num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+                            **mixer)
+        except ValueError as err:
+            raise ValueError(f"the tensors describe no buildable Vim: {err}") from None
+        return cfg, grid
+
+    def adapt(self, state_dict, grid, cfg):
+        state = dict(state_dict)
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid, cfg.grid_size)
+        return state

@@ -502,6 +502,45 @@ int conv_silu(const T* x, const T* w, const T* bias, T* y, int64_t batch, int64_
   });
 }
 
+// The mixer's output gate: out = (y + y2) * silu(z), halved when `halve` (y2 optional: the second scan of a
+// bidirectional mixer), over `rows` rows of `channels`; y, y2 and out contiguous, z rows `z_stride` apart
+// (in_proj's z half read in place).
+inline float gate_one(float y, float z) { return y * z / (1.0f + vexp(-z)); }
+
+template <typename T>
+void gate_row(const T* y, const T* y2, const T* z, T* out, int64_t n, T scale) {
+  if (y2) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] = scale * gate_one(y[c] + y2[c], z[c]);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] = scale * gate_one(y[c], z[c]);
+  }
+}
+// double: scalar, for the reason given at silu_row
+template <>
+__attribute__((optimize("no-tree-vectorize"))) void gate_row(const double* y, const double* y2, const double* z,
+                                                             double* out, int64_t n, double scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double v = y2 ? y[c] + y2[c] : y[c];
+    out[c] = scale * (v * z[c] / (1.0 + std::exp(-z[c])));
+  }
+}
+
+template <typename T>
+int gate(const T* y, const T* y2, const T* z, T* out, int64_t rows, int64_t channels, int64_t z_stride, bool halve,
+         int num_threads, ParallelLauncher launcher) {
+  const T scale = halve ? T(0.5) : T(1);
+  const int64_t per_task = std::max<int64_t>(1, kConvChunk / channels);
+  const int64_t n_tasks = (rows + per_task - 1) / per_task;
+  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
+    const int64_t end = std::min(rows, (task + 1) * per_task);
+    for (int64_t row = task * per_task; row < end; ++row)
+      gate_row(y + row * channels, y2 ? y2 + row * channels : nullptr, z + row * z_stride, out + row * channels,
+               channels, scale);
+  });
+}
+
 #define MM_SCAN_ENTRY_POINTS(T, SUFFIX)                                                         \
   extern "C" int mm_scan_forward_##SUFFIX(const T* u, const T* delta, const T* At, const T* B,  \
                                           const T* C, const T* D, T* y, int64_t batch,          \
@@ -530,6 +569,11 @@ int conv_silu(const T* x, const T* w, const T* bias, T* y, int64_t batch, int64_
                                        ParallelLauncher launcher) {                                  \
     return conv_silu(x, w, bias, y, batch, length, channels, x_stride, k_size, reverse != 0,       \
                      num_threads, launcher);                                                         \
+  }                                                                                             \
+  extern "C" int mm_gate_##SUFFIX(const T* y, const T* y2, const T* z, T* out, int64_t rows,          \
+                                  int64_t channels, int64_t z_stride, int halve, int num_threads,    \
+                                  ParallelLauncher launcher) {                                       \
+    return gate(y, y2, z, out, rows, channels, z_stride, halve != 0, num_threads, launcher);        \
   }                                                                                             \
   extern "C" int mm_merge_apply_##SUFFIX(                                                       \
       const T* residual, const T* hidden, const int64_t* rep, const int64_t* assign,            \

@@ -33,6 +33,7 @@ ENTRY_POINTS = {
     "mm_scan_backward": EntryPoint((_P,) * 13 + (_I64,) * 4 + (_INT,)),
     "mm_softplus": EntryPoint((_P,) * 3 + (_I64,) * 2),
     "mm_conv_silu": EntryPoint((_P,) * 4 + (_I64,) * 5 + (_INT,)),
+    "mm_gate": EntryPoint((_P,) * 4 + (_I64,) * 3 + (_INT,)),
     "mm_merge_apply": EntryPoint((_P,) * 10 + (_I64,) * 5 + (_INT,)),
     "mm_plan_from_selection": EntryPoint((_P,) * 4 + (_I64,) * 3, per_dtype=False),
 }

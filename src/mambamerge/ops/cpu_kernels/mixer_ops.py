@@ -1,5 +1,7 @@
-"""The mixer's depthwise causal convolution and SiLU in one kernel pass, as a custom operator without
-autograd (the torch path serves training)."""
+"""The mixer's elementwise work around the scan as kernel passes: the depthwise causal convolution with
+its SiLU, and the gated output. Custom operators without autograd (the torch path serves training)."""
+from typing import Optional
+
 import torch
 
 from mambamerge.ops.cpu_kernels.library import call
@@ -31,3 +33,28 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, reverse
     in place, no copy); weight: (d, 1, K) as stored by nn.Conv1d; bias: (d,). Returns (batch, L, d)
     contiguous. 4-6x faster than torch's four strided multiply-adds and SiLU on a Vim-Ti block."""
     return dispatch(_CONV_SILU, _conv_silu, (x, weight, bias, reverse))
+
+
+def _gate(y: torch.Tensor, y2: Optional[torch.Tensor], z: torch.Tensor, halve: bool) -> torch.Tensor:
+    y = y.contiguous()
+    y2 = None if y2 is None else y2.contiguous()
+    if z.stride(-1) != 1 or (z.shape[0] > 1 and z.stride(0) != z.shape[1] * z.stride(1)):
+        z = z.contiguous()
+    out = y.new_empty(y.shape)
+    if out.numel() == 0:
+        return out
+    status = call("mm_gate", y.dtype, y.data_ptr(), None if y2 is None else y2.data_ptr(), z.data_ptr(),
+                  out.data_ptr(), y.shape[0] * y.shape[1], y.shape[2], z.stride(1), int(halve))
+    if status != 0:
+        raise MemoryError("gate kernel failed: a worker thread could not run")
+    return out
+
+
+_GATE = register("gate", _gate, lambda y, y2, z, halve: y.new_empty(y.shape))
+
+
+def gate(y: torch.Tensor, y2: Optional[torch.Tensor], z: torch.Tensor, halve: bool) -> torch.Tensor:
+    """The mixer's gated output (y + y2) * silu(z), times 0.5 when halve, in one pass (y2 None: y alone).
+    y, y2, z: (batch, L, d) CPU tensors of one float dtype (in_proj's z half is read in place). Without
+    autograd, as conv_silu."""
+    return dispatch(_GATE, _gate, (y, y2, z, halve))

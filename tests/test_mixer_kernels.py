@@ -1,5 +1,6 @@
-"""The convolution + SiLU kernel against torch's path (the independent reference): values, both
-directions, strided inputs, batch invariance, and the mixer choosing it only where no gradient is needed."""
+"""The convolution + SiLU and the gate kernels against torch's path (the independent reference): values,
+both directions, strided inputs, batch invariance, and the mixer choosing them only where no gradient is
+needed."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,12 @@ def test_a_row_does_not_depend_on_its_batch(dtype):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(7, 13, 2 * 37, generator=gen, dtype=dtype)[..., :37]
     weight, bias = torch.randn(37, 1, 4, generator=gen, dtype=dtype), torch.randn(37, generator=gen, dtype=dtype)
+    y = torch.randn(7, 13, 37, generator=gen, dtype=dtype)
     together = cpu_kernels.conv_silu(x, weight, bias, False)
+    gated = cpu_kernels.gate(y, together, x, True)
     for b in range(7):
         assert torch.equal(cpu_kernels.conv_silu(x[b:b + 1], weight, bias, False)[0], together[b])
+        assert torch.equal(cpu_kernels.gate(y[b:b + 1], together[b:b + 1], x[b:b + 1], True)[0], gated[b])
 
 
 def test_the_mixer_uses_the_kernel_in_inference_and_torch_under_autograd(monkeypatch):
@@ -48,13 +52,27 @@ def test_the_mixer_uses_the_kernel_in_inference_and_torch_under_autograd(monkeyp
     model = mambamerge.create_model("vim_nano", img_size=32, depth=2, num_classes=3).eval()
     x = torch.randn(2, *model.input_shape)
     calls = []
-    original = cpu_kernels.conv_silu
-    monkeypatch.setattr(cpu_kernels, "conv_silu", lambda *a: calls.append(1) or original(*a))
+    for name in ("conv_silu", "gate"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=getattr(cpu_kernels, name), name=name:
+                            calls.append(name) or kernel(*a))
     with torch.no_grad():
         fast = model(x)
-    assert len(calls) == 2 * 2  # two blocks, two directions each
+    assert sorted(calls) == ["conv_silu"] * 4 + ["gate"] * 2  # two blocks of two directions
     calls.clear()
     slow = model(x)  # gradients recorded: the differentiable torch path
     assert not calls and slow.requires_grad
     slow.sum().backward()
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), length=st.integers(1, 9), channels=st.integers(1, 40), two=st.booleans(),
+       halve=st.booleans(), double=st.booleans(), seed=st.integers(0, 10_000))
+def test_gate_matches_torch(batch, length, channels, two, halve, double, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    y, y2 = (torch.randn(batch, length, channels, generator=gen, dtype=dtype) for _ in range(2))
+    z = (torch.randn(batch, length, 2 * channels, generator=gen, dtype=dtype) * 4)[..., channels:]  # in_proj's z half
+    want = (y + y2 if two else y) * F.silu(z) * (0.5 if halve else 1.0)
+    tol = dict(rtol=1e-12, atol=1e-12) if double else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(cpu_kernels.gate(y, y2 if two else None, z, halve), want, **tol)
