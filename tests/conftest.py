@@ -25,3 +25,11 @@ def perturb_(model, seed=0):
 def tiny_model():
     torch.manual_seed(0)
     return perturb_(mambamerge.create_model("vim_pico", depth=3)).eval()
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """torch's thread count restored after a test that runs a command (the commands set it)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -17,6 +17,8 @@ from mambamerge.data import load_dataset
 from mambamerge.diagnostics import canvas, figures
 from mambamerge.results import markdown_table
 
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # the commands set torch's threads
+
 TINY = dict(in_chans=1, img_size=56, patch_size=8, stride=8, num_classes=10, depth=2)
 FAST = ["--limit", "48", "--runs", "1", "--throughput-batch", "2", "--threads", "1"]
 
@@ -26,13 +28,6 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = mambamerge.create_model("vim_pico", **TINY)
     return str(mambamerge.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"))
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def cells(markdown: str) -> list:

@@ -14,6 +14,8 @@ from mambamerge.cli.main import main
 from mambamerge.data import load_dataset
 from mambamerge.evaluate import accuracy
 
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # the commands set torch's threads
+
 TUNE = importlib.import_module("mambamerge.tune")  # the module: mambamerge.tune is the function
 TINY = dict(in_chans=1, img_size=56, patch_size=8, stride=8, num_classes=10, depth=4)
 OUTPUTS = {"config_0.5.json", "tune.md", "tune.csv", "tune.json", "tune.png"}
@@ -24,13 +26,6 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = perturb_(mambamerge.create_model("vim_pico", **TINY))  # irregular weights: the methods differ
     return str(mambamerge.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"))
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def tune_argv(checkpoint, out, *extra):
