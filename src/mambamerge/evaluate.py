@@ -125,8 +125,8 @@ def _forward(model, compile: bool):
 
 
 def throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: str = "none",
-               compile: bool = False) -> Tuple[float, Optional[float]]:
-    """(inputs per second, compile seconds or None) of `model` (dense or patched, put in eval mode) on
+               compile: bool = False) -> Tuple[float, Optional[Dict[str, float]]]:
+    """(inputs per second, {"model": compile seconds} or None) of `model` (dense or patched, put in eval mode) on
     random inputs (batch_size, *model.input_shape) on its own device: median of `runs` timed forwards
     after `warmup` discarded ones (timing.time_call). compile: time the torch.compile'd forward; its
     first call, the compile, is timed apart and is not one of the runs."""
@@ -134,7 +134,7 @@ def throughput(model, batch_size: int = 8, runs: int = 5, warmup: int = 1, amp: 
     model.eval()
     forward = _forward(model, compile)
     with torch.inference_mode(), autocast(images.device, amp):
-        compile_s = first_call_seconds({"model": lambda: forward(images)}, images.device)["model"] if compile else None
+        compile_s = first_call_seconds({"model": lambda: forward(images)}, images.device) if compile else None
         seconds = statistics.median(time_call(lambda: forward(images), images.device, warmup=warmup, runs=runs))
     return batch_size / seconds, compile_s
 
@@ -185,8 +185,9 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
     paired_throughput), speedup (their ratio), throughput_batch, timing_runs, schedule (removals and
     token counts per block). amp: autocast for every forward ("none", "bf16", "fp16"); workers:
     DataLoader processes for folder data; compile: time torch.compile'd forwards (the accuracy pass
-    stays eager), compile_s their compile seconds ({"patched", "dense"} or {"model"}), else None. Under torchrun the accuracy covers every input once (summed
-    over processes); each process times its own forwards.
+    stays eager), compile_s their compile seconds ({"patched", "dense"} or {"model"}), else None. Under
+    torchrun the accuracy covers every input once (summed over processes); each process times its own
+    forwards.
     A mismatch between model and data, or a configuration the method cannot reach, is a ValueError
     raised before any image is run. The model is left as given (its reducer and train / eval mode)."""
     check_fit(model, dataset.info)
@@ -202,8 +203,8 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
         macs = flops(model).summary()
         top = top_k_accuracy(model, dataset, (1, 5), batch_size, progress, amp=amp, workers=workers)
         if method is None:
-            per_s, compiling = throughput(model, throughput_batch, runs, warmup, amp, compile)
-            dense_per_s, compile_s = per_s, None if compiling is None else {"model": compiling}
+            per_s, compile_s = throughput(model, throughput_batch, runs, warmup, amp, compile)
+            dense_per_s = per_s
         else:
             per_s, dense_per_s, compile_s = paired_throughput(model, throughput_batch, runs, warmup, amp, compile)
     finally:

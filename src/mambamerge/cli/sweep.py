@@ -3,11 +3,14 @@ and dataset; writes DIR/results.md, results.csv, results.json and accuracy.png, 
 import argparse
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 from mambamerge.cli.eval import (add_common, add_config_option, check_common, check_method, check_reduction,
                                  default_workers, describe, load_inputs, read_config, recorded_merge)
 from mambamerge.cli.names import METHODS
+
+if TYPE_CHECKING:
+    from mambamerge.merge.recipe import MergeRecipe
 
 HELP = "evaluate methods x reductions beside the dense model; write a table, CSV, JSON and an accuracy plot"
 EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --limit 2000 --out outputs/sweep",
@@ -86,23 +89,25 @@ def measure(model, dataset, configs: List[dict], options: Dict[str, object], **t
     rows = [dense] + [config if "reason" in config else next(done) for config in configs]
     for row in rows:
         if "reason" not in row:
-            row.update(status="ok", delta_top1=row["top1"] - dense["top1"],
-                       delta_top5=None if row["top5"] is None else row["top5"] - dense["top5"])
+            against_dense(row, dense)
     return rows
 
 
-def tuned_row(model, dataset, config: dict, dense: dict, **timing) -> dict:
-    """The row of a tune configuration (mambamerge tune's config_<R>.json), named "tuned", against the
-    dense row."""
-    from mambamerge.evaluate import evaluate
-    from mambamerge.tune import recipe_of_config
-
-    recipe = recipe_of_config(config, model)
-    row = evaluate(model, dataset, recipe.method, None, progress="tuned: top-1", **timing, **recipe.patch_options())
-    row.update(method="tuned", tuned_method=recipe.method, target_reduction=config["reduction"], status="ok",
-               delta_top1=row["top1"] - dense["top1"],
+def against_dense(row: dict, dense: dict) -> dict:
+    """A measured row marked ok, with its top-1 and top-5 differences to the dense row."""
+    row.update(status="ok", delta_top1=row["top1"] - dense["top1"],
                delta_top5=None if row["top5"] is None else row["top5"] - dense["top5"])
     return row
+
+
+def tuned_row(model, dataset, recipe: "MergeRecipe", reduction: float, dense: dict, **timing) -> dict:
+    """The row of a tune configuration (mambamerge tune's config_<R>.json, read as `recipe`; it reached
+    `reduction`), named "tuned", against the dense row."""
+    from mambamerge.evaluate import evaluate
+
+    row = evaluate(model, dataset, recipe.method, None, progress="tuned: top-1", **timing, **recipe.patch_options())
+    row.update(method="tuned", tuned_method=recipe.method, target_reduction=reduction)
+    return against_dense(row, dense)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +141,7 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     if config is not None:
         from mambamerge.tune import recipe_of_config
 
-        recipe_of_config(config, model)  # a config of another model is refused before any work
+        tuned = recipe_of_config(config, model)  # a config of another model is refused before any work
     methods = args.methods
     if methods is None:
         recipe = recorded_merge(model, args.checkpoint, "sweep", "sweeping that method with those options at each "
@@ -152,7 +157,7 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
                   amp=args.amp, workers=default_workers(args.workers), compile=args.compile)
     rows = measure(model, dataset, configs, options, **timing)
     if config is not None:
-        rows.append(tuned_row(model, dataset, config, rows[0], **timing))
+        rows.append(tuned_row(model, dataset, tuned, config["reduction"], rows[0], **timing))
     distributed.teardown()
     if not world().is_main:
         return 0

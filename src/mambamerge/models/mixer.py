@@ -18,6 +18,12 @@ from mambamerge.ops import cpu_kernels, fused_kernels, selective_scan, softplus,
 from mambamerge.tokens import SSMStats
 
 
+def _kernels_take(t: torch.Tensor) -> bool:
+    """Inference on a tensor the CPU kernels take: the convolution and the gate run as one kernel pass
+    each; where autograd records, the differentiable torch operations."""
+    return cpu_kernels.handles(t) and not torch.is_grad_enabled()
+
+
 def depthwise_conv_along_sequence(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                   reverse: bool) -> torch.Tensor:
     """Depthwise 1-D convolution over L, causal in scan direction.
@@ -116,7 +122,7 @@ class TorchPath:
     def branch(self, x: torch.Tensor, branch: Branch, mean_delta: bool) -> BranchInputs:
         mixer = self.mixer
         conv = getattr(mixer, "conv1d" + branch.suffix)
-        if cpu_kernels.handles(x) and not torch.is_grad_enabled():  # inference: one kernel pass
+        if _kernels_take(x):
             u = cpu_kernels.conv_silu(x, conv.weight, conv.bias, branch.reverse)
         else:
             u = F.silu(depthwise_conv_along_sequence(x, conv.weight, conv.bias, branch.reverse))
@@ -140,8 +146,7 @@ class TorchPath:
 
     def output(self, parts: List[torch.Tensor], z: torch.Tensor, halve: bool) -> torch.Tensor:
         """The summed scans (one or two) gated by SiLU(z) (and halved), through out_proj: (batch, L, d_model)."""
-        if len(parts) <= 2 and cpu_kernels.handles(z) and all(p.dtype == z.dtype for p in parts) \
-                and not torch.is_grad_enabled():  # inference: one kernel pass
+        if _kernels_take(z) and all(p.dtype == z.dtype for p in parts):  # a mixer has one or two scans
             y = cpu_kernels.gate(parts[0], parts[1] if len(parts) == 2 else None, z, halve)
         else:
             y = sum(parts[1:], parts[0]).to(z.dtype) * F.silu(z)

@@ -15,5 +15,6 @@ from mambamerge.ops.cpu_kernels.merge import can_merge, can_plan, merge_apply, p
 from mambamerge.ops.cpu_kernels.scan import selective_scan
 from mambamerge.ops.cpu_kernels.softplus import softplus, softplus_with_row_mean
 
-__all__ = ["available", "can_merge", "conv_silu", "gate", "can_plan", "handles", "merge_apply", "plan_from_selection", "selective_scan",
+__all__ = ["available", "can_merge", "can_plan", "conv_silu", "gate", "handles", "merge_apply", "plan_from_selection",
+           "selective_scan",
            "softplus", "softplus_with_row_mean", "unavailable_reason"]

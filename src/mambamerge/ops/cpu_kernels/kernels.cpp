@@ -1,6 +1,6 @@
 // CPU kernels: the selective scan, the softplus that gives its step sizes, the convolution + SiLU before
-// the scan, and the planning and application of a token-merge step. Plain C++ (no torch headers), built
-// by build.py and bound with ctypes by library.py.
+// the scan and the gate after it, and the planning and application of a token-merge step. Plain C++ (no
+// torch headers), built by build.py and bound with ctypes by library.py.
 //
 // Layouts (row-major, all contiguous):
 //   u, delta, y, dy, du, ddelta: (batch, L, d)
@@ -327,26 +327,32 @@ inline double softplus_one(double x) { return std::max(x, 0.0) + std::log1p(exp(
 
 constexpr int64_t kSoftplusChunk = 16384;  // elements per task, in whole rows
 
+// fn(row) for rows 0..rows-1 of `row_len` values, in tasks of whole rows of about `chunk` values each.
+template <typename T, typename Fn>
+int for_each_row(int64_t rows, int64_t row_len, int64_t chunk, int num_threads, ParallelLauncher launcher, Fn fn) {
+  const int64_t per_task = std::max<int64_t>(1, chunk / row_len);
+  const int64_t n_tasks = (rows + per_task - 1) / per_task;
+  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
+    const int64_t end = std::min(rows, (task + 1) * per_task);
+    for (int64_t row = task * per_task; row < end; ++row) fn(row);
+  });
+}
+
 // y = softplus(x) for `rows` rows of `row_len` values; with row_mean, also the mean of each row of y
 // (the token's mean step size over channels), while the row is in cache.
 template <typename T>
 int softplus(const T* x, T* y, T* row_mean, int64_t rows, int64_t row_len, int num_threads,
              ParallelLauncher launcher) {
-  const int64_t per_task = std::max<int64_t>(1, kSoftplusChunk / row_len);
-  const int64_t n_tasks = (rows + per_task - 1) / per_task;
-  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
-    const int64_t end = std::min(rows, (task + 1) * per_task);
-    for (int64_t row = task * per_task; row < end; ++row) {
-      const T* xr = x + row * row_len;
-      T* yr = y + row * row_len;
-      T sum = 0;
+  return for_each_row<T>(rows, row_len, kSoftplusChunk, num_threads, launcher, [&](int64_t row) {
+    const T* xr = x + row * row_len;
+    T* yr = y + row * row_len;
+    T sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < row_len; ++i) {
-        yr[i] = softplus_one(xr[i]);
-        sum += yr[i];
-      }
-      if (row_mean) row_mean[row] = sum / static_cast<T>(row_len);
+    for (int64_t i = 0; i < row_len; ++i) {
+      yr[i] = softplus_one(xr[i]);
+      sum += yr[i];
     }
+    if (row_mean) row_mean[row] = sum / static_cast<T>(row_len);
   });
 }
 
@@ -462,7 +468,7 @@ extern "C" int mm_plan_from_selection(const int64_t* src, const int64_t* dst, in
 // y[b, t, c] = silu(bias[c] + sum_k w[k, c] x[b, t - (K-1) + k, c]) (reverse: x[b, t + (K-1) - k, c]),
 // zeros outside the sequence. x rows are `x_stride` apart (the x half of in_proj's output without a copy);
 // w is (K, channels), y contiguous (batch, length, channels).
-constexpr int64_t kConvChunk = 32768;  // output elements per task, in whole rows
+constexpr int64_t kConvChunk = 32768;  // output elements per task, in whole rows (convolution and gate)
 
 // y = y / (1 + e^-y) over a row. The float version vectorises with vexp, whose polynomial is the same
 // arithmetic in vector and scalar form; the double one stays scalar, because -ffast-math would give
@@ -479,26 +485,20 @@ __attribute__((optimize("no-tree-vectorize"))) inline void silu_row(double* y, i
 template <typename T>
 int conv_silu(const T* x, const T* w, const T* bias, T* y, int64_t batch, int64_t length, int64_t channels,
               int64_t x_stride, int64_t k_size, bool reverse, int num_threads, ParallelLauncher launcher) {
-  const int64_t rows = batch * length;
-  const int64_t per_task = std::max<int64_t>(1, kConvChunk / channels);
-  const int64_t n_tasks = (rows + per_task - 1) / per_task;
-  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
-    const int64_t end = std::min(rows, (task + 1) * per_task);
-    for (int64_t row = task * per_task; row < end; ++row) {
-      const int64_t b = row / length, t = row % length;
-      T* yr = y + row * channels;
+  return for_each_row<T>(batch * length, channels, kConvChunk, num_threads, launcher, [&](int64_t row) {
+    const int64_t b = row / length, t = row % length;
+    T* yr = y + row * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) yr[c] = bias[c];
-      for (int64_t k = 0; k < k_size; ++k) {
-        const int64_t s = reverse ? t + (k_size - 1) - k : t - (k_size - 1) + k;
-        if (s < 0 || s >= length) continue;
-        const T* xr = x + (b * length + s) * x_stride;
-        const T* wk = w + k * channels;
+    for (int64_t c = 0; c < channels; ++c) yr[c] = bias[c];
+    for (int64_t k = 0; k < k_size; ++k) {
+      const int64_t s = reverse ? t + (k_size - 1) - k : t - (k_size - 1) + k;
+      if (s < 0 || s >= length) continue;
+      const T* xr = x + (b * length + s) * x_stride;
+      const T* wk = w + k * channels;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) yr[c] += wk[c] * xr[c];
-      }
-      silu_row(yr, channels);
+      for (int64_t c = 0; c < channels; ++c) yr[c] += wk[c] * xr[c];
     }
+    silu_row(yr, channels);
   });
 }
 
@@ -531,13 +531,9 @@ template <typename T>
 int gate(const T* y, const T* y2, const T* z, T* out, int64_t rows, int64_t channels, int64_t z_stride, bool halve,
          int num_threads, ParallelLauncher launcher) {
   const T scale = halve ? T(0.5) : T(1);
-  const int64_t per_task = std::max<int64_t>(1, kConvChunk / channels);
-  const int64_t n_tasks = (rows + per_task - 1) / per_task;
-  return run_tasks<T>(n_tasks, num_threads, launcher, 0, [&](int64_t task, T*) {
-    const int64_t end = std::min(rows, (task + 1) * per_task);
-    for (int64_t row = task * per_task; row < end; ++row)
-      gate_row(y + row * channels, y2 ? y2 + row * channels : nullptr, z + row * z_stride, out + row * channels,
-               channels, scale);
+  return for_each_row<T>(rows, channels, kConvChunk, num_threads, launcher, [&](int64_t row) {
+    gate_row(y + row * channels, y2 ? y2 + row * channels : nullptr, z + row * z_stride, out + row * channels,
+             channels, scale);
   });
 }
 

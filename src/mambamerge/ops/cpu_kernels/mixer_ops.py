@@ -8,10 +8,17 @@ from mambamerge.ops.cpu_kernels.library import call
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(batch, L, d) t as the kernels read it: rows of d contiguous values, evenly strided over batch and
+    L (in_proj's x or z half as it is), else a contiguous copy."""
+    if t.stride(-1) != 1 or (t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1)):
+        return t.contiguous()
+    return t
+
+
 def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, reverse: bool) -> torch.Tensor:
     batch, length, channels = x.shape
-    if x.stride(-1) != 1 or (batch > 1 and x.stride(0) != length * x.stride(1)):
-        x = x.contiguous()
+    x = _rows(x)
     w = weight[:, 0, :].t().to(x.dtype).contiguous()  # (K, d): a tap's weights side by side
     b = bias.to(x.dtype).contiguous()
     y = x.new_empty((batch, length, channels))
@@ -38,8 +45,7 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, reverse
 def _gate(y: torch.Tensor, y2: Optional[torch.Tensor], z: torch.Tensor, halve: bool) -> torch.Tensor:
     y = y.contiguous()
     y2 = None if y2 is None else y2.contiguous()
-    if z.stride(-1) != 1 or (z.shape[0] > 1 and z.stride(0) != z.shape[1] * z.stride(1)):
-        z = z.contiguous()
+    z = _rows(z)
     out = y.new_empty(y.shape)
     if out.numel() == 0:
         return out
