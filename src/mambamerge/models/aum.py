@@ -117,6 +117,7 @@ class AudioMamba(MambaClassifier):
     """
 
     family = "aum"
+    input_kind = "spectrograms"
     config_class = AuMConfig
 
     def __init__(self, cfg: AuMConfig):

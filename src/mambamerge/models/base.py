@@ -31,11 +31,12 @@ class MambaClassifier(nn.Module):
     """embed -> blocks (two streams: hidden, residual; tokens reduced between blocks once patched with
     mambamerge.patch) -> final add + RMSNorm -> feature at the class token -> head.
 
-    Subclasses set `cfg` (a dataclass with embed_dim, depth, num_classes, ...) and define `embed`,
-    `token_layout` and `input_shape_for`; they may refine `default_pretrained_cfg`.
+    Subclasses set `cfg` (a dataclass with embed_dim, depth, num_classes, ...) and `input_kind`, and
+    define `embed`, `token_layout` and `input_shape_for`; they may refine `default_pretrained_cfg`.
     """
 
     cfg = None
+    input_kind = None  # what one input sample is: "images" (C, H, W), "clips" (C, T, H, W), "spectrograms" (T, F)
     classes = None  # the class names a checkpoint records (load_checkpoint)
     merge_recipe = None  # the token reduction a fine-tuned checkpoint records (load_checkpoint; a MergeRecipe)
     # leaf names of the embeddings kept out of weight decay (see no_weight_decay)

@@ -116,6 +116,7 @@ class VideoMamba(MambaClassifier):
     """
 
     family = "videomamba"
+    input_kind = "clips"
     config_class = VideoMambaConfig
 
     def __init__(self, cfg: VideoMambaConfig):

@@ -98,6 +98,7 @@ class VisionMamba(MambaClassifier):
     """
 
     family = "vim"
+    input_kind = "images"
     config_class = VimConfig
 
     def __init__(self, cfg: VimConfig):
