@@ -9,7 +9,7 @@ from torch import nn
 from mambamerge.merge import METHODS
 from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.merge.reducer import TokenReducer
-from mambamerge.merge.schedule import Schedule, resolve
+from mambamerge.merge.schedule import Schedule, check_arguments, resolve
 from mambamerge.models.base import MambaClassifier
 
 
@@ -33,6 +33,15 @@ def make_method(method: str, **options):
     for name, value in options.items():
         _check_option_type(method, name, value, valid[name])
     return cls(**options)
+
+
+def check_options(method: str, *, reduction: Optional[float] = None, schedule=None, r: Optional[int] = None,
+                  keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
+                  **options) -> None:
+    """The errors `patch` gives for these arguments that need no model (an unknown method or option, an
+    option value of the wrong kind, a schedule parameter out of range), to refuse them before any work."""
+    make_method(method, **options)
+    check_arguments(reduction, r, keep, start, every)
 
 
 def _check_option_type(method: str, name: str, value, default) -> None:

@@ -5,9 +5,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
-from mambamerge.cli.eval import (add_common, add_config_option, check_common, check_method, check_reduction,
-                                 default_workers, describe, load_inputs, read_config, recorded_merge)
+from mambamerge.cli.inputs import describe, load_inputs, recorded_merge
 from mambamerge.cli.names import METHODS
+from mambamerge.cli.options import (add_common, add_config_option, check_common, check_method, check_reduction,
+                                    default_workers, read_config)
 
 if TYPE_CHECKING:
     from mambamerge.merge.recipe import MergeRecipe

@@ -8,10 +8,10 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction, default_workers,
-                                 parse_options, setup_device)
 from mambamerge.cli.inputs import DataSpec
 from mambamerge.cli.names import MODELS
+from mambamerge.cli.options import (add_device_options, check_at_least_one, check_method, check_reduction,
+                                    default_workers, parse_options, setup_device)
 from mambamerge.train_settings import Augment, TrainConfig
 
 HELP = ("train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run or extends a finished "

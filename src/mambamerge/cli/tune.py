@@ -10,9 +10,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict
 
-from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction,
-                                 default_workers, open_data, setup_device)
-from mambamerge.cli.inputs import DataSpec
+from mambamerge.cli.inputs import DataSpec, open_data
+from mambamerge.cli.options import (add_device_options, check_at_least_one, check_method, check_reduction,
+                                    default_workers, setup_device)
 
 HELP = ("find the method, options and per-block schedule that keep the most of the dense model at a reduction, "
         "on your own (unlabelled) inputs")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from mambamerge.cli.diagnose import add_inputs, check_reachable, load_batch
-from mambamerge.cli.eval import check_method, check_reduction, parse_options
+from mambamerge.cli.options import check_method, check_reduction, parse_options
 
 HELP = "draw which original patches each token holds after every merge step, and the Δ importance map"
 EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --out outputs/visualize",
