@@ -78,7 +78,7 @@ def patch(model: nn.Module, method: Union[None, str, MergeRecipe] = None, reduct
         per-block counts, or a Schedule.
     r, keep, start, every: schedule parameters, instead of a target; r alone is ToMe's constant
         schedule (r tokens before every block from block 1). `model.r = n` later changes it in place.
-    track_source: keep which original tokens each token holds (model.token_reducer.last_state.source).
+    track_source: keep which original tokens each token holds (`model.token_state(x).source`).
     options: the method's own options (see each method's docstring, or METHODS[name].options()).
     config: instead of a method, what mambamerge.tune chose (`result.config`, or that dict read back from
         JSON): its method, options and per-block schedule; refused on a model of another depth or token count.

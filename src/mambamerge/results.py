@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Tuple, Union
 import torch
 
 import mambamerge
+from mambamerge.devices import cpu_bf16
 from mambamerge.ops import mixer_backend
 from mambamerge.threads import openmp_waiting
 
@@ -91,12 +92,12 @@ def json_text(payload: dict) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """Where and when the numbers were measured."""
+    """Where and when the numbers were measured (on a CPU, also its bf16 arithmetic: devices.cpu_bf16)."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mambamerge": mambamerge.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads(),
             "openmp_waiting": openmp_waiting(),
-            "scan": mixer_backend(device)}
+            "scan": mixer_backend(device), **({"cpu_bf16": cpu_bf16()} if device.type == "cpu" else {})}
 
 
 def check_writable(folder: Union[str, os.PathLike], create: bool = True) -> Path:

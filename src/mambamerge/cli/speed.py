@@ -3,7 +3,7 @@ dense or with a token-reduction method beside the dense forward (random inputs: 
 import argparse
 
 from mambamerge.cli.inputs import recorded_merge
-from mambamerge.cli.names import MODELS
+from mambamerge.cli.names import AMP_CHOICES, MODELS
 from mambamerge.cli.options import add_method_options, check_at_least_one, check_method_args, parse_options
 
 HELP = "build a model (or load a checkpoint) and measure its forward throughput, dense or with a method"
@@ -22,6 +22,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores free at start)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
+                   help="autocast precision of the timed forwards: none (default), bf16 (CPU or GPU), fp16 (GPU)")
     add_method_options(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="schedule parameter or method option, as for mambamerge.patch; repeatable")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from mambamerge.memory import check_side, check_size_args
 
     from mambamerge.checkpoint import load_checkpoint
-    from mambamerge.devices import parse_device
+    from mambamerge.devices import autocast, check_amp, describe_cpu_bf16, parse_device
     from mambamerge.evaluate import paired_throughput
     from mambamerge.flops import flops
     from mambamerge.models import create_model
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(args.model, **({"img_size": args.img_size} if args.img_size is not None else {})).eval()
         name = args.model
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_amp(args.amp, device)
     check_size_args(args, model, device)
     model = model.to(device)
     cfg = model.cfg
@@ -65,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
           f"direction, the literature's \"GFLOPs\")")
     print(f"tokens       {model.layout.describe()}, input {tuple(model.input_shape)} per sample")
     print(f"scan         {mixer_backend(device)} on {device}, {torch.get_num_threads()} CPU threads "
-          f"({openmp_waiting()})")
+          f"({openmp_waiting()}); autocast {args.amp}")
+    if device.type == "cpu":
+        print(f"cpu          {describe_cpu_bf16()}")
     recipe = recorded_merge(model, args.checkpoint, "speed", "timing it that way (--method none times it dense)") \
         if args.method is None and args.checkpoint else None
     if recipe:
@@ -77,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"merging      {recipe.describe() if recipe else args.method}: {summary['average_reduction']:.1%} "
               f"average reduction, final tokens {summary['final_tokens']} of {summary['initial_tokens']}, GMACs "
               f"{flops(model).summary()['total_one_direction']:.4g} with the merge overhead")
-        merged, dense, _ = paired_throughput(model, args.batch_size, args.runs)
+        merged, dense, _ = paired_throughput(model, args.batch_size, args.runs, amp=args.amp)
         print(f"forward      batch {args.batch_size}: {merged:.1f} inputs/s merged, {dense:.1f} dense, timed "
               f"interleaved (median of {args.runs}): speed-up {merged / dense:.2f}x")
         return 0
     images = torch.randn(args.batch_size, *model.input_shape, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, args.amp):
         times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)
     best, median = min(times), sorted(times)[len(times) // 2]
     print(f"forward      batch {args.batch_size}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
