@@ -65,7 +65,7 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
               suggest_test: bool = True) -> Tuple["torch.nn.Module", object, str]:
     """(model on the CPU, dataset of `limit` of its inputs from `start` on (load_dataset), data label)
     from --checkpoint, --data,
-    --split and --img-size, for any family: images, clips or spectrograms, as the model's input_shape says.
+    --split and --img-size, for any family: images, clips or spectrograms, as the model's input_kind says.
     Every way they do not fit each other is a ValueError naming both sides. check: called with the
     model before any data is read (to refuse settings the model cannot run before any work). suggest_test:
     a missing split's error points to the shipped test split."""
@@ -83,11 +83,11 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
     check_side("--img-size", args.img_size)
     model = load_checkpoint(args.checkpoint, img_size=args.img_size)
     check_size_args(args, model, parse_device(getattr(args, "device", None) or "cpu"))
-    shape, name = tuple(model.input_shape), Path(args.checkpoint).name
-    if len(shape) == 3 and shape[1] != shape[2]:
+    shape, name, images = tuple(model.input_shape), Path(args.checkpoint).name, model.input_kind == "images"
+    if images and shape[1] != shape[2]:
         raise ValueError(f"{name} runs at {shape[1]}x{shape[2]} images but datasets are loaded square; pass "
                          f"--img-size N to evaluate at NxN")
-    if len(shape) == 3 and not named and shape[0] not in (1, 3):
+    if images and not named and shape[0] not in (1, 3):
         raise ValueError(f"{name} takes {shape[0]}-channel images but image folders give 1 (grey) or 3 (RGB)")
     if check is not None:
         check(model)
@@ -109,9 +109,9 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
 def describe(model, checkpoint: str) -> str:
     from mambamerge.evaluate import describe_input
 
-    cfg = model.cfg
+    cfg, one = model.cfg, describe_input(model.input_kind, model.input_shape)
     return (f"{Path(checkpoint).name}: {model.family} model, {cfg.depth} blocks, width {cfg.embed_dim}, "
-            f"{model.layout.length} tokens ({describe_input(model.input_shape)}), {cfg.num_classes} classes")
+            f"{model.layout.length} tokens ({one}), {cfg.num_classes} classes")
 
 
 def recorded_merge(model, checkpoint: str, command: str, doing: str,

@@ -127,7 +127,6 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     from mambamerge.atomic import write_files
     from mambamerge.data import subset_record, unreadable
     from mambamerge.distributed import world
-    from mambamerge.evaluate import input_kind
     from mambamerge.plots import accuracy_png
     from mambamerge.results import csv_text, environment, json_text, markdown_table
 
@@ -164,7 +163,7 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
         return 0
     device = next(model.parameters()).device
     env = environment(device)
-    kind = input_kind(model.input_shape)
+    kind = model.input_kind
     table = markdown_table(rows, kind)
     skipped = unreadable(dataset)
     title = f"{Path(args.checkpoint).name} on {label} ({len(dataset) - len(skipped)} {kind})"

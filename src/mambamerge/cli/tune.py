@@ -162,7 +162,6 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
     from mambamerge.atomic import write_files
     from mambamerge.data import subset_record
     from mambamerge.devices import autocast
-    from mambamerge.evaluate import input_kind
     from mambamerge.plots import tune_png
     from mambamerge.progress import progress
     from mambamerge.results import environment, json_text
@@ -188,7 +187,7 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
                                        max_candidates=args.max_candidates, time_budget_s=args.time_budget,
                                        seed=args.seed, batch_size=args.batch_size,
                                        journal=out / journal_name(args, split, target), on_candidate=scored)
-    kind = input_kind(model.input_shape)
+    kind = model.input_kind
     title = f"{Path(args.checkpoint).name} tuned on {label} ({len(inputs)} {kind})"
     table = summary_table(results, args.labels)
     payload = {"checkpoint": str(args.checkpoint), "data": {"spec": args.data, "label": label, "split": split,
