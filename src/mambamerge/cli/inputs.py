@@ -64,11 +64,10 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
               start: int = 0, check: Optional[Callable[["torch.nn.Module"], None]] = None,
               suggest_test: bool = True) -> Tuple["torch.nn.Module", object, str]:
     """(model on the CPU, dataset of `limit` of its inputs from `start` on (load_dataset), data label)
-    from --checkpoint, --data,
-    --split and --img-size, for any family: images, clips or spectrograms, as the model's input_kind says.
-    Every way they do not fit each other is a ValueError naming both sides. check: called with the
-    model before any data is read (to refuse settings the model cannot run before any work). suggest_test:
-    a missing split's error points to the shipped test split."""
+    from --checkpoint, --data, --split and --img-size, for any family: images, clips or spectrograms, as
+    the model's input_kind says. Every way they do not fit each other is a ValueError naming both sides.
+    check: called with the model before any data is read (to refuse settings the model cannot run before
+    any work). suggest_test: a missing split's error points to the shipped test split."""
     from mambamerge.checkpoint import load_checkpoint
     from mambamerge.data import load_dataset
     from mambamerge.devices import parse_device
