@@ -74,7 +74,6 @@ class KeepLength(TokenReducer):
             inner = inner.apply(plan)
         self.inner = inner
         expanded = self.groups.transpose(1, 2) @ inner.hidden  # (B, L0, D) every slot gets its group's value
-        self.last_state = state
         # the sum in `residual` and a zero `hidden`: what the next block (or the final norm) adds up
         return TokenState(hidden=torch.zeros_like(expanded), residual=expanded, size=state.size, pos=state.pos,
                           cls_index=state.cls_index, layout=state.layout)

@@ -35,7 +35,7 @@ def final_state(model, images, method, schedule=SCHEDULE, **options):
     mambamerge.patch(model, method, schedule=schedule, track_source=True, **options)
     with torch.no_grad():
         logits = model(images)
-    state = model.token_reducer.last_state
+        state = model.token_state(images)
     mambamerge.unpatch(model)
     return state, logits
 

@@ -174,9 +174,9 @@ def test_colour_inputs_are_drawn_in_colour_and_the_class_token_is_marked(monkeyp
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     pixels = torch.rand(2, 3, 32, 32)
     normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    colour = canvas.colour_planes(normalised, model.layout, mean, std)
+    colour = canvas.colour_planes(normalised, model.layout, model.input_kind, mean, std)
     assert colour.shape == (2, 32, 32, 3) and torch.allclose(colour, pixels.permute(0, 2, 3, 1), atol=1e-6)
-    assert canvas.colour_planes(normalised[:, :1], model.layout, mean[:1], std[:1]) is None  # grey: no colour
+    assert canvas.colour_planes(normalised[:, :1], model.layout, model.input_kind, mean[:1], std[:1]) is None  # grey: no colour
     geometry = canvas.patch_geometry(model)
     assert canvas.class_token_mark(model.layout, geometry, (32, 32)) == (0, 19.5, -0.5)  # before patch 8: row 2
     video = mambamerge.create_model("videomamba_nano")
@@ -184,7 +184,7 @@ def test_colour_inputs_are_drawn_in_colour_and_the_class_token_is_marked(monkeyp
 
     drawn = []
     monkeypatch.setattr(figures, "_png", lambda fig: drawn.append(fig) or b"")
-    planes = canvas.grid_planes(normalised, model.layout)
+    planes = canvas.grid_planes(normalised, model.layout, model.input_kind)
     groups = torch.arange(16).repeat(2, 1)
     steps = [{"block": 1, "tokens": 16, "picture": canvas.group_pictures(planes, groups, model.layout.grid, geometry)}]
     figures.merge_groups_png(planes, model.layout.axes, steps, None, "title", colour=colour,

@@ -44,7 +44,7 @@ def test_spread_puts_each_position_under_a_patch_the_embedding_reads_it_into(mak
     with torch.no_grad():
         base = model.embed(x)[0, slots]
     owner_of = spread(torch.arange(layout.num_patches, dtype=torch.float64)[None], layout.grid, geometry,
-                      grid_planes(x, layout).shape[1:])[0]
+                      grid_planes(x, layout, model.input_kind).shape[1:])[0]
     gen = torch.Generator().manual_seed(0)
     for _ in range(12):
         where = tuple(int(torch.randint(0, n, (1,), generator=gen)) for n in shape)
@@ -54,7 +54,7 @@ def test_spread_puts_each_position_under_a_patch_the_embedding_reads_it_into(mak
             reading = ((model.embed(nudged)[0, slots] - base).abs().amax(1) > 1e-6).nonzero().flatten().tolist()
         onehot = torch.zeros(1, *shape)
         onehot[(0, *where)] = 1.0
-        on_plane = grid_planes(onehot, layout)[0].nonzero()[0].tolist()
+        on_plane = grid_planes(onehot, layout, model.input_kind)[0].nonzero()[0].tolist()
         owner = owner_of[tuple(on_plane)]
         assert reading and int(owner) in reading, (where, on_plane, reading, owner)
 
@@ -79,7 +79,7 @@ def test_a_hand_made_group_is_drawn_on_its_spectrogram_patches():
     geometry = PatchGeometry((4, 4), (4, 4), (0, 0))
     spectrogram = torch.zeros(1, 12, 8)  # (B, T frames, F bins)
     spectrogram[0, 9, 6] = 1.0  # frame 9, bin 6: freq patch 1, time patch 2
-    planes = grid_planes(spectrogram, layout)
+    planes = grid_planes(spectrogram, layout, "spectrograms")
     assert planes.shape == (1, 8, 12) and planes[0, 6, 9] == 1.0
     # patch 4 = (freq 1, time 1) joins patch 1 = (freq 0, time 1); patch 5 = (freq 1, time 2) is dropped
     groups = torch.tensor([[0, 1, 2, 3, 1, -1]])
@@ -97,7 +97,7 @@ def test_a_hand_made_group_is_drawn_on_its_clip_frames():
     layout = TokenLayout((2, 2, 2), ("frame", "row", "col"), cls="head")
     geometry = PatchGeometry((2, 2, 2), (2, 2, 2), (0, 0, 0))
     clip = torch.rand(1, 1, 4, 4, 4)  # (B, C, T, H, W)
-    planes = grid_planes(clip, layout)
+    planes = grid_planes(clip, layout, "clips")
     assert torch.equal(planes[0], clip[0, 0])
     groups = torch.arange(8)[None].clone()
     groups[0, 5] = 0  # (frame 1, row 0, col 1) joins (frame 0, row 0, col 0)

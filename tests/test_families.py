@@ -166,7 +166,29 @@ def test_aum_rejects_spectrograms_of_the_wrong_shape(shape, message):
     ("aum_tiny", dict(variant="Bi-Fo"), "variant must be one of Bi-Bi, Fo-Bi, Fo-Fo"),
     ("aum_tiny", dict(spec_size=(8, 1024)), "smaller than the patch size"),
     ("videomamba_tiny", dict(colour=1), "bad option.*valid options"),
+    # the trunk's fields, checked once for every family
+    ("vim_pico", dict(depth=0), r"VimConfig\.depth must be a whole number >= 1, got 0"),
+    ("aum_tiny", dict(d_state=2.5), r"AuMConfig\.d_state must be a whole number >= 1, got 2\.5"),
+    ("videomamba_tiny", dict(drop_path_rate=1.0), r"VideoMambaConfig\.drop_path_rate must be in \[0, 1\)"),
+    ("vim_pico", dict(num_classes=-1), r"VimConfig\.num_classes must be a whole number >= 0"),
+    ("videomamba_tiny", dict(in_chans=0), r"VideoMambaConfig\.in_chans is 0: expected a whole number from 1"),
 ])
 def test_bad_configs_get_clear_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mambamerge.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name,size", [("vim_pico", (48, 40)), ("videomamba_nano", (4, 48, 40)),
+                                       ("aum_nano", (64, 96))])
+def test_token_layout_at_another_size_is_the_layout_of_a_model_built_for_it(name, size):
+    model = mambamerge.create_model(name)
+    option = {"vim": dict(img_size=size), "videomamba": dict(num_frames=size[0], img_size=size[1:]),
+              "aum": dict(spec_size=(size[1], size[0]))}[model.family]
+    built = mambamerge.create_model(name, **option)
+    assert built.input_shape[-len(size):] == size
+    assert model.token_layout(size) == built.layout and model.token_layout(size) != model.layout
+    assert model.token_layout(None) == model.layout
+    with pytest.raises(ValueError, match=rf"input_size must be \({', '.join(model.input_axes)}\) or one int"):
+        model.token_layout(size + (8,))
+    with pytest.raises(ValueError, match="smaller than the patch size|fewer than one tubelet"):
+        model.token_layout(1)

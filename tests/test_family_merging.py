@@ -54,8 +54,7 @@ def test_class_token_and_order_on_every_family(setup):
     family, method, seed, model, removals, batch = setup
     mambamerge.patch(model, method, schedule=removals, track_source=True)
     with torch.no_grad():
-        model(inputs(model, batch, seed))
-    state = model.token_reducer.last_state
+        state = model.token_state(inputs(model, batch, seed))
     layout = model.layout
     assert state.length == layout.length - sum(removals)
     rows = torch.arange(batch)
@@ -101,8 +100,7 @@ def test_stm_merges_on_the_one_side_of_a_head_class_token():
     assert most == 10  # even distances 6, 8, ..., 24 (w_protect 4)
     mambamerge.patch(model, "stm", schedule=[0, most, 0], track_source=True)
     with torch.no_grad():
-        model(inputs(model, 2, 0))
-    state = model.token_reducer.last_state
+        state = model.token_state(inputs(model, 2, 0))
     assert (state.cls_index == 0).all() and (state.pos[:, :6] == torch.arange(6)).all()  # window kept
     with pytest.raises(ValueError, match="asks for 11 tokens before block 1, but only 10"):
         mambamerge.patch(model, "stm", schedule=[0, most + 1, 0])

@@ -76,10 +76,11 @@ def test_frame_options_keep_class_token_order_and_reduction(method, options, red
     layout = model.layout
     mambamerge.patch(model, method, reduction=reduction, track_source=True, **options)
     expected = mambamerge.reduction_summary(model)["final_tokens"]
+    clips = inputs(model, 3, seed=1)
     with torch.no_grad():
-        out = model(inputs(model, 3, seed=1))
+        out = model(clips)
+        state = model.token_state(clips)
     assert torch.isfinite(out).all()
-    state = model.token_reducer.last_state
     assert state.length == expected
     assert (state.cls_index == 0).all() and (state.pos[:, 0] == 0).all()  # the class token, at the head
     assert state.source[:, 0, 0].eq(1).all() and state.source[:, 0].sum(dim=1).eq(1).all()  # it holds itself only
@@ -96,8 +97,7 @@ def test_scopes_keep_groups_in_one_place_or_frame(options, schedule):
     layout = model.layout
     mambamerge.patch(model, "mame", schedule=schedule, track_source=True, **options)
     with torch.no_grad():
-        model(inputs(model, 3, seed=2))
-    state = model.token_reducer.last_state
+        state = model.token_state(inputs(model, 3, seed=2))
     coords = layout.patch_coordinates(torch.arange(layout.length))  # (L0, axes)
     merged = 0
     for b in range(3):
@@ -161,8 +161,7 @@ def test_tome_frame_scope_keeps_merges_in_one_frame(method):
         model = small("videomamba", seed=5)
         mambamerge.patch(model, method, schedule=[0, 4, 4], track_source=True, scope=scope)
         with torch.no_grad():
-            model(inputs(model, 3, seed=4))
-        state = model.token_reducer.last_state
+            state = model.token_state(inputs(model, 3, seed=4))
         straddling[scope] = sum(len(set(coords[state.source[b, i].nonzero()[:, 0], 0].tolist())) > 1
                                 for b in range(3) for i in range(state.length))
     assert straddling["frame"] == 0 and straddling["free"] > 0

@@ -80,8 +80,7 @@ def test_stm_merges_only_sequence_neighbours_outside_the_protected_window():
     model = perturb_(mambamerge.create_model("vim_pico", depth=6, img_size=56, patch_size=4, stride=4)).eval()
     mambamerge.patch(model, "stm", schedule=[0, 20, 16, 12, 10, 8], track_source=True)
     with torch.no_grad():
-        model(torch.randn(2, 3, 56, 56))
-    state = model.token_reducer.last_state
+        state = model.token_state(torch.randn(2, 3, 56, 56))
     cls = model.cls_index
     for b in range(2):
         for row in state.source[b]:

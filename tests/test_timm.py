@@ -101,10 +101,15 @@ def test_forward_features_forward_head_follow_timm(tiny_model, method):
         pooled = tiny_model.forward_head(tokens, pre_logits=True)
         torch.testing.assert_close(pooled, tiny_model.pooled_features(images), rtol=0, atol=0)
         torch.testing.assert_close(tiny_model.forward_head(tokens), tiny_model(images), rtol=0, atol=0)
-        if method:  # the class token moved per image; tokens of another call cannot be read
-            assert not torch.equal(tiny_model.token_reducer.last_state.cls_index, torch.full((3,), 8))
-            with pytest.raises(ValueError, match="not those of this token-reducing model's last forward_features"):
-                tiny_model.forward_head(tokens[:2])
+        if method:  # the class token moved per image: forward_features puts it first, whatever ran since
+            cls_index = tiny_model.token_state(images).cls_index
+            assert not torch.equal(cls_index, torch.full((3,), 8))
+            tiny_model.forward_features(torch.randn(3, 3, 32, 32))
+            torch.testing.assert_close(tiny_model.forward_head(tokens[:2]), tiny_model(images[:2]), rtol=0, atol=0)
+            last = tiny_model.token_state(images)
+            rest = torch.stack([torch.cat((t[:c], t[c + 1:])) for t, c in zip(tiny_model.final_norm(
+                last.hidden, last.residual), cls_index)])
+            torch.testing.assert_close(tokens[:, 1:], rest, rtol=0, atol=0)  # the others in order
 
 
 def test_reset_classifier_and_weight_decay_groups(tiny_model):

@@ -13,8 +13,7 @@ import pickle
 import re
 import stat
 import warnings
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -27,7 +26,6 @@ from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.models import registry  # noqa: F401  (registers every family's adapter)
 from mambamerge.models.adapter import ADAPTERS, CheckpointAdapter, adapter_for, family_title, listing
 from mambamerge.models.base import MambaClassifier
-from mambamerge.models.sizes import MAX_PIXELS, pair
 
 PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "mambamerge_config"
@@ -45,25 +43,16 @@ class RawCheckpoint:
     """Tensors of a checkpoint plus what the file says about how they were trained."""
 
     state_dict: Dict[str, torch.Tensor]
-    train_img_size: Optional[Tuple[int, int]] = None
-    stride: Optional[Tuple[int, int]] = None
+    config: dict = field(default_factory=dict)  # our saved config (safetensors metadata), read by the adapter
+    args: dict = field(default_factory=dict)  # an official training checkpoint's args, read by the adapter
     classes: Optional[List[str]] = None
     family: Optional[str] = None  # from our metadata (files without it are recognised by their keys)
-    config: Optional[dict] = None  # our saved config of a family other than Vim
     merge: Optional[MergeRecipe] = None  # the token reduction it was saved running (fine-tuned with)
 
 
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
-
-
-def _pair(value, what: str) -> Tuple[int, int]:
-    """An image size or stride a file records as a pair, at most MAX_PIXELS."""
-    try:
-        return pair(value, what, MAX_PIXELS, unit=" of pixels")
-    except ValueError as err:
-        raise CheckpointError(f"{err}; the file is damaged or was not written by mambamerge") from None
 
 
 def _metadata_json(text: str, what: str):
@@ -95,13 +84,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{what} is a JSON {type(cfg).__name__}, not an object; the file is damaged: "
                                   f"re-save it")
-        if raw.family not in (None, "vim"):
-            raw.config = cfg
-        else:
-            if "img_size" in cfg:
-                raw.train_img_size = _pair(cfg["img_size"], f"{what}'s img_size")
-            if "stride" in cfg:
-                raw.stride = _pair(cfg["stride"], f"{what}'s stride")
+        raw.config = cfg
     if CLASSES_METADATA_KEY in metadata:
         classes = _metadata_json(metadata[CLASSES_METADATA_KEY], f"{path}: the {CLASSES_METADATA_KEY} metadata")
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
@@ -171,15 +154,9 @@ def _pick_state_dict(obj, path: Path, ema: bool) -> RawCheckpoint:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {listing(obj)})")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    raw = RawCheckpoint(tensors)
     args = obj.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    if args.get("input_size") is not None:
-        raw.train_img_size = _pair(args["input_size"], f"{path}: args.input_size")
-    match = re.search(r"stride(\d+)", str(args.get("model", "")))
-    if match:
-        raw.stride = _pair(int(match.group(1)), f"{path}: the stride in args.model {args['model']!r}")
-    return raw
+    return RawCheckpoint(tensors, args=args)
 
 
 def read_checkpoint(path: PathLike, ema: bool = False, trust_pickle: bool = False) -> RawCheckpoint:

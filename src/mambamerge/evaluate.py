@@ -52,46 +52,43 @@ def top_k_accuracy(model, dataset, ks: Sequence[int] = (1, 5), batch_size: int =
 
 def check_fit(model, info, data_name: str = "the dataset") -> None:
     """Raise a ValueError naming both sides when `model` cannot be evaluated on a dataset (its info:
-    classes and input_shape, the shape of one sample): a model without a head, the kind of input (images,
-    clips, spectrograms), the number of classes, then for images the channels and the size, for other
-    inputs the sample shape."""
+    classes, input_kind and input_shape, the shape of one sample): a model without a head, the kind of
+    input (images, clips, spectrograms), the number of classes, then for images the channels and the
+    size, for other inputs the sample shape."""
     want, got = tuple(model.input_shape), tuple(info.input_shape)
+    same_kind = model.input_kind == info.input_kind
     if model.num_classes == 0:
         raise ValueError(f"the model has no classification head (num_classes=0: a feature extractor, its forward "
                          f"gives {model.num_features} features, not class scores): nothing to evaluate, train or distil "
                          f"from on {data_name}; use a checkpoint with a head")
-    if len(want) == len(got) and model.num_classes != info.num_classes:
+    if same_kind and model.num_classes != info.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but {data_name} has {info.num_classes}; "
                          f"evaluate it on data with {model.num_classes} classes (or fine-tune its head first)")
     if want == got:
         return
-    if model.family == "vim" and len(got) == 3:
+    if same_kind and model.input_kind == "images":
         if want[0] != got[0]:
             raise ValueError(f"the model takes {want[0]}-channel images but {data_name} gives {got[0]}-channel "
                              f"ones; use data with {want[0]} channels")
         raise ValueError(f"the model runs at {want[1]}x{want[2]} but {data_name} is loaded at {got[1]}x{got[2]}; load "
                          f"the data at the model's size or build the model for the data's "
                          f"(load_checkpoint(img_size=...))")
-    raise ValueError(f"the model ({model.family}) takes {describe_input(want)} but {data_name} gives "
-                     f"{describe_input(got)}; load the data for this model (its input_shape) or pick a model built "
-                     f"for the data")
+    raise ValueError(f"the model ({model.family}) takes {describe_input(model.input_kind, want)} but {data_name} "
+                     f"gives {describe_input(info.input_kind, got)}; load the data for this model (its input_shape) or "
+                     f"pick a model built for the data")
 
 
-def describe_input(shape) -> str:
-    """A per-sample input shape in words: (C, H, W) images, (C, T, H, W) clips, (T, F) spectrograms."""
+def describe_input(kind: str, shape) -> str:
+    """One input in words, from its kind and per-sample shape: (C, H, W) images, (C, T, H, W) clips,
+    (T, F) spectrograms."""
     shape = tuple(shape)
-    if len(shape) == 3:
+    if kind == "images":
         return f"{shape[0]}x{shape[1]}x{shape[2]} images"
-    if len(shape) == 4:
+    if kind == "clips":
         return f"clips of {shape[1]} frames of {shape[0]}x{shape[2]}x{shape[3]}"
-    if len(shape) == 2:
+    if kind == "spectrograms":
         return f"spectrograms of {shape[0]} frames x {shape[1]} mel bins"
     return f"inputs of shape {shape}"
-
-
-def input_kind(shape) -> str:
-    """What a family's inputs are called, from a per-sample input shape: images, clips or spectrograms."""
-    return {3: "images", 4: "clips", 2: "spectrograms"}.get(len(tuple(shape)), "inputs")
 
 
 def check_classes(model, info, data_name: str = "the dataset") -> None:
@@ -213,7 +210,7 @@ def evaluate(model, dataset, method: Optional[str] = None, reduction: Optional[f
     return {
         "method": method or "dense", "target_reduction": reduction or 0.0, "options": dict(patch_options),
         "top1": top[1], "top5": top[5], "inputs": len(dataset) - len(unreadable(dataset)),
-        "input_kind": input_kind(model.input_shape), "unreadable_images": unreadable(dataset),
+        "input_kind": model.input_kind, "unreadable_images": unreadable(dataset),
         "average_reduction": summary["average_reduction"], "average_tokens": summary["average_tokens"],
         "final_tokens": summary["final_tokens"], "initial_tokens": summary["initial_tokens"],
         **{f"gmacs_{key}": macs[key] for key in ("one_direction", "both_directions", "merge_overhead",

@@ -9,7 +9,7 @@ from torch import nn
 from mambamerge.merge import METHODS
 from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.merge.reducer import TokenReducer
-from mambamerge.merge.schedule import Schedule, resolve
+from mambamerge.merge.schedule import Schedule, check_arguments, resolve
 from mambamerge.models.base import MambaClassifier
 
 
@@ -33,6 +33,15 @@ def make_method(method: str, **options):
     for name, value in options.items():
         _check_option_type(method, name, value, valid[name])
     return cls(**options)
+
+
+def check_options(method: str, *, reduction: Optional[float] = None, schedule=None, r: Optional[int] = None,
+                  keep: Optional[float] = None, start: Optional[int] = None, every: Optional[int] = None,
+                  **options) -> None:
+    """The errors `patch` gives for these arguments that need no model (an unknown method or option, an
+    option value of the wrong kind, a schedule parameter out of range), to refuse them before any work."""
+    make_method(method, **options)
+    check_arguments(reduction, r, keep, start, every)
 
 
 def _check_option_type(method: str, name: str, value, default) -> None:
@@ -69,7 +78,7 @@ def patch(model: nn.Module, method: Union[None, str, MergeRecipe] = None, reduct
         per-block counts, or a Schedule.
     r, keep, start, every: schedule parameters, instead of a target; r alone is ToMe's constant
         schedule (r tokens before every block from block 1). `model.r = n` later changes it in place.
-    track_source: keep which original tokens each token holds (model.token_reducer.last_state.source).
+    track_source: keep which original tokens each token holds (`model.token_state(x).source`).
     options: the method's own options (see each method's docstring, or METHODS[name].options()).
     config: instead of a method, what mambamerge.tune chose (`result.config`, or that dict read back from
         JSON): its method, options and per-block schedule; refused on a model of another depth or token count.

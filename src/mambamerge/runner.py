@@ -20,18 +20,20 @@ from mambamerge.tokens import TokenLayout
 
 
 class BlockOutput(NamedTuple):
-    """The two streams after the last block, (B, L, D) each, and where the class token is:
-    an int for every image (dense), a (B,) long tensor (reduced), or None (no class token)."""
+    """The two streams after the last block, (B, L, D) each, where the class token is: an int for
+    every image (dense), a (B,) long tensor (reduced), or None (no class token); and, with a reducer,
+    the tokens' final bookkeeping (sizes, original positions, source map)."""
 
     hidden: torch.Tensor
     residual: torch.Tensor
     cls_index: Union[None, int, torch.Tensor]
+    state: Optional[TokenState] = None
 
 
 def run_blocks(layers: Sequence[nn.Module], tokens: torch.Tensor, layout: TokenLayout,
                reducer: Optional[TokenReducer] = None) -> BlockOutput:
     """tokens (B, layout.length, D) through every block; with a reducer, tokens leave between blocks as
-    its schedule says, and its last state is kept in `reducer.last_state`."""
+    its schedule says."""
     if reducer is None:
         hidden, residual = tokens, None
         for block in layers:
@@ -46,8 +48,7 @@ def run_blocks(layers: Sequence[nn.Module], tokens: torch.Tensor, layout: TokenL
         if reducer.removal_after(i):
             hidden = layers[i + 1].drop_path(hidden)
         state = reducer.step(i, state.with_streams(hidden, residual), ssm)
-    reducer.last_state = state
-    return BlockOutput(state.hidden, state.residual, state.cls_index)
+    return BlockOutput(state.hidden, state.residual, state.cls_index, state)
 
 
 def class_feature(features: torch.Tensor, cls_index: Union[int, torch.Tensor]) -> torch.Tensor:
@@ -55,3 +56,14 @@ def class_feature(features: torch.Tensor, cls_index: Union[int, torch.Tensor]) -
     if isinstance(cls_index, int):
         return features[:, cls_index]
     return features[torch.arange(features.shape[0], device=features.device), cls_index]
+
+
+def class_token_first(features: torch.Tensor, cls_index: Union[int, torch.Tensor]) -> torch.Tensor:
+    """features (B, L, D) with each image's class token moved to index 0, the other tokens after it in
+    their order: a token-reducing model's forward_features, whose class token sits anywhere."""
+    batch, length = features.shape[:2]
+    cls = torch.as_tensor(cls_index, device=features.device).expand(batch)[:, None]
+    slot = torch.arange(length, device=features.device).expand(batch, -1)
+    before = slot - 1
+    order = torch.where(slot == 0, cls, before + (before >= cls).long())
+    return features.gather(1, order[..., None].expand(-1, -1, features.shape[2]))

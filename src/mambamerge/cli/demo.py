@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mambamerge.cli import sweep
-from mambamerge.cli.eval import add_device_options
+from mambamerge.cli.options import add_device_options
 
 HELP = "sweep every method on a shipped demo model and data (image: the README's main job; audio; video)"
 EXAMPLES = ("", "audio --out outputs/demo-audio", "video --limit 500 --threads 2")

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Sequence, Tuple
 
-from mambamerge.cli.eval import check_at_least_one, open_data
+from mambamerge.cli.inputs import open_data
 from mambamerge.cli.names import DIAGNOSTIC_PARTS as PARTS
+from mambamerge.cli.options import add_source, check_at_least_one
 
 if TYPE_CHECKING:
     import torch
@@ -21,11 +22,7 @@ EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --out outputs/d
 
 def add_inputs(p: argparse.ArgumentParser, default_count: int) -> None:
     """Arguments shared with `mambamerge visualize`: checkpoint, data and which inputs."""
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model checkpoint (.safetensors or .pth)")
-    p.add_argument("--data", required=True, metavar="SPEC",
-                   help="what the model takes: fashion-mnist or mnist (images), moving-fashion-mnist or moving-mnist "
-                        "(clips), fsdd (spoken digits), each optionally NAME:/folder/with/its/files, or a folder "
-                        "<folder>/<class name>/<inputs> of images, clips or sound files")
+    add_source(p)
     p.add_argument("--split", help="test (default: shipped with mambamerge), train, or val (fsdd and moving-*) for the "
                                    "named data sets; settings chosen from these numbers should come from train or val")
     p.add_argument("--first", type=int, default=0, metavar="I",
@@ -56,7 +53,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def load_batch(args: argparse.Namespace, check: Callable[["torch.nn.Module"], None]
                ) -> Tuple["torch.nn.Module", "torch.Tensor", "torch.Tensor", str]:
     """(model in eval mode, inputs (N, *model.input_shape), labels (N,), a label of the data) from the shared
-    arguments, loaded as `mambamerge eval` loads them (cli.eval.open_data): images, clips or spectrograms;
+    arguments, loaded as `mambamerge eval` loads them (cli.inputs.open_data): images, clips or spectrograms;
     `check` is called with the model before any data is read."""
     import torch
 

@@ -35,7 +35,7 @@ def list_model_table() -> None:
         with torch.device("meta"):
             model = create_model(name)
         report = flops(model)
-        rows.append((name, family_title(model.family), describe_input(model.input_shape),
+        rows.append((name, family_title(model.family), describe_input(model.input_kind, model.input_shape),
                      str(model.cfg.depth), str(model.cfg.embed_dim), str(model.layout.length),
                      f"{report.params / 1e6:.2f} M", f"{report.one_direction / 1e9:.4g} / "
                                                     f"{report.both_directions / 1e9:.4g}"))
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     adapter, cfg, grid, _ = infer_architecture(raw, args.checkpoint, img_size=args.img_size)
     n = sum(t.numel() for t in raw.state_dict.values())
     print(f"{args.checkpoint}: {adapter.title}, {len(raw.state_dict)} tensors, {n / 1e6:.2f} M values")
-    built_for = describe_input(adapter.model_class.input_shape_for(cfg))
+    built_for = describe_input(adapter.model_class.input_kind, adapter.model_class.input_shape_for(cfg))
     print(f"trained grid {'x'.join(map(str, grid))}; built for {built_for}: grid {'x'.join(map(str, cfg.grid_size))}")
     for key, value in cfg.to_dict().items():
         print(f"  {key:15s} {value}")

@@ -2,8 +2,9 @@
 dense or with a token-reduction method beside the dense forward (random inputs: no data needed)."""
 import argparse
 
-from mambamerge.cli.eval import add_method_options, check_at_least_one, check_method_args, parse_options, recorded_merge
+from mambamerge.cli.inputs import recorded_merge
 from mambamerge.cli.names import AMP_CHOICES, MODELS
+from mambamerge.cli.options import add_method_options, check_at_least_one, check_method_args, parse_options
 
 HELP = "build a model (or load a checkpoint) and measure its forward throughput, dense or with a method"
 EXAMPLES = ("--model vim_tiny --batch-size 16", "--model vim_small --method mame --reduction 0.4 --device cuda",

@@ -5,9 +5,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
-from mambamerge.cli.eval import (add_common, add_config_option, check_common, check_method, check_reduction,
-                                 default_workers, describe, load_inputs, read_config, recorded_merge)
+from mambamerge.cli.inputs import describe, load_inputs, recorded_merge
 from mambamerge.cli.names import METHODS
+from mambamerge.cli.options import (add_common, add_config_option, check_common, check_method, check_reduction,
+                                    default_workers, read_config)
 
 if TYPE_CHECKING:
     from mambamerge.merge.recipe import MergeRecipe
@@ -126,7 +127,6 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     from mambamerge.atomic import write_files
     from mambamerge.data import subset_record, unreadable
     from mambamerge.distributed import world
-    from mambamerge.evaluate import input_kind
     from mambamerge.plots import accuracy_png
     from mambamerge.results import csv_text, environment, json_text, markdown_table
 
@@ -163,7 +163,7 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
         return 0
     device = next(model.parameters()).device
     env = environment(device)
-    kind = input_kind(model.input_shape)
+    kind = model.input_kind
     table = markdown_table(rows, kind)
     skipped = unreadable(dataset)
     title = f"{Path(args.checkpoint).name} on {label} ({len(dataset) - len(skipped)} {kind})"

@@ -8,10 +8,10 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction, default_workers,
-                                 parse_options, setup_device)
 from mambamerge.cli.inputs import DataSpec
 from mambamerge.cli.names import MODELS
+from mambamerge.cli.options import (add_device_options, check_at_least_one, check_method, check_reduction,
+                                    default_workers, parse_options, setup_device)
 from mambamerge.train_settings import Augment, TrainConfig
 
 HELP = ("train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run or extends a finished "
@@ -220,10 +220,10 @@ def _data(args, base):
         raise ValueError("--aa and --reprob apply to image folders; the IDX sets use their own shift-and-flip")
     elif args.in_chans == 3:
         raise ValueError(f"{args.data} is grey: its models take --in-chans 1")
-    if base is not None and len(base.input_shape) != 3:
+    if base is not None and base.input_kind != "images":
         raise ValueError(f"--init {args.init} ({family_title(base.family)}) takes "
-                         f"{describe_input(base.input_shape)}, but {args.data} gives images; fine-tune it on data of "
-                         f"its kind (e.g. fsdd for audio, moving-fashion-mnist for video)")
+                         f"{describe_input(base.input_kind, base.input_shape)}, but {args.data} gives images; "
+                         f"fine-tune it on data of its kind (e.g. fsdd for audio, moving-fashion-mnist for video)")
     if base is not None:
         img_size, in_chans = base.cfg.img_size[0], base.cfg.in_chans
     elif is_idx:
@@ -245,7 +245,7 @@ def _data(args, base):
 
 def _input_record(model) -> dict:
     """What a run record says of the model's input: image size and channels, or the input shape."""
-    if len(model.input_shape) == 3:
+    if model.input_kind == "images":
         return {"img_size": model.cfg.img_size[0], "in_chans": model.cfg.in_chans}
     return {"input_shape": list(model.input_shape)}
 

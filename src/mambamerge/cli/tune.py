@@ -10,9 +10,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict
 
-from mambamerge.cli.eval import (add_device_options, check_at_least_one, check_method, check_reduction,
-                                 default_workers, open_data, setup_device)
-from mambamerge.cli.inputs import DataSpec
+from mambamerge.cli.inputs import DataSpec, open_data
+from mambamerge.cli.options import (add_device_options, check_at_least_one, check_method, check_reduction,
+                                    default_workers, setup_device)
 
 HELP = ("find the method, options and per-block schedule that keep the most of the dense model at a reduction, "
         "on your own (unlabelled) inputs")
@@ -162,7 +162,6 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
     from mambamerge.atomic import write_files
     from mambamerge.data import subset_record
     from mambamerge.devices import autocast
-    from mambamerge.evaluate import input_kind
     from mambamerge.plots import tune_png
     from mambamerge.progress import progress
     from mambamerge.results import environment, json_text
@@ -188,7 +187,7 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
                                        max_candidates=args.max_candidates, time_budget_s=args.time_budget,
                                        seed=args.seed, batch_size=args.batch_size,
                                        journal=out / journal_name(args, split, target), on_candidate=scored)
-    kind = input_kind(model.input_shape)
+    kind = model.input_kind
     title = f"{Path(args.checkpoint).name} tuned on {label} ({len(inputs)} {kind})"
     table = summary_table(results, args.labels)
     payload = {"checkpoint": str(args.checkpoint), "data": {"spec": args.data, "label": label, "split": split,

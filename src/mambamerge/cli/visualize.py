@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from mambamerge.cli.diagnose import add_inputs, check_reachable, load_batch
-from mambamerge.cli.eval import check_method, check_reduction, parse_options
+from mambamerge.cli.options import check_method, check_reduction, parse_options
 
 HELP = "draw which original patches each token holds after every merge step, and the Δ importance map"
 EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --out outputs/visualize",
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     steps = merge_steps(model, inputs, args.method, args.reduction, **options)
     if not steps:
         raise ValueError(f"{args.method} at {args.reduction:.0%} removes no token; raise --reduction")
-    planes = grid_planes(inputs, layout)
+    planes = grid_planes(inputs, layout, model.input_kind)
     importance = spread(delta_map(model, inputs, steps[0]["block"] - 1), layout.grid, geometry, planes.shape[1:])
     pictures = [{**step, "picture": group_pictures(planes, step["groups"], layout.grid, geometry)} for step in steps]
     listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
               "options": options, "layout": {"grid": layout.grid, "axes": layout.axes, "cls_index": layout.cls_index},
               "steps": [{"block": s["block"], "tokens": s["tokens"], "groups": s["groups"].tolist()} for s in steps]}
     panels = leading_panels(planes.shape[1:], layout, geometry)
-    colour = colour_planes(inputs, layout, *normalisation(3))  # what image folders normalise RGB with
+    colour = colour_planes(inputs, layout, model.input_kind, *normalisation(3))  # what image folders normalise RGB with
     mark = class_token_mark(layout, geometry, planes.shape[1:])
     png = merge_groups_png(planes, layout.axes, pictures, importance, title, panels, colour, mark)
     out.mkdir(parents=True, exist_ok=True)

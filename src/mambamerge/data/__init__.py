@@ -1,10 +1,11 @@
 """Datasets for training and evaluation: Fashion-MNIST / MNIST (IDX files) and user image folders;
 moving Fashion-MNIST / MNIST clips and video folders; FSDD spoken digits and sound-file folders."""
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mambamerge.cli.inputs import DataSpec
 from mambamerge.data.audio_sets import DEMO_FRAMES, AudioClips, AudioInfo, audio_folder, fsdd
 from mambamerge.data.datasets import IDX_SETS, IdxDataset, ImageSet, locate_idx, stratified, subset_record
 from mambamerge.data.folders import ReadableImages, image_folder
@@ -16,12 +17,13 @@ from mambamerge.data.workers import loader_batches
 VAL_SPLIT_SETS = ("fsdd", *MOVING_SETS)
 
 
-def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None, in_chans: int = 3,
+def load_dataset(spec: Union[str, DataSpec], split: str = "test", img_size: Optional[int] = None, in_chans: int = 3,
                  limit: Optional[int] = None, augment: bool = False, input_shape: Optional[Sequence[int]] = None,
                  start: int = 0):
     """A dataset by name, optionally "name:/folder/with/its/files": "fashion-mnist", "mnist" (images),
     "moving-fashion-mnist", "moving-mnist" (clips), "fsdd" (spoken digits); or a folder with one
-    sub-folder per class. The result has `.info` (classes and the shape of one input).
+    sub-folder per class (`spec` as text or a parsed cli.inputs.DataSpec). The result has `.info`
+    (classes and the shape of one input).
 
     input_shape: the model's per-sample input (model.input_shape); it says what a folder holds:
     (C, H, W) images (img_size and in_chans are then taken from it), (C, T, H, W) video clips (files or
@@ -31,20 +33,20 @@ def load_dataset(spec: str, split: str = "test", img_size: Optional[int] = None,
     the subset is the same for every method and run; subset_record says so in a result file)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 input, got {limit}")
-    name, colon, root = spec.partition(":")
+    data = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec)
+    name, root, spec = data.name, data.root or None, data.text
     shape = tuple(input_shape) if input_shape is not None else None
     if name in IDX_SETS:
         size = img_size or (shape[-1] if shape and len(shape) == 3 else 56)
-        return IdxDataset(name, split, root=root or None, img_size=size, limit=limit, augment=augment,
-                          start=start)
+        return IdxDataset(name, split, root=root, img_size=size, limit=limit, augment=augment, start=start)
     if start < 0:
         raise ValueError(f"start must be 0 or more, got {start}")
     if name in MOVING_SETS:
-        return MovingItems(MOVING_SETS[name], split, root=root or None, limit=limit, augment=augment, start=start)
+        return MovingItems(MOVING_SETS[name], split, root=root, limit=limit, augment=augment, start=start)
     if name == "fsdd":
         frames = shape[0] if shape and len(shape) == 2 else DEMO_FRAMES
-        return fsdd(split, root or None, frames=frames, limit=limit, augment=augment, start=start)
-    if not Path(spec).exists() and (colon or "/" not in spec):
+        return fsdd(split, root, frames=frames, limit=limit, augment=augment, start=start)
+    if not Path(spec).exists() and (":" in spec or "/" not in spec):
         raise ValueError(f"{spec!r} is neither a known data set nor an existing folder; known data sets: "
                          f"{', '.join((*IDX_SETS, *VAL_SPLIT_SETS))} (optionally NAME:/folder/with/its/files), or give "
                          f"the path of a folder with one sub-folder per class")

@@ -30,6 +30,8 @@ _FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.(wav|flac)$")
 class AudioInfo:
     """What a model needs to know about an audio dataset: classes and the feature shape."""
 
+    input_kind = "spectrograms"  # as the models name theirs (MambaClassifier.input_kind)
+
     classes: List[str]
     frames: int
     bins: int = NUM_MEL_BINS

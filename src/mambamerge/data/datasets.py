@@ -108,6 +108,8 @@ def locate_idx(name: str, split: str, root=None) -> Tuple[Path, Path]:
 class ImageSet:
     """What a model needs to know about a dataset."""
 
+    input_kind = "images"  # as the models name theirs (MambaClassifier.input_kind)
+
     classes: List[str]
     in_chans: int
     img_size: Tuple[int, int]

@@ -33,6 +33,8 @@ _SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
 class VideoInfo:
     """What a model needs to know about a video dataset: classes and the clip shape."""
 
+    input_kind = "clips"  # as the models name theirs (MambaClassifier.input_kind)
+
     classes: List[str]
     in_chans: int
     frames: int

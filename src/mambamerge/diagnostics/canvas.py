@@ -16,9 +16,10 @@ import torch
 
 from mambamerge.tokens import TokenLayout
 
-# the axes of one input, model.input_shape's order, for each input rank: (C, H, W) images,
+# the axes of one input, model.input_shape's order, for each model.input_kind: (C, H, W) images,
 # (C, T, H, W) clips, (T, F) spectrograms; the token layout names its grid axes from these
-INPUT_AXES = {3: ("channel", "row", "col"), 4: ("channel", "frame", "row", "col"), 2: ("time", "freq")}
+INPUT_AXES = {"images": ("channel", "row", "col"), "clips": ("channel", "frame", "row", "col"),
+              "spectrograms": ("time", "freq")}
 
 
 class PatchGeometry(NamedTuple):
@@ -40,12 +41,19 @@ def patch_geometry(model) -> PatchGeometry:
     return PatchGeometry(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding))
 
 
-def grid_planes(inputs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """inputs (B, *input_shape) -> (B, *extent): channels averaged, axes put in the grid's order
-    (an image (B, H, W), a spectrogram (B, F, T), a clip (B, T, H, W))."""
-    names = INPUT_AXES.get(inputs.dim() - 1)
-    if names is None or set(layout.axes) | {"channel"} != set(names) | {"channel"}:
-        raise ValueError(f"inputs of shape {tuple(inputs.shape[1:])} do not fit a layout of {layout.describe()}")
+def input_axes(inputs: torch.Tensor, layout: TokenLayout, kind: str) -> Tuple[str, ...]:
+    """The axes of one of `inputs` (B, *input_shape), a batch of `kind` (model.input_kind), checked to fit
+    `layout`."""
+    names = INPUT_AXES.get(kind, ())
+    if len(names) != inputs.dim() - 1 or set(layout.axes) | {"channel"} != set(names) | {"channel"}:
+        raise ValueError(f"{kind} of shape {tuple(inputs.shape[1:])} do not fit a layout of {layout.describe()}")
+    return names
+
+
+def grid_planes(inputs: torch.Tensor, layout: TokenLayout, kind: str) -> torch.Tensor:
+    """inputs (B, *input_shape) of `kind` (model.input_kind) -> (B, *extent): channels averaged, axes put
+    in the grid's order (an image (B, H, W), a spectrogram (B, F, T), a clip (B, T, H, W))."""
+    names = input_axes(inputs, layout, kind)
     x = inputs.float()
     if "channel" in names:
         x = x.mean(dim=1 + names.index("channel"))
@@ -127,12 +135,13 @@ def group_pictures(planes: torch.Tensor, groups: torch.Tensor, grid: Sequence[in
     return torch.where(colours.isnan(), grey.expand_as(blended), blended)
 
 
-def colour_planes(inputs: torch.Tensor, layout: TokenLayout, mean: Sequence[float],
+def colour_planes(inputs: torch.Tensor, layout: TokenLayout, kind: str, mean: Sequence[float],
                   std: Sequence[float]) -> Optional[torch.Tensor]:
-    """3-channel inputs (B, 3, H, W) images or (B, 3, T, H, W) clips, normalised with `mean` and `std`,
-    as RGB pictures along the grid axes: (B, *extent, 3) in [0, 1]; None for inputs of other channels."""
-    names = INPUT_AXES.get(inputs.dim() - 1)
-    if names is None or "channel" not in names or inputs.shape[1] != 3:
+    """3-channel inputs (B, 3, H, W) images or (B, 3, T, H, W) clips (`kind`: model.input_kind),
+    normalised with `mean` and `std`, as RGB pictures along the grid axes: (B, *extent, 3) in [0, 1];
+    None for inputs of other channels."""
+    names = input_axes(inputs, layout, kind)
+    if "channel" not in names or inputs.shape[1] != 3:
         return None
     shape = (1, 3) + (1,) * (inputs.dim() - 2)
     pixels = inputs.float() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)

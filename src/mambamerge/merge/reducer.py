@@ -11,8 +11,8 @@ class TokenReducer:
     """method + schedule. The block runner calls `wants_ssm(l)` before running block l and `step(l, ...)`
     after it.
 
-    track_source: keep the (B, L, L0) map of which original tokens each token holds; the last state
-    of a forward is kept in `last_state` for inspection.
+    track_source: keep the (B, L, L0) map of which original tokens each token holds (see the model's
+    `token_state`).
     schedule_for_r: r=tokens per step -> the schedule that `reducer.r = n` sets (patch gives it: the
     model's depth, tokens and the method's capacity); without it r cannot be set.
     """
@@ -22,7 +22,6 @@ class TokenReducer:
         self.method = method
         self.schedule = schedule
         self.track_source = track_source
-        self.last_state: Optional[TokenState] = None
         self._schedule_for_r = schedule_for_r
 
     @property

@@ -10,71 +10,52 @@ Mixer variants (the official `aum_type`; they change the key set):
     "Fo-Bi"  one convolution and projection in forward order scanned both ways, only A_b separate, summed
     "Fo-Fo"  one direction
 """
-import math
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Tuple, Union
 
 import torch
 from torch import nn
 
 from mambamerge.models.adapter import CheckpointAdapter, depth_of, mixer_config, register_adapter, \
     require, resize_head_table
-from mambamerge.models.base import MambaClassifier, to_2tuple
+from mambamerge.models.base import MambaClassifier, TrunkConfig
 from mambamerge.models.sizes import pair, patch_grid
-from mambamerge.tokens import TokenLayout
 
 # variant -> (mixer variant, divide_out)
 AUM_VARIANTS = {"Bi-Bi": ("bi", True), "Fo-Bi": ("bi_shared", False), "Fo-Fo": ("forward", False)}
 
 
-@dataclass
-class AuMConfig:
+@dataclass(kw_only=True)
+class AuMConfig(TrunkConfig):
     """Architecture of an Audio Mamba. spec_size is (F mel bins, T frames), as the official
     `spectrogram_size`; patch_size and stride are (freq, time) pairs or ints."""
 
     embed_dim: int = 768
-    depth: int = 24
+    num_classes: int = 527
     spec_size: Tuple[int, int] = (128, 1024)
     patch_size: Union[int, Tuple[int, int]] = 16
     stride: Union[int, Tuple[int, int]] = 16
-    num_classes: int = 527
     variant: str = "Bi-Bi"
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: Optional[int] = None
-    norm_eps: float = 1e-5
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
 
     def __post_init__(self):
-        self.spec_size = to_2tuple(self.spec_size)
-        self.patch_size = to_2tuple(self.patch_size)
-        self.stride = to_2tuple(self.stride)
+        self.spec_size = pair(self.spec_size, "AuMConfig.spec_size")
+        self.patch_size = pair(self.patch_size, "AuMConfig.patch_size")
+        self.stride = pair(self.stride, "AuMConfig.stride")
         if self.variant not in AUM_VARIANTS:
             raise ValueError(f"AuMConfig.variant must be one of {', '.join(AUM_VARIANTS)}, got {self.variant!r}")
-        if self.dt_rank is None:
-            self.dt_rank = math.ceil(self.embed_dim / 16)
-        for name in ("embed_dim", "depth", "d_state", "d_conv", "expand", "dt_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AuMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"AuMConfig.num_classes must be >= 0, got {self.num_classes}")
-        if min(self.stride) < 1 or any(s < p for s, p in zip(self.spec_size, self.patch_size)):
-            raise ValueError(f"spectrogram size {self.spec_size} (F, T) is smaller than the patch size "
-                             f"{self.patch_size}, or the stride {self.stride} is not positive")
+        super().__post_init__()
 
     @property
-    def grid_size(self) -> Tuple[int, int]:
-        """(freq, time) patches."""
-        return patch_grid(self.spec_size, self.patch_size, self.stride)
+    def input_size(self) -> Tuple[int, int]:
+        """(T frames, F mel bins): the spectrogram's own axis order."""
+        return (self.spec_size[1], self.spec_size[0])
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def grid_for(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """(freq, time) patches of spectrograms of `size` = (T, F)."""
+        spec = (size[1], size[0])
+        if any(s < p for s, p in zip(spec, self.patch_size)):
+            raise ValueError(f"spectrogram size {spec} (F, T) is smaller than the patch size {self.patch_size}")
+        return patch_grid(spec, self.patch_size, self.stride)
 
 
 class PositionTable(nn.Module):
@@ -119,6 +100,17 @@ class AudioMamba(MambaClassifier):
     family = "aum"
     input_kind = "spectrograms"
     config_class = AuMConfig
+    input_axes = ("frames", "mel bins")
+    token_axes = ("freq", "time")
+    named_configs = {
+        # 128 mel bins x 1024 frames, 16x16 patches, AudioSet's 527 classes; variant Bi-Bi
+        "aum_tiny": dict(embed_dim=192, depth=24),
+        "aum_small": dict(embed_dim=384, depth=24),
+        "aum_base": dict(embed_dim=768, depth=24),
+        # the audio demo model: 128 mel bins x 128 frames (1.28 s: FSDD's spoken digits), 16x16 patches ->
+        # 8 x 8 tokens + the class token; 12 blocks so that 80% average reduction stays reachable
+        "aum_nano": dict(embed_dim=32, depth=12, d_state=8, spec_size=(128, 128), num_classes=10),
+    }
 
     def __init__(self, cfg: AuMConfig):
         super().__init__()
@@ -126,41 +118,16 @@ class AudioMamba(MambaClassifier):
         d = cfg.embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         mixer, divide_out = AUM_VARIANTS[cfg.variant]
-        self._build_trunk(d, cfg.depth, cfg.num_classes, cfg.drop_path_rate, cfg.norm_eps, d_state=cfg.d_state,
-                          d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=divide_out,
-                          variant=mixer)
+        self._build_trunk(cfg, divide_out=divide_out, variant=mixer)
         self.patch_embed = SpectrogramEmbed(cfg)
         self.pos_embed = PositionTable(cfg.num_patches, d)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        self._init_weights()
+        self._init_weights(self.pos_embed.pos_embed, self.cls_token)
 
     @classmethod
     def input_shape_for(cls, cfg: AuMConfig) -> Tuple[int, int]:
         mel_bins, frames = cfg.spec_size
         return (frames, mel_bins)
-
-    def token_layout(self, input_size: Optional[Tuple[int, int]] = None) -> TokenLayout:
-        """Patch grid (freq, time) for spectrograms of input_size = (T frames, F mel bins), the input's
-        own axis order (the model's size when None); class token in the middle."""
-        grid = self.cfg.grid_size
-        if input_size is not None:
-            if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
-                raise ValueError(f"input_size must be (frames, mel bins), two positive ints, got {input_size!r}")
-            size = (input_size[1], input_size[0])
-            if any(i < p for i, p in zip(size, self.cfg.patch_size)):
-                raise ValueError(f"input_size {tuple(input_size)} (T, F) is smaller than the patch size "
-                                 f"{self.cfg.patch_size} (F, T)")
-            grid = patch_grid(size, self.cfg.patch_size, self.cfg.stride)
-        return TokenLayout(grid, ("freq", "time"), cls="middle")
-
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        w = self.patch_embed.proj.weight
-        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()) / 0.87962566103423978)  # lecun normal
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        self._init_trunk()
 
     def embed(self, spec: torch.Tensor) -> torch.Tensor:
         """spectrograms (batch, T, F) -> tokens (batch, M + 1, D) with the class token at M // 2."""
@@ -221,7 +188,7 @@ class AuMCheckpoint(CheckpointAdapter):
     def infer(self, raw, spec_size=None, train_spec_size=None, stride=None, **unknown):
         """Run at spec_size (F, T); default: what the file was trained at. The grid is (F', T')."""
         self.refuse(unknown)
-        sd, saved = raw.state_dict, raw.config or {}
+        sd, saved = raw.state_dict, raw.config
         if any(k.startswith(("cls_token_head", "cls_token_tail", "rope.")) for k in sd):
             raise ValueError("this AuM checkpoint uses two class tokens or RoPE, which mambamerge does not "
                              "implement (the released models use one middle class token and absolute positions)")

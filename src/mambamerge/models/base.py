@@ -1,15 +1,18 @@
-"""What every model family shares: the stack of blocks, the final norm, the readout and the head.
+"""What every model family shares: the trunk's config, the stack of blocks, the final norm, the readout
+and the head.
 
-A family subclasses `MambaClassifier`, builds its embedding and calls `_build_trunk`, and defines
-`embed(x)`, `token_layout(input_size)` and `input_shape_for(cfg)`; running the blocks and reducing tokens
-between them is `runner.run_blocks`, the same for every family.
+A family's config subclasses `TrunkConfig` (adding its input sizes, `input_size` and `grid_for`); its
+model subclasses `MambaClassifier`, builds its embedding and calls `_build_trunk`, and defines
+`embed(x)` and `input_shape_for(cfg)`; running the blocks and reducing tokens between them is
+`runner.run_blocks`, the same for every family.
 
 The classifier follows timm's model conventions, so timm's data, optimiser and training tools take it
 as one of theirs: `pretrained_cfg`, `no_weight_decay`, `forward_features` (the normalised tokens),
 `forward_head`, `get_classifier`, `reset_classifier`, `num_features`.
 """
 import math
-from typing import Optional, Set, Tuple, Union
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Dict, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,43 +21,119 @@ from mambamerge.data.folders import normalisation
 from mambamerge.models.blocks import Block, DropPath, RMSNorm
 from mambamerge.models.mixer import MambaMixer
 from mambamerge.ops import MIXER_IMPLS
-from mambamerge.runner import class_feature, run_blocks
+from mambamerge.merge.state import TokenState
+from mambamerge.runner import BlockOutput, class_feature, class_token_first, run_blocks
 from mambamerge.tokens import TokenLayout
 
 
-def to_2tuple(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    """An int or a (height, width) pair -> a pair of ints."""
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+@dataclass(kw_only=True)
+class TrunkConfig:
+    """What every family's trunk takes: width, depth, the SSM's sizes (dt_rank: ceil(embed_dim / 16)
+    when None, as the official models), the head and the regularisation; validated here once.
+
+    A family's config adds its input sizes and defines `input_size` (one sample's axes, without
+    channels, in the input's order) and `grid_for(size)` (the token grid of an input of that size)."""
+
+    embed_dim: int = 192
+    depth: int = 24
+    num_classes: int = 1000
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: Optional[int] = None
+    norm_eps: float = 1e-5
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+    positive: ClassVar[Tuple[str, ...]] = ("embed_dim", "depth", "d_state", "d_conv", "expand", "dt_rank")
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.embed_dim / 16)
+        for field in self.positive:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}.{field} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"{name}.num_classes must be a whole number >= 0, got {self.num_classes!r}")
+        for field in ("drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(f"{name}.{field} must be in [0, 1), got {getattr(self, field)!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"{name}.norm_eps must be positive, got {self.norm_eps!r}")
+        self.grid_for(self.input_size)
+
+    @property
+    def input_size(self) -> Tuple[int, ...]:
+        """One input sample's sizes without channels, in the input's axis order."""
+        raise NotImplementedError
+
+    def grid_for(self, size: Tuple[int, ...]) -> Tuple[int, ...]:
+        """The token grid of an input of `size` (input_size's form); a ValueError when it is smaller than
+        one patch."""
+        raise NotImplementedError
+
+    @property
+    def grid_size(self) -> Tuple[int, ...]:
+        return self.grid_for(self.input_size)
+
+    @property
+    def num_patches(self) -> int:
+        return math.prod(self.grid_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class MambaClassifier(nn.Module):
     """embed -> blocks (two streams: hidden, residual; tokens reduced between blocks once patched with
     mambamerge.patch) -> final add + RMSNorm -> feature at the class token -> head.
 
-    Subclasses set `cfg` (a dataclass with embed_dim, depth, num_classes, ...) and `input_kind`, and
-    define `embed`, `token_layout` and `input_shape_for`; they may refine `default_pretrained_cfg`.
+    Subclasses set `config_class` (a TrunkConfig), `family`, `input_kind`, the axes' names and the named
+    configurations below, and define `embed` and `input_shape_for`; they may refine
+    `default_pretrained_cfg`.
     """
 
     cfg = None
     input_kind = None  # what one input sample is: "images" (C, H, W), "clips" (C, T, H, W), "spectrograms" (T, F)
+    input_axes: Tuple[str, ...] = ()  # the names of the config's input_size axes
+    token_axes: Tuple[str, ...] = ()  # the names of the token grid's axes
+    cls_position = "middle"  # where the class token sits in the embedded sequence (TokenLayout's cls)
+    # the named configurations of the family (create_model's names) -> config keyword arguments; their
+    # refinements of default_pretrained_cfg; other names for them (e.g. official entry points)
+    named_configs: Dict[str, dict] = {}
+    named_pretrained_cfgs: Dict[str, dict] = {}
+    aliases: Dict[str, str] = {}
     classes = None  # the class names a checkpoint records (load_checkpoint)
     merge_recipe = None  # the token reduction a fine-tuned checkpoint records (load_checkpoint; a MergeRecipe)
     # leaf names of the embeddings kept out of weight decay (see no_weight_decay)
     no_weight_decay_leaves = ("pos_embed", "cls_token", "temporal_pos_embedding")
 
-    def _build_trunk(self, embed_dim: int, depth: int, num_classes: int, drop_path_rate: float,
-                     norm_eps: float, head_drop_rate: float = 0.0, **mixer_kwargs) -> None:
-        """Blocks `layers.{i}`, `norm_f`, `head`. The official models give block i the stochastic depth
-        rate of block i - 1 of a linear schedule (block 0 none), and the final addition the full rate."""
-        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+    def _build_trunk(self, cfg: TrunkConfig, head_drop_rate: float = 0.0, **mixer_options) -> None:
+        """Blocks `layers.{i}`, `norm_f`, `head` as `cfg` describes (mixer_options: the family's mixer
+        variant). The official models give block i the stochastic depth rate of block i - 1 of a linear
+        schedule (block 0 none), and the final addition the full rate."""
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         block_rates = [0.0] + rates[:-1]
-        self.layers = nn.ModuleList(Block(embed_dim, drop_path=block_rates[i], norm_eps=norm_eps, **mixer_kwargs)
-                                    for i in range(depth))
-        self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
-        self.drop_path = DropPath(drop_path_rate)
+        mixer = dict(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank, **mixer_options)
+        self.layers = nn.ModuleList(Block(cfg.embed_dim, drop_path=block_rates[i], norm_eps=cfg.norm_eps, **mixer)
+                                    for i in range(cfg.depth))
+        self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.drop_path = DropPath(cfg.drop_path_rate)
         self.head_drop = nn.Dropout(head_drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.token_reducer = None  # set by mambamerge.patch; not part of the state dict
+
+    def _init_weights(self, *tables: nn.Parameter) -> None:
+        """The official initialisation: the position tables and class token (`tables`, in this order)
+        truncated normal with std 0.02, the patch embedding lecun normal with a zero bias, then the trunk."""
+        for table in tables:
+            nn.init.trunc_normal_(table, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()) / 0.87962566103423978)  # lecun normal
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        self._init_trunk()
 
     def _init_trunk(self) -> None:
         """The official initialisation of the head and of each block's output projection (prenorm
@@ -92,9 +171,17 @@ class MambaClassifier(nn.Module):
         return self.token_layout()
 
     def token_layout(self, input_size=None) -> TokenLayout:
-        """The layout of the embedded tokens for an input of `input_size` (the family's own form; the
-        model's size when None)."""
-        raise NotImplementedError
+        """The layout of the embedded tokens for an input of `input_size` (the config's input_size form:
+        Vim (H, W), VideoMamba (T, H, W), AuM (T, F); an int for every axis; the model's size when None)."""
+        if input_size is None:
+            return TokenLayout(self.cfg.grid_size, self.token_axes, cls=self.cls_position)
+        axes = len(self.cfg.input_size)
+        size = (input_size,) * axes if isinstance(input_size, int) and not isinstance(input_size, bool) else input_size
+        if (not isinstance(size, (tuple, list)) or len(size) != axes
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ValueError(f"input_size must be ({', '.join(self.input_axes)}) or one int, positive, got "
+                             f"{input_size!r}")
+        return TokenLayout(self.cfg.grid_for(tuple(size)), self.token_axes, cls=self.cls_position)
 
     @classmethod
     def input_shape_for(cls, cfg) -> Tuple[int, ...]:
@@ -190,35 +277,41 @@ class MambaClassifier(nn.Module):
         """Last add + RMSNorm. (batch, L, D) x2 -> (batch, L, D)."""
         return self.norm_f(residual + self.drop_path(hidden))
 
+    def _blocks(self, x: torch.Tensor) -> BlockOutput:
+        return run_blocks(self.layers, self.embed(x), self.layout, self.token_reducer)
+
     def _tokens(self, x: torch.Tensor):
         """Input batch -> (normalised tokens after the last block (batch, L, D), where the class token is:
         an int, or (batch,) once tokens were reduced)."""
-        out = run_blocks(self.layers, self.embed(x), self.layout, self.token_reducer)
+        out = self._blocks(x)
         return self.final_norm(out.hidden, out.residual), out.cls_index
+
+    def token_state(self, x: torch.Tensor) -> TokenState:
+        """What the blocks did to the tokens of input batch x: their final bookkeeping (sizes (B, L),
+        original positions, the class token's index (B,), and the source map (B, L, L0) when patched
+        with track_source=True); a dense model's is the embedded tokens' own."""
+        out = self._blocks(x)
+        if out.state is not None:
+            return out.state
+        return TokenState.start(out.hidden, self.layout).with_streams(out.hidden, out.residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """timm's forward_features: input batch -> the normalised tokens after the last block (batch, L, D),
-        L the tokens left when the model reduces them. forward_head reads the class token among them."""
-        return self._tokens(x)[0]
-
-    def _last_cls_index(self, tokens: torch.Tensor) -> Union[int, torch.Tensor]:
-        """Where the class token is among the tokens of this model's last forward_features."""
-        if self.token_reducer is None:
-            return self.layout.cls_index
-        state = self.token_reducer.last_state
-        if state is None or state.hidden.shape[:2] != tokens.shape[:2]:
-            raise ValueError(f"forward_head got tokens of shape {tuple(tokens.shape)}, not those of this "
-                             f"token-reducing model's last forward_features call, which tracks each image's class "
-                             f"token; pass cls_index= or call forward_features first")
-        return state.cls_index
+        L the tokens left when the model reduces them. A token-reducing (patched) model puts each image's
+        class token first, the others after it in order, since merging leaves it anywhere; forward_head
+        reads it there."""
+        tokens, cls_index = self._tokens(x)
+        return tokens if self.token_reducer is None else class_token_first(tokens, cls_index)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
                      cls_index: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
         """timm's forward_head: tokens (batch, L, D) from forward_features -> the class-token feature
         (batch, D) when pre_logits (the official Vim's pooled feature), else logits (batch, num_classes).
-        cls_index: the class token's index (an int, or (batch,)); by default where this model's last
-        forward_features left it."""
-        feature = self.head_drop(class_feature(x, self._last_cls_index(x) if cls_index is None else cls_index))
+        cls_index: the class token's index (an int, or (batch,)); by default where forward_features puts
+        it (the layout's index, or 0 on a token-reducing model)."""
+        if cls_index is None:
+            cls_index = self.layout.cls_index if self.token_reducer is None else 0
+        feature = self.head_drop(class_feature(x, cls_index))
         return feature if pre_logits else self.head(feature)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ class token's entry first), temporal_pos_embedding (1, T', D), layers.{i}, norm_
 VideoMambaCheckpoint reads them.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -16,65 +16,47 @@ from torch import nn
 
 from mambamerge.models.adapter import CheckpointAdapter, depth_of, mixer_config, register_adapter, \
     require, resize_head_table
-from mambamerge.models.base import MambaClassifier, to_2tuple
-from mambamerge.models.sizes import MAX_PIXELS, pair, whole
-from mambamerge.tokens import TokenLayout
+from mambamerge.models.base import MambaClassifier, TrunkConfig
+from mambamerge.models.sizes import MAX_PIXELS, pair, patch_grid, whole
 
 Size3 = Tuple[int, int, int]
 
 
-@dataclass
-class VideoMambaConfig:
+@dataclass(kw_only=True)
+class VideoMambaConfig(TrunkConfig):
     """Architecture of a VideoMamba. img_size and patch_size may be ints or (height, width) pairs;
     the spatial stride equals the patch size and the temporal one the tubelet size, as in the
     official model."""
 
-    embed_dim: int = 192
-    depth: int = 24
     num_frames: int = 8
     tubelet: int = 1
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: Union[int, Tuple[int, int]] = 16
     in_chans: int = 3
-    num_classes: int = 1000
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: Optional[int] = None
-    norm_eps: float = 1e-5
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     head_drop_rate: float = 0.0
 
     def __post_init__(self):
-        self.img_size = to_2tuple(self.img_size)
-        self.patch_size = to_2tuple(self.patch_size)
-        if self.dt_rank is None:
-            self.dt_rank = math.ceil(self.embed_dim / 16)
-        for name in ("embed_dim", "depth", "num_frames", "tubelet", "in_chans", "d_state", "d_conv", "expand",
-                     "dt_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"VideoMambaConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"VideoMambaConfig.num_classes must be >= 0, got {self.num_classes}")
-        if self.num_frames < self.tubelet:
-            raise ValueError(f"{self.num_frames} frames are fewer than one tubelet of {self.tubelet} frames")
-        if any(i < p for i, p in zip(self.img_size, self.patch_size)):
-            raise ValueError(f"frame size {self.img_size} is smaller than the patch size {self.patch_size}")
+        self.img_size = pair(self.img_size, "VideoMambaConfig.img_size")
+        self.patch_size = pair(self.patch_size, "VideoMambaConfig.patch_size")
+        for name in ("num_frames", "tubelet", "in_chans"):
+            setattr(self, name, whole(getattr(self, name), f"VideoMambaConfig.{name}"))
+        if not 0.0 <= self.head_drop_rate < 1.0:
+            raise ValueError(f"VideoMambaConfig.head_drop_rate must be in [0, 1), got {self.head_drop_rate!r}")
+        super().__post_init__()
 
     @property
-    def grid_size(self) -> Size3:
-        """(frames, rows, cols) of the token grid."""
-        return (self.num_frames // self.tubelet,
-                self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+    def input_size(self) -> Size3:
+        """(frames, height, width)."""
+        return (self.num_frames, *self.img_size)
 
-    @property
-    def num_patches(self) -> int:
-        t, h, w = self.grid_size
-        return t * h * w
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def grid_for(self, size: Size3) -> Size3:
+        """(frames, rows, cols) of the token grid of clips of `size` = (T, H, W)."""
+        if size[0] < self.tubelet:
+            raise ValueError(f"{size[0]} frames are fewer than one tubelet of {self.tubelet} frames")
+        if any(i < p for i, p in zip(size[1:], self.patch_size)):
+            raise ValueError(f"frame size {tuple(size[1:])} is smaller than the patch size {self.patch_size}")
+        kernel = (self.tubelet, *self.patch_size)
+        return patch_grid(size, kernel, kernel)
 
 
 class TubeletEmbed(nn.Module):
@@ -118,6 +100,20 @@ class VideoMamba(MambaClassifier):
     family = "videomamba"
     input_kind = "clips"
     config_class = VideoMambaConfig
+    input_axes = ("frames", "height", "width")
+    token_axes = ("frame", "row", "col")
+    cls_position = "head"
+    named_configs = {
+        # the official video_sm configs: 224x224, patch 16, tubelet 1, 8 frames; 1000 classes as the
+        # official constructor (Kinetics-400 files have 400 and load with it)
+        "videomamba_tiny": dict(embed_dim=192, depth=24),
+        "videomamba_small": dict(embed_dim=384, depth=24),
+        "videomamba_middle": dict(embed_dim=576, depth=32),
+        # the video demo model: 8 grey 32x32 frames (moving Fashion-MNIST), 8x8 patches, tubelets of 2
+        # frames -> 4 x 4 x 4 tokens + the class token; 12 blocks so that 80% average reduction stays reachable
+        "videomamba_nano": dict(embed_dim=32, depth=12, d_state=8, num_frames=8, tubelet=2, img_size=32, patch_size=8,
+                                in_chans=1, num_classes=40),
+    }
 
     def __init__(self, cfg: VideoMambaConfig):
         super().__init__()
@@ -129,38 +125,12 @@ class VideoMamba(MambaClassifier):
         self.pos_embed = nn.Parameter(torch.zeros(1, rows * cols + 1, d))
         self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, frames, d))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        self._build_trunk(d, cfg.depth, cfg.num_classes, cfg.drop_path_rate, cfg.norm_eps,
-                          head_drop_rate=cfg.head_drop_rate, d_state=cfg.d_state, d_conv=cfg.d_conv,
-                          expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=False)
-        self._init_weights()
+        self._build_trunk(cfg, head_drop_rate=cfg.head_drop_rate, divide_out=False)
+        self._init_weights(self.pos_embed, self.cls_token, self.temporal_pos_embedding)
 
     @classmethod
     def input_shape_for(cls, cfg: VideoMambaConfig) -> Tuple[int, int, int, int]:
         return (cfg.in_chans, cfg.num_frames, *cfg.img_size)
-
-    def token_layout(self, input_size: Optional[Size3] = None) -> TokenLayout:
-        """Token grid (frames, rows, cols) for clips of input_size = (T, H, W) (the model's own when
-        None); class token at the head."""
-        grid = self.cfg.grid_size
-        if input_size is not None:
-            if (not isinstance(input_size, (tuple, list)) or len(input_size) != 3
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
-                raise ValueError(f"input_size must be (frames, height, width), three positive ints, got "
-                                 f"{input_size!r}")
-            kernel = (self.cfg.tubelet, *self.cfg.patch_size)
-            if any(i < k for i, k in zip(input_size, kernel)):
-                raise ValueError(f"input_size {tuple(input_size)} is smaller than one tubelet {kernel}")
-            grid = tuple(i // k for i, k in zip(input_size, kernel))
-        return TokenLayout(grid, ("frame", "row", "col"), cls="head")
-
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.temporal_pos_embedding, std=0.02)
-        w = self.patch_embed.proj.weight
-        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()) / 0.87962566103423978)  # lecun normal
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        self._init_trunk()
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """clips (batch, C, T, H, W) -> tokens (batch, 1 + T'H'W', D), class token first."""
@@ -221,7 +191,7 @@ class VideoMambaCheckpoint(CheckpointAdapter):
         num_frames = whole(num_frames, "num_frames=", MAX_FRAMES) if num_frames is not None else None
         if saved is not None and "img_size" in saved:
             train_size = pair(saved["img_size"], "the img_size of the file's saved config", MAX_PIXELS)
-            train_grid = (train_size[0] // ph, train_size[1] // pw)
+            train_grid = patch_grid(train_size, (ph, pw), (ph, pw))
         else:
             side = math.isqrt(slots)
             if side * side != slots:

@@ -4,7 +4,8 @@ Numerically the official model (hustvl/Vim, "bimambav2 ... midclstok div2" varia
 same state-dict keys, so official checkpoints load with strict=True; VimCheckpoint reads them.
 """
 import math
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -12,58 +13,38 @@ from torch import nn
 
 from mambamerge.models.adapter import (CheckpointAdapter, depth_of, listing, mixer_config, register_adapter,
                                        resize_grid)
-from mambamerge.models.base import MambaClassifier, to_2tuple
-from mambamerge.models.sizes import MAX_PIXELS, pair, patch_grid
-from mambamerge.tokens import TokenLayout
+from mambamerge.models.base import MambaClassifier, TrunkConfig
+from mambamerge.models.sizes import MAX_PIXELS, pair, patch_grid, whole
 
 Size2 = Tuple[int, int]
 
 
-@dataclass
-class VimConfig:
-    """Architecture of a Vim. img_size/patch_size/stride may be ints or (height, width) pairs."""
+@dataclass(kw_only=True)
+class VimConfig(TrunkConfig):
+    """Architecture of a Vim. img_size/patch_size/stride may be ints or (height, width) pairs;
+    divide_out halves the sum of the two scan directions (the official "div2" models)."""
 
-    embed_dim: int = 192
-    depth: int = 24
     img_size: Union[int, Size2] = 224
     patch_size: Union[int, Size2] = 16
     stride: Union[int, Size2] = 16
     in_chans: int = 3
-    num_classes: int = 1000
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: Optional[int] = None
-    norm_eps: float = 1e-5
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     divide_out: bool = True
 
     def __post_init__(self):
-        self.img_size = to_2tuple(self.img_size)
-        self.patch_size = to_2tuple(self.patch_size)
-        self.stride = to_2tuple(self.stride)
-        if self.dt_rank is None:
-            self.dt_rank = math.ceil(self.embed_dim / 16)
-        for name in ("embed_dim", "depth", "in_chans", "d_state", "d_conv", "expand", "dt_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"VimConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"VimConfig.num_classes must be >= 0, got {self.num_classes}")
-        for axis in range(2):
-            if self.img_size[axis] < self.patch_size[axis]:
-                raise ValueError(f"image size {self.img_size} is smaller than the patch size {self.patch_size}")
+        self.img_size = pair(self.img_size, "VimConfig.img_size")
+        self.patch_size = pair(self.patch_size, "VimConfig.patch_size")
+        self.stride = pair(self.stride, "VimConfig.stride")
+        self.in_chans = whole(self.in_chans, "VimConfig.in_chans")
+        super().__post_init__()
 
     @property
-    def grid_size(self) -> Size2:
-        return patch_grid(self.img_size, self.patch_size, self.stride)
+    def input_size(self) -> Size2:
+        return self.img_size
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def grid_for(self, size: Size2) -> Size2:
+        if any(i < p for i, p in zip(size, self.patch_size)):
+            raise ValueError(f"image size {tuple(size)} is smaller than the patch size {self.patch_size}")
+        return patch_grid(size, self.patch_size, self.stride)
 
 
 class PatchEmbed(nn.Module):
@@ -100,6 +81,32 @@ class VisionMamba(MambaClassifier):
     family = "vim"
     input_kind = "images"
     config_class = VimConfig
+    input_axes = ("height", "width")
+    token_axes = ("row", "col")
+    named_configs = {
+        "vim_tiny": dict(embed_dim=192, depth=24),
+        "vim_small": dict(embed_dim=384, depth=24),
+        "vim_base": dict(embed_dim=768, depth=24),
+        "vim_tiny_plus": dict(embed_dim=192, depth=24, stride=8),
+        "vim_small_plus": dict(embed_dim=384, depth=24, stride=8),
+        # the image demo model: grey 56x56 images, 4x4 patches (ImageNet's token geometry: 14x14 patches +
+        # the middle class token), 10 classes; 12 blocks so that 80% average reduction stays reachable
+        # under ToMe's 50%-per-step limit
+        "vim_nano": dict(embed_dim=48, depth=12, d_state=8, img_size=56, patch_size=4, stride=4, in_chans=1,
+                         num_classes=10),
+        "vim_pico": dict(embed_dim=32, depth=2, img_size=32, patch_size=8, stride=8, d_state=8, num_classes=10),
+    }
+    # the demo model takes Fashion-MNIST as mambamerge's IDX loader gives it (28x28 resized bilinearly, no
+    # crop, its training pixels' mean / std)
+    named_pretrained_cfgs = {"vim_nano": dict(interpolation="bilinear", crop_pct=1.0, mean=(0.2860,), std=(0.3530,))}
+    # the official entry-point names of hustvl/Vim (registered with timm as aliases)
+    aliases = {
+        "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny",
+        "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_plus",
+        "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_small",
+        "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_small_plus",
+        "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2": "vim_base",
+    }
 
     def __init__(self, cfg: VimConfig):
         super().__init__()
@@ -109,9 +116,8 @@ class VisionMamba(MambaClassifier):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        self._build_trunk(d, cfg.depth, cfg.num_classes, cfg.drop_path_rate, cfg.norm_eps, d_state=cfg.d_state,
-                          d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank, divide_out=cfg.divide_out)
-        self._init_weights()
+        self._build_trunk(cfg, divide_out=cfg.divide_out)
+        self._init_weights(self.pos_embed, self.cls_token)
 
     @property
     def cls_index(self) -> int:
@@ -121,31 +127,6 @@ class VisionMamba(MambaClassifier):
     @classmethod
     def input_shape_for(cls, cfg: VimConfig) -> Tuple[int, int, int]:
         return (cfg.in_chans, *cfg.img_size)
-
-    def token_layout(self, input_size: Union[None, int, Size2] = None) -> TokenLayout:
-        """Patch grid at `input_size` ((H, W) or int; the model's own size when None), class token in
-        the middle."""
-        grid = self.cfg.grid_size
-        if input_size is not None:
-            size = (input_size, input_size) if isinstance(input_size, int) else input_size
-            if (not isinstance(size, (tuple, list)) or len(size) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
-                raise ValueError(f"input_size must be an int or a (height, width) pair of ints, got {input_size!r}")
-            if min(size) <= 0:
-                raise ValueError(f"input_size must be positive, got {input_size!r}")
-            if any(i < p for i, p in zip(size, self.cfg.patch_size)):
-                raise ValueError(f"input_size {tuple(size)} is smaller than the patch size {self.cfg.patch_size}")
-            grid = patch_grid(size, self.cfg.patch_size, self.cfg.stride)
-        return TokenLayout(grid, ("row", "col"), cls="middle")
-
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        w = self.patch_embed.proj.weight
-        fan_in = w.shape[1] * w.shape[2] * w.shape[3]
-        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)  # lecun normal
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        self._init_trunk()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (batch, C, H, W) -> tokens (batch, M + 1, D) with the class token at cls_index."""
@@ -201,11 +182,30 @@ def _user_pair(value, what: str) -> Size2:
     return pair(value, what, MAX_PIXELS, unit=" of pixels")
 
 
-def _infer_stride(num_slots: int, patch: Size2, raw, img_size: Optional[Size2], stride,
-                  train_img_size) -> Tuple[Size2, Size2]:
-    """Returns (stride, training grid) from the position-embedding length and what is known."""
-    stride = _user_pair(stride, "stride=") if stride is not None else raw.stride
-    train = _user_pair(train_img_size, "train_img_size=") if train_img_size is not None else raw.train_img_size
+def _recorded(raw) -> Tuple[Optional[Size2], Optional[Size2]]:
+    """(training size, stride) a file records, each None when it does not: our saved config, or an
+    official file's args.input_size and the stride in args.model."""
+    def read(value, what: str) -> Size2:
+        try:
+            return _user_pair(value, what)
+        except ValueError as err:
+            raise ValueError(f"{err}; the file is damaged or was not written by mambamerge") from None
+
+    size, stride = raw.config.get("img_size"), raw.config.get("stride")
+    size = read(size, "the saved config metadata's img_size") if size is not None else None
+    stride = read(stride, "the saved config metadata's stride") if stride is not None else None
+    if raw.args.get("input_size") is not None:
+        size = read(raw.args["input_size"], "args.input_size")
+    match = re.search(r"stride(\d+)", str(raw.args.get("model", "")))
+    if match:
+        stride = read(int(match.group(1)), f"the stride in args.model {raw.args['model']!r}")
+    return size, stride
+
+
+def _infer_stride(num_slots: int, patch: Size2, img_size: Optional[Size2], stride: Optional[Size2],
+                  train: Optional[Size2]) -> Tuple[Size2, Size2]:
+    """Returns (stride, training grid) from the position-embedding length and what is known (None: not
+    known) of the stride and the training size."""
     num_patches = num_slots - 1
     if train is not None and stride is not None:
         grid = patch_grid(train, patch, stride)
@@ -269,10 +269,11 @@ class VimCheckpoint(CheckpointAdapter):
         embed_dim, in_chans, ph, pw = sd["patch_embed.proj.weight"].shape
         mixer = mixer_config(sd, embed_dim)
         size = _user_pair(img_size, "img_size=") if img_size is not None else None
-        stride, grid = _infer_stride(sd["pos_embed"].shape[1], (ph, pw), raw, size, stride, train_img_size)
-        if size is None:
-            size = (_user_pair(train_img_size, "train_img_size=") if train_img_size is not None
-                    else raw.train_img_size or (_FALLBACK_SIZE, _FALLBACK_SIZE))
+        recorded_size, recorded_stride = _recorded(raw)
+        stride = _user_pair(stride, "stride=") if stride is not None else recorded_stride
+        train = _user_pair(train_img_size, "train_img_size=") if train_img_size is not None else recorded_size
+        stride, grid = _infer_stride(sd["pos_embed"].shape[1], (ph, pw), size, stride, train)
+        size = size or train or (_FALLBACK_SIZE, _FALLBACK_SIZE)
         try:
             cfg = VimConfig(embed_dim=embed_dim, depth=depth, img_size=size, patch_size=(ph, pw), stride=stride,
                             in_chans=in_chans, num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
