@@ -20,7 +20,7 @@ def model_and_inputs():
 
 
 def tuned(model, inputs, **kw):
-    return mambamerge.tune(model, inputs, 0.6, methods=["mame", "stm"], max_candidates=16, screen=6, **kw)
+    return mambamerge.tune(model, inputs, 0.6, methods=["mame", "stm"], max_candidates=24, screen=6, **kw)
 
 
 def test_kl_equals_a_hand_computation():
@@ -36,7 +36,8 @@ def test_tune_scores_against_the_dense_model_and_leaves_it_dense(model_and_input
     result = tuned(model, x)
     assert model.token_reducer is None
     chosen = result.config
-    assert chosen["score"]["kl"] == min(c["kl"] for c in result.candidates if c["inputs"] == len(x))
+    exact = [c for c in result.candidates if c["stage"] in ("spacing", "schedule")]  # at the budget exactly
+    assert chosen["score"]["kl"] == min(c["kl"] for c in exact)
     # the recorded KL is that of the patched model on the inputs, recomputed here independently
     with torch.no_grad():
         dense = model(x)
@@ -48,15 +49,63 @@ def test_tune_scores_against_the_dense_model_and_leaves_it_dense(model_and_input
 def test_schedule_search_keeps_the_reduction_exact(model_and_inputs):
     model, x = model_and_inputs
     result = tuned(model, x)
+    kept = round(0.4 * 6 * 65)  # tokens summed over the 6 blocks at 60% of 65 tokens
+    spaced = [c for c in result.candidates if c["stage"] == "spacing"]
     moved = [c for c in result.candidates if c["stage"] == "schedule"]
     assert moved, "the schedule search ran no candidate"
-    refined = [c for c in result.candidates if c["stage"] == "refine" and c["method"] == moved[0]["method"]
-               and c["options"] == moved[0]["options"]][0]
-    for c in moved:
-        assert c["removals"] != refined["removals"]
-        assert sum(Schedule(tuple(c["removals"])).token_counts(65)) == sum(
-            Schedule(tuple(refined["removals"])).token_counts(65))
-        assert c["reduction"] == pytest.approx(refined["reduction"], abs=1e-12)
+    assert len({(c["start"], c["every"]) for c in spaced}) >= 3 and any(c["start"] > 1 for c in spaced)
+    assert len({tuple(c["removals"]) for c in spaced + moved}) == len(spaced + moved)
+    for c in spaced + moved:
+        assert sum(Schedule(tuple(c["removals"])).token_counts(65)) == kept
+        assert c["reduction"] == pytest.approx(1 - kept / (6 * 65), abs=1e-12)
+    for c in spaced:  # steps only where the spacing puts them
+        assert all(r == 0 for b, r in enumerate(c["removals"]) if b < c["start"] or (b - c["start"]) % c["every"])
+    assert result.config["reduction"] == pytest.approx(1 - kept / (6 * 65), abs=1e-12)
+    assert result.config["budget"] == {"reduction": 0.6}
+
+
+def test_fit_meets_a_token_sum_exactly_at_the_schedule_s_own_steps():
+    from mambamerge.budget import fit, kept_sum
+
+    base = [0, 30, 0, 12, 0, 5]  # steps before blocks 1, 3, 5 of 6: one token there is 5, 3 or 1 token-layers
+    for kept in range(kept_sum(base, 65) - 12, kept_sum(base, 65) + 12):
+        out = fit(base, kept, 65)
+        assert kept_sum(out, 65) == kept and [b for b, r in enumerate(out) if r] == [1, 3, 5]
+        assert sum(abs(a - b) for a, b in zip(out, base)) <= 4
+    even = [0, 0, 30, 0, 12, 0]  # steps 4 and 2 blocks from the end: only even changes
+    assert fit(even, kept_sum(even, 65) - 1, 65) is None
+    assert kept_sum(fit(even, kept_sum(even, 65) - 2, 65), 65) == kept_sum(even, 65) - 2
+
+
+def test_a_gmacs_budget_is_met_within_one_token_step_and_never_exceeded(model_and_inputs):
+    from mambamerge.budget import token_macs
+
+    model, x = model_and_inputs
+    dense = mambamerge.flops(model).total_one_direction / 1e9
+    step = token_macs(model) / 1e9
+    for budget in (0.45 * dense, 0.6 * dense):
+        result = mambamerge.tune(model, x, gmacs=budget, methods=["mame", "stm"], max_candidates=20, screen=6)
+        config = result.config
+        assert budget - step < config["gmacs"] <= budget and config["budget"] == {"gmacs": budget}
+        with torch.no_grad():  # the GMACs recorded are the patched model's, counted afresh
+            reached = mambamerge.flops(mambamerge.patch(model, config=config)).total_one_direction / 1e9
+        mambamerge.unpatch(model)
+        assert reached == pytest.approx(config["gmacs"], rel=1e-12)
+        for c in result.candidates:
+            if c["stage"] in ("spacing", "schedule"):
+                assert budget - step < c["gmacs"] <= budget
+
+
+def test_bad_budgets_are_refused_by_name(model_and_inputs):
+    model, x = model_and_inputs
+    dense = mambamerge.flops(model).total_one_direction / 1e9
+    for kw, message in [(dict(), "exactly one budget"), (dict(reduction=0.5, gmacs=0.001), "exactly one budget"),
+                        (dict(gmacs=dense), "not below the dense model's"),
+                        (dict(gmacs=2 * dense), "not below the dense model's"),
+                        (dict(gmacs=0.05 * dense), "below the cheapest this model reaches"),
+                        (dict(gmacs="0.1"), "must be a number")]:
+        with pytest.raises(ValueError, match=message):
+            mambamerge.tune(model, x, methods=["mame"], **kw)
 
 
 def test_config_round_trips_through_json_with_identical_logits(model_and_inputs):

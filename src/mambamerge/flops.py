@@ -102,10 +102,9 @@ def _token_macs(mixer) -> Tuple[int, int, int]:
     return shared, branch, scan
 
 
-def _token_counts(model: nn.Module, layout: TokenLayout) -> List[int]:
-    """Tokens entering each block, starting from the layout's; every step of a patched model's schedule
-    must be within its method's capacity at that length (it may not be at another input size)."""
-    reducer = model.token_reducer
+def _token_counts(model: nn.Module, layout: TokenLayout, reducer) -> List[int]:
+    """Tokens entering each block under `reducer` (None: dense), starting from the layout's; every step of
+    its schedule must be within its method's capacity at that length (it may not be at another input size)."""
     if reducer is None:
         return [layout.length] * len(model.layers)
     schedule = validate(reducer.schedule.removals, len(model.layers), layout.length,
@@ -113,9 +112,9 @@ def _token_counts(model: nn.Module, layout: TokenLayout) -> List[int]:
     return schedule.token_counts(layout.length)
 
 
-def _merge_overhead(model: nn.Module, counts: List[int]) -> int:
-    """Sum of method.overhead_macs over the steps; the step before block l sees counts[l - 1] tokens."""
-    reducer = model.token_reducer
+def _merge_overhead(model: nn.Module, counts: List[int], reducer) -> int:
+    """Sum of `reducer`'s method.overhead_macs over its steps; the step before block l sees counts[l - 1]
+    tokens."""
     if reducer is None:
         return 0
     dim = model.layers[0].mixer.d_model
@@ -136,7 +135,7 @@ def _without_channels(model: nn.Module, input_size):
     return tuple(rest)
 
 
-def flops(model: nn.Module, input_size=None) -> FlopsReport:
+def flops(model: nn.Module, input_size=None, reducer=None) -> FlopsReport:
     """Count the MACs and the parameters of one input sample through `model` (any family, patched or not).
 
     input_size: count at another input size, in the family's form (Vim: (H, W) or int; see the
@@ -144,13 +143,16 @@ def flops(model: nn.Module, input_size=None) -> FlopsReport:
         Vim (C, H, W) as timm and ptflops give it, VideoMamba (C, T, H, W)); the model's own size
         by default. A patched model's schedule removes
         the same number of tokens before each block at any size.
-    Token counts per block follow the model's token reducer (mambamerge.patch) when there is one.
+    Token counts per block follow the model's token reducer (mambamerge.patch) when there is one, or
+    `reducer` (a TokenReducer, e.g. from patch.make_reducer) when given: the count as if the model were
+    patched with it, the model left as it is.
     "one_direction" counts one convolution + projection branch and one scan per block, whatever the
     mixer runs; "both_directions" counts what it runs (Vim: two branches and two scans; AuM's Fo-Bi
     one branch and two scans; a one-direction mixer one of each).
     """
     layout = model.token_layout(_without_channels(model, input_size))
-    counts = _token_counts(model, layout)
+    reducer = model.token_reducer if reducer is None else reducer
+    counts = _token_counts(model, layout, reducer)
     mixer = model.layers[0].mixer
     shared, branch, scan = _token_macs(mixer)
     proj = model.patch_embed.proj
@@ -160,6 +162,6 @@ def flops(model: nn.Module, input_size=None) -> FlopsReport:
         head=model.head.weight.numel() if isinstance(model.head, nn.Linear) else 0,
         blocks_one_direction=tuple(t * (shared + branch + scan) for t in counts),
         blocks_both_directions=tuple(t * (shared + mixer.branches * branch + mixer.scans * scan) for t in counts),
-        merge_overhead=_merge_overhead(model, counts),
+        merge_overhead=_merge_overhead(model, counts, reducer),
         params=sum(p.numel() for p in model.parameters()),
     )

@@ -1,10 +1,12 @@
-"""`tune(model, inputs, reduction)`: the method, options and per-block schedule that keep the most of the
-dense model at a fixed average reduction, found on the user's own (unlabelled) inputs.
+"""`tune(model, inputs, reduction | gmacs)`: the method, options and per-block schedule that keep the most of
+the dense model at a fixed average reduction or GMACs budget, found on the user's own (unlabelled) inputs.
 
 Score: the mean KL divergence of the patched prediction from the dense one (dense logits computed once);
 with labels, top-1 first and KL to break ties. Search: every method's `search_space()` screened on a
 slice of the inputs, the best few rescored on all of them (successive halving), then the best one's
-schedule moved between blocks by coordinate descent under the exact same token budget."""
+schedule: where the steps start and how often (each spacing refitted to exactly the budget's tokens
+summed over blocks), then the best spacing's removals moved between blocks by coordinate descent under
+the same exact budget."""
 import copy
 import itertools
 import json
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.atomic import write_bytes
+from mambamerge.budget import GIGA, fit, gmacs_budget, schedule_macs, token_macs
 from mambamerge.flops import flops
 from mambamerge.merge import METHODS
 from mambamerge.merge.recipe import MergeRecipe
@@ -26,6 +29,9 @@ from mambamerge.merge.schedule import Schedule
 from mambamerge.patch import make_reducer
 
 DEFAULT_METHODS = ("mame", "stm", "tome")
+# where the schedule's steps start and how often, tried in this order: the tuner's first schedules
+# (geometric from block 1, every second block or every block), then later starts and sparser steps
+SPACINGS = ((1, 2), (1, 1)) + tuple((s, e) for s in (1, 2, 3, 4) for e in (1, 2, 3) if (s, e) not in ((1, 2), (1, 1)))
 
 
 @dataclass
@@ -71,20 +77,30 @@ def _moves(removals: Sequence[int], step: int) -> List[tuple]:
     return out
 
 
-def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.Tensor] = None,
+def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels: Optional[torch.Tensor] = None,
          methods: Optional[Sequence[str]] = None, max_candidates: int = 100, time_budget_s: Optional[float] = None,
          seed: int = 0, screen: int = 64, keep: int = 3, batch_size: int = 32,
-         journal: Optional[Path] = None, on_candidate: Optional[Callable[[dict], None]] = None) -> TuneResult:
-    """Find the reduction of `model` (a mambamerge model; left as it was) at average `reduction` that
-    keeps its predictions on `inputs` (N, *model.input_shape) closest to the dense model's.
+         journal: Optional[Path] = None, on_candidate: Optional[Callable[[dict], None]] = None,
+         gmacs: Optional[float] = None) -> TuneResult:
+    """Find the reduction of `model` (a mambamerge model; left as it was) at average `reduction`, or within
+    `gmacs` GMACs per input, that keeps its predictions on `inputs` (N, *model.input_shape) closest to the
+    dense model's.
 
-    labels: (N,) class indices; then top-1 ranks first, KL breaks ties. methods: names in METHODS
-    (default mame, stm, tome). max_candidates / time_budget_s: stop searching after that many scored
-    candidates / seconds (the best so far is returned). seed: which option combinations are screened
-    when there are more than max_candidates. screen: inputs of the first, cheap pass; keep: how many of
-    its best are rescored on all inputs. journal: a JSON file of scored candidates, written atomically
-    after each one, so that a tune killed and rerun with the same arguments continues where it was.
-    on_candidate: called with each candidate's record once scored (or read back from the journal)."""
+    reduction / gmacs: the budget, exactly one of them. The schedule stages keep the tokens summed over
+    blocks at exactly what it allows: round((1 - reduction) * depth * tokens), or for gmacs (one scan
+    direction, merge overhead included, as every GMACs column) the most whose GMACs stay within the budget,
+    less than one block's token step below it; a budget not below the dense GMACs or below the cheapest
+    reachable is a ValueError. labels: (N,) class indices; then top-1 ranks first, KL breaks ties.
+    methods: names in METHODS (default mame, stm, tome). max_candidates / time_budget_s: stop searching
+    after that many scored candidates / seconds (the best so far is returned). seed: which option
+    combinations are screened when there are more than max_candidates. screen: inputs of the first, cheap
+    pass; keep: how many of its best are rescored on all inputs. journal: a JSON file of scored
+    candidates, written atomically after each one, so that a tune killed and rerun with the same
+    arguments continues where it was. on_candidate: called with each candidate's record once scored (or
+    read back from the journal)."""
+    if (reduction is None) == (gmacs is None):
+        raise ValueError("give exactly one budget: reduction= (an average reduction, e.g. 0.6) or gmacs= (GMACs "
+                         "per input, one scan direction)")
     methods = list(methods or DEFAULT_METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -95,6 +111,13 @@ def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.T
         raise ValueError("tune needs at least one calibration input")
     work = copy.deepcopy(model).eval()
     work.token_reducer = None
+    depth, initial = len(work.layers), work.layout.length
+    if gmacs is not None:
+        kept = gmacs_budget(work, gmacs, methods)
+        reduction = 1.0 - kept / (depth * initial)
+    else:
+        kept = round((1.0 - reduction) * depth * initial)
+    step = token_macs(work)
     dense = _logits(work, inputs, batch_size)
     done = json.loads(Path(journal).read_text()) if journal is not None and Path(journal).exists() else {}
     candidates: List[dict] = []
@@ -104,7 +127,8 @@ def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.T
         over_time = time_budget_s is not None and time.monotonic() - start > time_budget_s
         return len(candidates) >= limit or over_time
 
-    def evaluate(method: str, options: dict, removals: Optional[Sequence[int]], n: int, stage: str) -> dict:
+    def evaluate(method: str, options: dict, removals: Optional[Sequence[int]], n: int, stage: str,
+                 **spacing) -> dict:
         key = json.dumps([method, options, list(removals) if removals is not None else None, n], sort_keys=True)
         if key in done:
             record = done[key]
@@ -118,18 +142,59 @@ def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.T
             finally:
                 work.token_reducer = None
             record = {"method": method, "options": options, "removals": list(reducer.schedule.removals),
-                      "reduction": reducer.schedule.average_reduction(work.layout.length), "gmacs": macs / 1e9,
+                      "reduction": reducer.schedule.average_reduction(work.layout.length), "gmacs": macs / GIGA,
                       "inputs": n, "kl": kl_to_dense(dense[:n], logits).mean().item()}
             if labels is not None:
                 record["top1"] = (logits.argmax(-1) == labels[:n]).double().mean().item()
             done[key] = record
             if journal is not None:
                 write_bytes(journal, json.dumps(done))
-        record = dict(record, stage=stage)
+        record = dict(record, stage=stage, **spacing)
         candidates.append(record)
         if on_candidate is not None:
             on_candidate(record)
         return record
+
+    def within_gmacs(method: str, options: dict, removals: Sequence[int]) -> bool:
+        """Within the GMACs budget and less than one block's token step below it (always, for a reduction)."""
+        return gmacs is None or -step < schedule_macs(work, method, options, removals) - gmacs * GIGA <= 0
+
+    def fitted(method: str, options: dict, first: int, every: int) -> Optional[List[int]]:
+        """The geometric schedule stepping before blocks first, first + every, ... refitted to the budget
+        exactly (None where it cannot be): `kept` tokens over blocks, less by the merge overhead's worth
+        for a GMACs budget."""
+        try:
+            base = make_reducer(work, method, reduction, start=first, every=every, **options).schedule.removals
+        except ValueError:
+            return None
+        target = kept
+        for _ in range(8):  # the overhead changes a little with the tokens kept: a few rounds settle it
+            removals = fit(base, target, initial)
+            if removals is None or not _valid(work, method, options, removals):
+                return None
+            if gmacs is None:
+                return removals
+            over = schedule_macs(work, method, options, removals) - gmacs * GIGA
+            if -step < over <= 0:
+                return removals
+            target += -math.ceil(over / step) if over > 0 else math.floor(-over / step)
+        return None
+
+    def spacings(record: dict) -> List[dict]:
+        """The spacings of the record's method and options that meet the budget exactly, scored (up to
+        half the candidates left: the rest moves the best one's removals)."""
+        out, tried = [], set()
+        limit = len(candidates) + max(1, (max_candidates - len(candidates)) // 2)
+        for first, every in SPACINGS:
+            if first >= depth or (out and out_of_budget(limit)):
+                continue
+            removals = fitted(record["method"], record["options"], first, every)
+            if removals is None or tuple(removals) in tried:
+                continue
+            tried.add(tuple(removals))
+            out.append(evaluate(record["method"], record["options"], removals, len(inputs), "spacing",
+                                start=first, every=every))
+        return out
 
     grid = [(m, dict(zip(space, values))) for m in methods
             for space in [METHODS[m].search_space(work.layout)] for values in itertools.product(*space.values())]
@@ -142,33 +207,49 @@ def tune(model, inputs: torch.Tensor, reduction: float, labels: Optional[torch.T
     random.Random(seed).shuffle(rest)
     n_screen = min(screen, len(inputs))
     screened = []
-    for method, options in defaults + rest:  # half the budget screens, the rest refines and moves the schedule
+    for method, options in defaults + rest:  # half the budget screens, the rest refines and searches the schedule
         if screened and out_of_budget(max(len(defaults), max_candidates // 2)):
             break
         screened.append(evaluate(method, options, None, n_screen, "screen"))
-    best = [evaluate(r["method"], r["options"], None, len(inputs), "refine")
-            for r in sorted(screened, key=_score)[:keep]]
-    champion = min(best, key=_score)
-    step = max(1, max(champion["removals"]) // 4)
-    while not out_of_budget() and step >= 1:
+    best = sorted((evaluate(r["method"], r["options"], None, len(inputs), "refine")
+                   for r in sorted(screened, key=_score)[:keep]), key=_score)
+    exact = next((found for found in map(spacings, best) if found), [])
+    if not exact and gmacs is not None:
+        raise ValueError(f"no schedule of {', '.join(dict.fromkeys(r['method'] for r in best))} meets gmacs={gmacs:g} "
+                         f"to within one block's token step; give a larger budget")
+    champion = min(exact, key=_score) if exact else best[0]
+    seen = {tuple(c["removals"]) for c in exact}  # scored already, and none better than the champion
+    moved = max(1, max(champion["removals"]) // 4)
+    while not out_of_budget() and moved >= 1:
         improved = False
-        for removals in _moves(champion["removals"], step):
+        for removals in _moves(champion["removals"], moved):
             if out_of_budget():
                 break
-            if not _valid(work, champion["method"], champion["options"], removals):
+            if removals in seen or not (_valid(work, champion["method"], champion["options"], removals)
+                                        and within_gmacs(champion["method"], champion["options"], removals)):
                 continue
-            record = evaluate(champion["method"], champion["options"], removals, len(inputs), "schedule")
+            seen.add(removals)
+            record = evaluate(champion["method"], champion["options"], removals, len(inputs), "schedule",
+                              **_spacing(champion))
             if _score(record) < _score(champion):
                 champion, improved = record, True
                 break
         if not improved:
-            step //= 2
+            moved //= 2
     config = {"method": champion["method"], "options": _full_options(champion),
               "removals": champion["removals"], "reduction": champion["reduction"], "gmacs": champion["gmacs"],
+              "budget": {"reduction": reduction} if gmacs is None else {"gmacs": gmacs},
+              "spacing": _spacing(champion) or None,
               "score": {k: champion[k] for k in ("kl", "top1") if k in champion},
               "model": type(model).__name__, "depth": len(model.layers), "tokens": model.layout.length,
               "input_shape": list(model.input_shape)}
     return TuneResult(config, candidates)
+
+
+def _spacing(record: dict) -> dict:
+    """{start, every} of the spacing the record's schedule was fitted from ({} for a geometric one as
+    resolved for the target)."""
+    return {k: record[k] for k in ("start", "every") if k in record}
 
 
 def _full_options(record: dict) -> dict:
