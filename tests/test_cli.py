@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,29 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "mambamerge", "info", "--models"], capture_output=True, text=True,
                          check=True).stdout
     assert "vim_small_plus" in out
+
+
+@pytest.mark.parametrize("method", [[], ["--method", "mame", "--reduction", "0.3"]], ids=["dense", "mame"])
+def test_speed_compile_reports_each_compile_apart_from_the_timed_forwards(method, monkeypatch, capsys,
+                                                                          keep_torch_threads):
+    compiled = []
+
+    def traced(model):  # dynamo's tracing without inductor's code generation: the same first-call cost, faster
+        compiled.append(model)
+        return torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr("mambamerge.compiling.compile", traced)
+    torch._dynamo.reset()  # no graph left from an earlier test: every forward here compiles on its first call
+    speed = ["speed", "--model", "vim_pico", "--batch", "1", "--runs", "2", "--threads", "1"] + method
+    assert main(speed) == 0
+    assert "\ncompile " not in capsys.readouterr().out and not compiled
+    assert main(speed + ["--compile"]) == 0
+    out = capsys.readouterr().out
+    assert len(compiled) == 1
+    line = next(line for line in out.splitlines() if line.startswith("compile "))
+    seconds = dict(re.findall(r"(\w+) ([\d.]+) s", line.split("not timed:")[1]))
+    assert set(seconds) == ({"patched", "dense"} if method else {"model"})
+    # seconds per forward of the timed runs (batch 1): merged and dense, or the model's
+    timed = [1 / float(x) for x in re.findall(r"([\d.]+) (?:inputs/s|dense,)", out)]
+    assert len(timed) == len(seconds)
+    assert min(map(float, seconds.values())) > 10 * max(timed)  # the compile is not in the timed runs

@@ -3,9 +3,12 @@ from typing import Literal, get_origin, get_type_hints
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from mambamerge.merge import METHODS, MTR, MaMe
-from mambamerge.merge.matching import least_per_group, most_similar, top_band
+from mambamerge.merge.matching import (least_per_group, most_similar, near_class_token, spread_sources, top_band,
+                                       uniform_sources)
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.stm import injection_strength
 from test_mame_stm import as_read, make_ssm, make_state
@@ -103,6 +106,24 @@ def test_least_per_group_cuts_eligible_tokens_into_equal_runs():
     two_images = least_per_group(score.expand(2, -1), torch.stack([eligible[0], torch.ones(9, dtype=torch.bool)]),
                                  torch.tensor([3, 2]))
     assert two_images.tolist() == [[1, 4, 7], [3, 5, -1]]  # 9 tokens in 2 runs: 0-4, 5-8
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_uniform_sources_in_closed_form_are_spread_sources_of_equal_scores(data):
+    length = data.draw(st.integers(1, 70), label="length")
+    batch = data.draw(st.integers(0, 4), label="batch")
+    cls = None
+    if data.draw(st.booleans(), label="class token"):  # each image its own class-token index
+        cls = torch.tensor(data.draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch)),
+                           dtype=torch.long)
+    width = 0 if cls is None else data.draw(st.integers(0, length // 2), label="width")
+    eligible = torch.ones(batch, length, dtype=torch.bool) if cls is None else ~near_class_token(cls, length, width)
+    most = int(eligible.sum(dim=1).min()) if batch else length
+    assume(most >= 1)
+    r = data.draw(st.integers(1, most), label="r")
+    expected = spread_sources(torch.zeros(batch, length), eligible, r)
+    assert torch.equal(uniform_sources(cls, batch, length, width, r, torch.device("cpu")), expected)
 
 
 def test_mame_spread_sources_take_the_least_important_of_each_run():

@@ -58,7 +58,7 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
 def add_compile_option(p: argparse.ArgumentParser) -> None:
     """--compile, shared by the commands that time forwards."""
     p.add_argument("--compile", action="store_true",
-                   help="time torch.compile'd forwards (mambamerge.compile; the accuracy pass stays eager); each "
+                   help="time torch.compile'd forwards (mambamerge.compile; an accuracy pass stays eager); each "
                         "compile is timed apart from the runs, and inductor caches it for later runs")
 
 

@@ -4,11 +4,13 @@ import argparse
 
 from mambamerge.cli.inputs import recorded_merge
 from mambamerge.cli.names import AMP_CHOICES, MODELS
-from mambamerge.cli.options import add_method_options, check_at_least_one, check_method_args, parse_options
+from mambamerge.cli.options import (add_compile_option, add_method_options, check_at_least_one, check_method_args,
+                                    compile_line, parse_options)
 
 HELP = "build a model (or load a checkpoint) and measure its forward throughput, dense or with a method"
 EXAMPLES = ("--model vim_tiny --batch-size 16", "--model vim_small --method mame --reduction 0.4 --device cuda",
-            "--checkpoint model.safetensors --method tome --option schedule=constant --option r=8")
+            "--checkpoint model.safetensors --method tome --option schedule=constant --option r=8",
+            "--model vim_nano --batch 1 --method mame --reduction 0.5 --compile")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -24,6 +26,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--amp", default="none", choices=AMP_CHOICES,
                    help="autocast precision of the timed forwards: none (default), bf16 (CPU or GPU), fp16 (GPU)")
+    add_compile_option(p)
     add_method_options(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="schedule parameter or method option, as for mambamerge.patch; repeatable")
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from mambamerge.memory import check_side, check_size_args
 
     from mambamerge.checkpoint import load_checkpoint
+    from mambamerge.compiling import compile as compile_model
     from mambamerge.devices import autocast, check_amp, describe_cpu_bf16, parse_device
     from mambamerge.evaluate import paired_throughput
     from mambamerge.flops import flops
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from mambamerge.ops import mixer_backend
     from mambamerge.patch import patch, reduction_summary
     from mambamerge.threads import default_threads, openmp_waiting
-    from mambamerge.timing import time_call
+    from mambamerge.timing import first_call_seconds, time_call
 
     torch.set_num_threads(default_threads(args.threads))
     check_side("--img-size", args.img_size)
@@ -82,14 +86,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"merging      {recipe.describe() if recipe else args.method}: {summary['average_reduction']:.1%} "
               f"average reduction, final tokens {summary['final_tokens']} of {summary['initial_tokens']}, GMACs "
               f"{flops(model).summary()['total_one_direction']:.4g} with the merge overhead")
-        merged, dense, _ = paired_throughput(model, args.batch_size, args.runs, amp=args.amp)
+        merged, dense, compile_s = paired_throughput(model, args.batch_size, args.runs, amp=args.amp,
+                                                     compile=args.compile)
         print(f"forward      batch {args.batch_size}: {merged:.1f} inputs/s merged, {dense:.1f} dense, timed "
               f"interleaved (median of {args.runs}): speed-up {merged / dense:.2f}x")
-        return 0
-    images = torch.randn(args.batch_size, *model.input_shape, device=device)
-    with torch.inference_mode(), autocast(device, args.amp):
-        times = time_call(lambda: model(images), device, warmup=1, runs=args.runs)
-    best, median = min(times), sorted(times)[len(times) // 2]
-    print(f"forward      batch {args.batch_size}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
-          f"{args.batch_size / median:.1f} inputs/s")
+    else:
+        images = torch.randn(args.batch_size, *model.input_shape, device=device)
+        forward = compile_model(model) if args.compile else model
+        with torch.inference_mode(), autocast(device, args.amp):
+            compile_s = first_call_seconds({"model": lambda: forward(images)}, device) if args.compile else None
+            times = time_call(lambda: forward(images), device, warmup=1, runs=args.runs)
+        best, median = min(times), sorted(times)[len(times) // 2]
+        print(f"forward      batch {args.batch_size}: median {median * 1e3:.0f} ms (best {best * 1e3:.0f} ms), "
+              f"{args.batch_size / median:.1f} inputs/s")
+    if compile_s:
+        print(f"compile      {compile_line(compile_s)}")
     return 0

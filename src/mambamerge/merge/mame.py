@@ -15,10 +15,11 @@ from typing import Literal, Optional
 
 import torch
 
+from mambamerge.dtypes import cast
 from mambamerge.merge.base import Feature, ReductionMethod, delta_importance, stream
 from mambamerge.merge.frames import BALANCES, SCOPES, balanced_sources, check_frame_options, scope_mask
 from mambamerge.merge.matching import (most_similar, near_class_token, pair_capacity, pair_sources, similarities,
-                                       spread_sources, top_band)
+                                       spread_sources, top_band, uniform_sources)
 from mambamerge.merge.noise import Draws
 from mambamerge.merge.plan import MergePlan, plan_from_selection
 from mambamerge.merge.registry import register
@@ -43,7 +44,7 @@ def importance_score(ssm: SSMStats, kind: str) -> torch.Tensor:
         return injection_strength(ssm).float()
     if kind == "delta_z":
         return sum(channel_z(d.float()).amax(dim=1) for d in (ssm.delta_fwd, ssm.delta_bwd))
-    return delta_importance(ssm).float()
+    return cast(delta_importance(ssm), torch.float32)
 
 
 def channel_z(delta: torch.Tensor) -> torch.Tensor:
@@ -159,11 +160,12 @@ class MaMe(ReductionMethod):
     def plan(self, state: TokenState, ssm: Optional[SSMStats], r: int) -> MergePlan:
         if ssm is None:
             raise ValueError("mame needs the SSM step sizes of the block just run")
-        score = importance_score(ssm, self.importance)  # (B, L)
+        delta = importance_score(ssm, "delta")  # (B, L), the merge weights' and the default importance
+        score = delta if self.importance == "delta" else importance_score(ssm, self.importance)
         length = state.length
-        protected = state.cls_mask()  # (B, L), with the window around the class token, if there is one
-        if state.cls_index is not None:
-            protected = near_class_token(state.cls_index, length, self.protected_width(length, r))
+        width = 0 if state.cls_index is None else self.protected_width(length, r)
+        # (B, L): the class token and the window around it, if there is one
+        protected = state.cls_mask() if state.cls_index is None else near_class_token(state.cls_index, length, width)
         feat = stream(state, self.feature)
         if self.match == "bipartite":
             lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
@@ -171,13 +173,14 @@ class MaMe(ReductionMethod):
             src, dst = bipartite_match(feat, protected, r, penalty)
         else:
             eligible = ~protected
-            src = self._sources(state, score, eligible, r)  # (B, r)
-            leaving = torch.zeros_like(eligible).scatter_(1, src, True)
-            allowed = eligible & ~leaving & ~self._top_band(score, eligible, r)
+            src = self._sources(state, score, eligible, r, width)  # (B, r)
+            allowed = eligible.scatter(1, src, False)
+            if self.keep_top:
+                allowed &= ~self._top_band(score, eligible, r)
             dst = self._destinations(feat, src, allowed, scope_mask(state, self.scope, src))
         w = state.size
         if self.weight == "size_delta":
-            w = w * delta_importance(ssm).float()
+            w = w * delta
         elif self.weight == "plain":
             w = torch.ones_like(w)
         plan = plan_from_selection(length, src, dst, w)
@@ -185,8 +188,11 @@ class MaMe(ReductionMethod):
             return plan.with_slots_at(-state.pos)
         return plan.with_slots_at(score) if self.placement == "important" else plan
 
-    def _sources(self, state, score, eligible, r):
-        """(B, L) score and eligibility -> (B, r) leaving tokens by the `sources` rule."""
+    def _sources(self, state, score, eligible, r, width):
+        """(B, L) score and eligibility (outside the class token's window of `width`) -> (B, r) leaving
+        tokens by the `sources` rule."""
+        if self.sources == "uniform" and self.balance == "none":
+            return uniform_sources(state.cls_index, score.shape[0], state.length, width, r, score.device)
         if self.sources in ("spread", "uniform"):
             key = score if self.sources == "spread" else torch.zeros_like(score)
             if self.balance == "frame":  # with scope="frame", each frame keeps a token to merge into

@@ -68,6 +68,23 @@ def spread_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch
     return least_per_group(score, eligible, torch.full_like(counts, r), most=r)
 
 
+def uniform_sources(cls_index: Optional[torch.Tensor], batch: int, length: int, width: int, r: int,
+                    device: torch.device) -> torch.Tensor:
+    """spread_sources of equal scores (the first token of each run) in closed form, no sort or scatter:
+    the eligible tokens are those outside near_class_token(cls_index, length, width), all of them
+    without a class token (cls_index None). Every image needs r eligible tokens. cls_index (B,) ->
+    (B, r) long."""
+    run = torch.arange(r, device=device)
+    if cls_index is None:
+        return (run * length + (r - 1)).div(max(r, 1), rounding_mode="floor").expand(batch, -1)
+    cls = cls_index[:, None]
+    start = (cls - width).clamp(min=0)  # (B, 1) the window's first token
+    protected = (cls + (width + 1)).clamp(max=length) - start  # (B, 1) tokens in the window
+    # eligible token k is in run floor(k r / n) of the n eligible ones: each run starts at ceil(g n / r)
+    rank = (run * (length - protected) + (r - 1)).div(max(r, 1), rounding_mode="floor")  # (B, r)
+    return torch.where(rank < start, rank, rank + protected)
+
+
 def pair_sources(score: torch.Tensor, eligible: torch.Tensor, r: int) -> torch.Tensor:
     """r leaving tokens from an alternating split: the eligible tokens are paired in sequence order
     ((0, 1), (2, 3), ...; with an odd count one run of three), the lowest-scoring token of each pair is

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambamerge.dtypes import at_least_float32, cast
 from mambamerge.models.mixer import MambaMixer
 
 
@@ -21,8 +22,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.weight.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))
-        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps).to(dtype)
+        x = cast(x, at_least_float32(dtype))
+        return cast(F.rms_norm(x, self.weight.shape, cast(self.weight, x.dtype), self.eps), dtype)
 
 
 class DropPath(nn.Module):
@@ -55,7 +56,7 @@ class Block(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], return_ssm: bool = False):
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        residual = cast(residual, at_least_float32(residual.dtype))
         out = self.mixer(self.norm(residual), return_ssm=return_ssm)
         if return_ssm:
             return out[0], residual, out[1]

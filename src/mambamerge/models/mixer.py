@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambamerge.dtypes import at_least_float32, cast
 from mambamerge.models.fused import FusedPath, TritonPath, triton_unsupported_reason, unsupported_reason
 from mambamerge.ops import cpu_kernels, fused_kernels, selective_scan, softplus, softplus_with_row_mean, triton_kernels
 from mambamerge.tokens import SSMStats
@@ -128,18 +129,18 @@ class TorchPath:
             u = F.silu(depthwise_conv_along_sequence(x, conv.weight, conv.bias, branch.reverse))
         dt, B, C = torch.split(getattr(mixer, "x_proj" + branch.suffix)(u),
                                [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-        scan_dtype = torch.promote_types(u.dtype, torch.float32)
+        scan_dtype = at_least_float32(u.dtype)
         dt_proj = getattr(mixer, "dt_proj" + branch.suffix)
-        dt = F.linear(dt, dt_proj.weight, dt_proj.bias.to(dt.dtype)).to(scan_dtype)
+        dt = cast(F.linear(dt, dt_proj.weight, cast(dt_proj.bias, dt.dtype)), scan_dtype)
         delta, delta_mean = softplus_with_row_mean(dt) if mean_delta else (softplus(dt), None)
-        return BranchInputs(u.to(scan_dtype), delta.to(scan_dtype), B.to(scan_dtype), C.to(scan_dtype), delta_mean)
+        return BranchInputs(*(cast(t, scan_dtype) for t in (u, delta, B, C)), delta_mean)
 
     def scan(self, inputs: BranchInputs, branch: Branch, scan: Scan, z: torch.Tensor) -> torch.Tensor:
         """One direction, ungated: (batch, L, d_inner) in the scan dtype."""
         u = inputs.u
-        A = -torch.exp(getattr(self.mixer, scan.a_log).to(u.dtype))
-        args = ScanInputs(u, inputs.delta, A, inputs.B, inputs.C, getattr(self.mixer, "D" + branch.suffix).to(u.dtype),
-                          scan.reverse)
+        A = -torch.exp(cast(getattr(self.mixer, scan.a_log), u.dtype))
+        D = cast(getattr(self.mixer, "D" + branch.suffix), u.dtype)
+        args = ScanInputs(u, inputs.delta, A, inputs.B, inputs.C, D, scan.reverse)
         if self.scan_fn is not None:
             return self.scan_fn(args)
         return selective_scan(*args, impl=self.mixer.scan_impl)

@@ -4,6 +4,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from mambamerge.dtypes import cast
 from mambamerge.ops.cpu_kernels.library import available, call, handles
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
@@ -17,7 +18,7 @@ def _apply(hidden: torch.Tensor, residual: Optional[torch.Tensor], size: torch.T
     size_out = size.new_empty(batch, new_length)
     streams = [None if t is None else t.contiguous() for t in (residual, hidden)]
     index = [t.contiguous() for t in (rep, assign, movers, targets)]
-    weight = weight.to(hidden.dtype).contiguous()
+    weight = cast(weight, hidden.dtype).contiguous()
     size = size.contiguous()
     status = call("mm_merge_apply", hidden.dtype, *(None if t is None else t.data_ptr() for t in streams),
                   *(t.data_ptr() for t in (*index, weight, size, out, size_out)), batch, length, new_length, m,

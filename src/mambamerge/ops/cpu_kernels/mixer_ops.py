@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 
+from mambamerge.dtypes import cast
 from mambamerge.ops.cpu_kernels.library import call
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
@@ -19,8 +20,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, reverse: bool) -> torch.Tensor:
     batch, length, channels = x.shape
     x = _rows(x)
-    w = weight[:, 0, :].t().to(x.dtype).contiguous()  # (K, d): a tap's weights side by side
-    b = bias.to(x.dtype).contiguous()
+    w = cast(weight[:, 0, :].t(), x.dtype).contiguous()  # (K, d): a tap's weights side by side
+    b = cast(bias, x.dtype).contiguous()
     y = x.new_empty((batch, length, channels))
     if y.numel() == 0:
         return y
