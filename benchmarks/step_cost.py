@@ -101,7 +101,10 @@ def run_version(src, args):
             "--method", args.method, "--reduction", str(args.reduction), "--runs", str(args.runs),
             "--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=str(args.threads))
-    return json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the measurement with {src} failed:\n{done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout)
 
 
 PARTS = ("step", "block", "block_ssm", "merged", "dense")
