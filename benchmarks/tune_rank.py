@@ -50,7 +50,9 @@ def main() -> None:
             found = list(found.values())
             # low KL should mean high top-1: rho of KL against -top1, so +1 is a perfect ranking
             rho = spearman([c["kl"] for c in found], [-c["top1"] for c in found])
-            print(f"target {tune['target_reduction']:.0%}: {len(found)} candidates scored on {inputs} inputs, "
+            target = (f"{tune['target_reduction']:.0%}" if "target_reduction" in tune
+                      else f"{tune['target_gmacs']:g} GMACs")
+            print(f"target {target}: {len(found)} candidates scored on {inputs} inputs, "
                   f"Spearman rho(KL rank, top-1 rank) = {rho:+.2f}")
 
 

@@ -30,7 +30,8 @@ def test_eval_audio_and_video_checkpoints(tmp_path, capsys, make, data):
     assert main(argv) == 0
     out = capsys.readouterr().out
     mambamerge.patch(model, "tome", reduction=0.4)
-    expected = accuracy(model, load_dataset(data, "test", limit=12, input_shape=model.input_shape))
+    expected = accuracy(model, load_dataset(data, "test", limit=12, input_shape=model.input_shape,
+                                             input_kind=model.input_kind))
     assert f"top-1       {expected:.2%}" in out and f"{model.family} model" in out
     assert f"reduction   {mambamerge.reduction_summary(model)['average_reduction']:.1%}" in out
     kind = "spectrograms" if data == "fsdd" else "clips"
@@ -60,7 +61,7 @@ def test_audio_folder_of_other_rates_and_channels(tmp_path, capsys):
     path = mambamerge.save_checkpoint(model, tmp_path / "aum.safetensors")
     assert main(["eval", "--checkpoint", str(path), "--data", str(tmp_path / "clips"), "--runs", "1",
                  "--throughput-batch", "2"]) == 0
-    data = load_dataset(str(tmp_path / "clips"), input_shape=(32, 128))
+    data = load_dataset(str(tmp_path / "clips"), input_shape=(32, 128), input_kind="spectrograms")
     assert data.info.classes == ["high", "low"] and data.features.shape == (2, 32, 128)
     assert f"top-1       {accuracy(model.eval(), data):.2%}" in capsys.readouterr().out
     path = mambamerge.save_checkpoint(tiny_aum(), tmp_path / "aum10.safetensors")

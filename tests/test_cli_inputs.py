@@ -1,7 +1,7 @@
 """The --data spec is parsed once: named sets (with or without their own folder) against user folders."""
 import pytest
 
-from mambamerge.cli.inputs import DataSpec
+from mambamerge.dataspec import DataSpec
 
 
 @pytest.mark.parametrize("text, name, root, idx, val", [

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from mambamerge import dataspec
 from mambamerge.cli import names
 from mambamerge.cli.main import COMMANDS
 
@@ -80,7 +81,7 @@ def test_the_names_offered_before_torch_loads_are_the_registries():
     assert names.METHODS == tuple(sorted(METHODS)), "update mambamerge/cli/names.py"
     assert names.MODELS == tuple(list_models()), "update mambamerge/cli/names.py"
     assert names.AMP_CHOICES == AMP_CHOICES and names.DIAGNOSTIC_PARTS == PARTS
-    assert names.IDX_SETS == tuple(IDX_SETS) and names.VAL_SPLIT_SETS == tuple(VAL_SPLIT_SETS)
+    assert dataspec.IDX_SETS == tuple(IDX_SETS) and dataspec.VAL_SPLIT_SETS == tuple(VAL_SPLIT_SETS)
 
 
 @pytest.mark.parametrize("order", ["mambamerge first", "timm first"])

@@ -1,7 +1,9 @@
-"""`mambamerge tune` (issue 19) on a tiny checkpoint: its files, the test split refused unless forced, a
-killed tune continued from its journal without rescoring, and `eval --config` / `sweep --config` running
-what it chose exactly as `patch(config=)` does."""
+"""`mambamerge tune` (issue 19) on a tiny checkpoint: its files, a GMACs budget instead of a reduction, the
+test split refused unless forced, a killed tune continued from its journal without rescoring, --compile's
+dense reference, and `eval --config` / `sweep --config` running what it chose exactly as `patch(config=)`
+does."""
 import csv
+import functools
 import importlib
 import json
 
@@ -28,10 +30,19 @@ def checkpoint(tmp_path_factory):
     return str(mambamerge.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"))
 
 
-def tune_argv(checkpoint, out, *extra):
+@pytest.fixture(scope="module")
+def gmacs(checkpoint):
+    """A GMACs budget the tiny model reaches: MaMe's with its defaults at 50%."""
+    from mambamerge.flops import flops
+
+    model = mambamerge.patch(mambamerge.load_checkpoint(checkpoint), "mame", reduction=0.5)
+    return round(flops(model).total_one_direction / 1e9, 6)
+
+
+def tune_argv(checkpoint, out, *extra, budget=("--reduction", "0.5")):
     """A small tune on the shipped test split (forced: the train split may not be installed here)."""
     return ["tune", "--checkpoint", checkpoint, "--data", "fashion-mnist", "--split", "test", "--allow-test-split",
-            "--limit", "12", "--reduction", "0.5", "--methods", "mame", "stm", "--max-candidates", "10",
+            "--limit", "12", *budget, "--methods", "mame", "stm", "--max-candidates", "10",
             "--threads", "1", "--workers", "0", "--out", str(out), *extra]
 
 
@@ -68,6 +79,68 @@ def test_tune_writes_the_configs_and_every_candidate(checkpoint, tmp_path, capsy
     assert "config_0.5.json" in capsys.readouterr().out
 
 
+def test_a_gmacs_budget_names_its_files_and_its_reports(checkpoint, gmacs, tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(tune_argv(checkpoint, out, budget=("--gmacs", str(gmacs)))) == 0
+    name = f"config_gmacs_{gmacs:g}.json"
+    assert {p.name for p in out.iterdir() if p.name.startswith("config_")} == {name}
+    config = json.loads((out / name).read_text())
+    assert config["budget"] == {"gmacs": gmacs} and config["gmacs"] <= gmacs
+    tune = json.loads((out / "tune.json").read_text())["tunes"][0]
+    assert tune["target_gmacs"] == gmacs and "target_reduction" not in tune
+    with open(out / "tune.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["target_gmacs"], r["target_reduction"]) for r in rows} == {(str(gmacs), "")}
+    report = (out / "tune.md").read_text()
+    title = report.splitlines()[0]
+    assert title.endswith(f"at {gmacs:g} GMACs") and report.count(f"| {gmacs:g} GMACs |") == len(rows) + 1
+    assert f"tune {gmacs:g} GMACs:" in report
+    assert name in capsys.readouterr().out
+
+
+def test_exactly_one_budget_is_given(checkpoint, gmacs, tmp_path, capsys):
+    both = tune_argv(checkpoint, tmp_path / "t") + ["--gmacs", str(gmacs)]
+    neither = tune_argv(checkpoint, tmp_path / "t", budget=())
+    for argv, message in [(both, "argument --gmacs: not allowed with argument --reduction"),
+                          (neither, "one of the arguments --reduction --gmacs is required")]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert main(tune_argv(checkpoint, tmp_path / "t", budget=("--gmacs", "0"))) == 2
+    assert "--gmacs must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_compile_computes_the_dense_reference_once_compiled(checkpoint, tmp_path, capsys, monkeypatch):
+    """One graph for every calibration batch and both targets (the short last batch padded); the candidates
+    stay eager; the compile is reported apart; the choice is the eager tune's."""
+    from mambamerge import compiling
+
+    graphs = []
+
+    def recording(module, mode=None):  # dynamo's capture, run as captured (inductor is tests/test_compile.py's)
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(compiling, "compile", recording)
+    budget = ("--reduction", "0.5", "0.6")
+    assert main(tune_argv(checkpoint, tmp_path / "eager", "--batch-size", "5", budget=budget)) == 0
+    assert not graphs
+    assert main(tune_argv(checkpoint, tmp_path / "compiled", "--batch-size", "5", "--compile", budget=budget)) == 0
+    assert len(graphs) == 1
+    eager, compiled = (json.loads((tmp_path / d / "tune.json").read_text()) for d in ("eager", "compiled"))
+    assert eager["dense_reference"]["compile_s"] is None and set(compiled["dense_reference"]["compile_s"]) == {"dense"}
+    for a, b in zip(eager["tunes"], compiled["tunes"]):
+        assert {k: a["config"][k] for k in ("method", "options", "removals")} == \
+            {k: b["config"][k] for k in ("method", "options", "removals")}
+        assert b["config"]["score"]["kl"] == pytest.approx(a["config"]["score"]["kl"], rel=1e-4)
+    report = (tmp_path / "compiled" / "tune.md").read_text()
+    assert "dense reference:" in report and "torch.compile'd" in report and "- compile: torch.compile" in report
+    assert "- compile:" in capsys.readouterr().out
+
+
 def test_the_test_split_is_refused_unless_forced(checkpoint, tmp_path, capsys):
     argv = ["tune", "--checkpoint", checkpoint, "--data", "fashion-mnist", "--split", "test", "--reduction", "0.5",
             "--out", str(tmp_path / "t")]
@@ -95,9 +168,12 @@ def test_bad_input_fails_before_any_work(checkpoint, tmp_path, capsys, count_sco
     assert not count_scoring and not (tmp_path / "t").exists()
 
 
-def test_a_killed_tune_continues_from_its_journal_without_rescoring(checkpoint, tmp_path, capsys, count_scoring,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("kind", ["reduction", "gmacs"])
+def test_a_killed_tune_continues_from_its_journal_without_rescoring(checkpoint, gmacs, kind, tmp_path, capsys,
+                                                                    count_scoring, monkeypatch):
     out = tmp_path / "tune"
+    budget = ("--reduction", "0.5") if kind == "reduction" else ("--gmacs", str(gmacs))
+    argv = functools.partial(tune_argv, budget=budget)
     real = TUNE.flops  # count_scoring's counter
 
     def killed_after_two(model):
@@ -106,18 +182,20 @@ def test_a_killed_tune_continues_from_its_journal_without_rescoring(checkpoint, 
         return real(model)
 
     monkeypatch.setattr(TUNE, "flops", killed_after_two)
-    assert main(tune_argv(checkpoint, out)) == 130
-    assert not OUTPUTS & {p.name for p in out.iterdir()}  # all or nothing: only the journal is there
+    assert main(argv(checkpoint, out)) == 130
+    stem = "0.5" if kind == "reduction" else f"gmacs_{gmacs:g}"
+    assert [p.name for p in out.iterdir()] == [p.name for p in out.glob(f"journal_{stem}_*.json")]  # all or nothing
     monkeypatch.setattr(TUNE, "flops", real)
-    assert main(tune_argv(checkpoint, out)) == 0
+    assert main(argv(checkpoint, out)) == 0
     first = json.loads((out / "tune.json").read_text())["tunes"][0]
     scored = len(count_scoring)
     assert scored > 2
-    assert main(tune_argv(checkpoint, out)) == 0  # everything journaled: nothing is scored again
+    assert main(argv(checkpoint, out)) == 0  # everything journaled: nothing is scored again
     assert len(count_scoring) == scored
-    assert json.loads((out / "tune.json").read_text())["tunes"][0] == first
+    again = json.loads((out / "tune.json").read_text())["tunes"][0]
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     # other inputs are other scores: the journal of 12 inputs is not reused for 10
-    assert main(tune_argv(checkpoint, out)[:-2] + ["--limit", "10", "--out", str(out)]) == 0
+    assert main(argv(checkpoint, out)[:-2] + ["--limit", "10", "--out", str(out)]) == 0
     assert len(count_scoring) > scored
     capsys.readouterr()
 

@@ -37,7 +37,8 @@ def test_demo_command_writes_the_sweep(tmp_path, capsys):
 def test_shipped_audio_and_video_demo_models(task, name, data, floor):
     model = mambamerge.load_checkpoint(demo_checkpoint(task))
     assert model.cfg == mambamerge.create_model(name).cfg and model.layout.length == 65
-    assert accuracy(model, load_dataset(data, "test", limit=300, input_shape=model.input_shape)) > floor
+    assert accuracy(model, load_dataset(data, "test", limit=300, input_shape=model.input_shape,
+                                             input_kind=model.input_kind)) > floor
 
 
 @pytest.mark.parametrize("task", ["audio", "video"])

@@ -383,13 +383,13 @@ def test_a_limit_on_a_class_ordered_folder_reaches_every_class(tmp_path, image_c
         (audio / name).mkdir(parents=True)
         for i in range(3):
             tone(audio / name / f"{i}.wav", seconds=0.5)
-    assert load_dataset(str(audio), limit=3, input_shape=(32, 128)).labels.tolist() == [0, 1, 2]
+    assert load_dataset(str(audio), limit=3, input_shape=(32, 128), input_kind="spectrograms").labels.tolist() == [0, 1, 2]
     video = tmp_path / "video"
     for name in ("a", "b"):
         (video / name).mkdir(parents=True)
         for i in range(3):
             moving_clip(video / name / f"{i}.mp4", 8)
-    assert [load_dataset(str(video), limit=2, input_shape=(1, 8, 32, 32))[i][1] for i in range(2)] == [0, 1]
+    assert [load_dataset(str(video), limit=2, input_shape=(1, 8, 32, 32), input_kind="clips")[i][1] for i in range(2)] == [0, 1]
     idx = load_dataset("fashion-mnist", "test", limit=20)
     assert idx.labels.tolist() == list(range(10)) * 2
 

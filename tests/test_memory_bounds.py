@@ -17,6 +17,19 @@ DEMO = str(Path(SRC) / "mambamerge" / "assets" / "vim_nano_fmnist.safetensors")
 LIMIT = 6 * 2**30  # torch alone maps ~3 GiB of address space
 
 
+def _image_folder(root: Path) -> Path:
+    """root with train/ and val/, each two classes of two 56x56 grey images."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, value in (("a", 40), ("b", 200)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((56, 56), value + i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
 def _limited():
     resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 
@@ -31,13 +44,16 @@ def _cli(*argv, cwd):
     (["speed", "--batch", "1000000000"], "GiB free; the largest that fits is --batch-size"),
     (["speed", "--img-size", "100000"], "--img-size 100000 is beyond"),
     (["train", "--data", "fashion-mnist", "--img-size", "20000", "--out", "run"], "--img-size 20000 is beyond"),
-    (["train", "--data", "fashion-mnist", "--batch-size", "10000000", "--out", "run"], "--batch-size 10000000 needs"),
+    (["train", "--data", "IMAGES", "--batch-size", "10000000", "--out", "run"], "--batch-size 10000000 needs"),
     (["eval", "--checkpoint", DEMO, "--data", "fashion-mnist", "--limit", "10", "--throughput-batch", "200000000"],
      "--throughput-batch 200000000 needs"),
     (["visualize", "--checkpoint", DEMO, "--data", "fashion-mnist", "--images", "100000000", "--out", "v"],
      "--images 100000000 needs"),
 ])
-def test_oversized_arguments_are_refused_before_output(tmp_path, argv, named):
+def test_oversized_arguments_are_refused_before_output(tmp_path, tmp_path_factory, argv, named):
+    """IMAGES: a small ImageNet-layout folder (train/ and val/), so that no installed train split is needed."""
+    if "IMAGES" in argv:
+        argv = [str(_image_folder(tmp_path_factory.mktemp("images"))) if a == "IMAGES" else a for a in argv]
     proc = _cli(*argv, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert named in proc.stderr and "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mambamerge
 from mambamerge.merge.schedule import Schedule
-from mambamerge.tune import kl_to_dense
+from mambamerge.tune import kl_to_dense, reference_logits
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,47 @@ def test_tune_scores_against_the_dense_model_and_leaves_it_dense(model_and_input
         patched = mambamerge.patch(model, config=chosen)(x)
     mambamerge.unpatch(model)
     assert kl_to_dense(dense, patched).mean().item() == pytest.approx(chosen["score"]["kl"], rel=1e-5)
+
+
+def test_reference_logits_are_the_dense_model_s_and_compiled_run_one_graph(model_and_inputs, monkeypatch):
+    """A patched model's reference is its dense prediction (the model is left patched); compiled, the short
+    last batch is padded, so that every batch runs the one graph, with the same logits."""
+    from mambamerge import compiling
+
+    model, x = model_and_inputs
+    graphs = []
+
+    def recording(module, mode=None):  # dynamo's capture, run as captured (inductor is tests/test_compile.py's)
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(compiling, "compile", recording)
+    with torch.no_grad():
+        dense = model(x)
+    mambamerge.patch(model, "mame", reduction=0.5)
+    try:
+        eager = reference_logits(model, x, batch_size=5)  # batches of 5, 5, 5 and 1
+        compiled = reference_logits(model, x, batch_size=5, compile=True)
+        assert model.token_reducer is not None
+    finally:
+        mambamerge.unpatch(model)
+    assert eager.compile_s is None and set(compiled.compile_s) == {"dense"} and compiled.seconds > 0
+    assert len(graphs) == 1
+    torch.testing.assert_close(eager.logits, dense)
+    torch.testing.assert_close(compiled.logits, dense)
+
+
+def test_given_dense_logits_are_what_candidates_are_scored_against(model_and_inputs):
+    model, x = model_and_inputs
+    reference = reference_logits(model, x).logits
+    computed = tuned(model, x)
+    assert tuned(model, x, dense_logits=reference).config == computed.config
+    other = tuned(model, x, dense_logits=2 * reference)  # sharper targets: every KL changes
+    assert [c["kl"] for c in other.candidates[:3]] != pytest.approx([c["kl"] for c in computed.candidates[:3]])
+    with pytest.raises(ValueError, match="dense_logits must be"):
+        tuned(model, x, dense_logits=reference[:3])
 
 
 def test_schedule_search_keeps_the_reduction_exact(model_and_inputs):

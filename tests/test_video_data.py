@@ -85,13 +85,13 @@ def test_video_folders_mix_files_and_frame_folders(tmp_path):
     (tmp_path / "right" / "b").mkdir(parents=True)
     for t, frame in enumerate(moving_square(9)):
         Image.fromarray(frame).save(tmp_path / "right" / "b" / f"{t}.png")
-    ds = load_dataset(str(tmp_path), input_shape=(1, 4, 16, 16))
+    ds = load_dataset(str(tmp_path), input_shape=(1, 4, 16, 16), input_kind="clips")
     assert ds.info.classes == ["left", "right"] and ds.info.input_shape == (1, 4, 16, 16) and len(ds) == 2
     x, y = next(batches(ds, 2))
     assert x.shape == (2, 1, 4, 16, 16) and y.tolist() == [0, 1]
     (tmp_path / "empty" / "none").mkdir(parents=True)
     with pytest.raises(ValueError, match="no video files or frame folders"):
-        load_dataset(str(tmp_path / "empty"), input_shape=(3, 4, 16, 16))
+        load_dataset(str(tmp_path / "empty"), input_shape=(3, 4, 16, 16), input_kind="clips")
 
 
 def item_centres(clips):

@@ -20,7 +20,7 @@ _EXPORTS = {
     "mambamerge.merge.recipe": ("MergeRecipe",),
     "mambamerge.patch": ("patch", "reduction_summary", "unpatch"),
     "mambamerge.tokens": ("TokenLayout",),
-    "mambamerge.tune": ("TuneResult", "tune"),
+    "mambamerge.tune": ("TuneResult", "reference_logits", "tune"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [*_HOME, "__version__"]

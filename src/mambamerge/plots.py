@@ -104,11 +104,11 @@ def _reduction_axis(ax, rows: List[dict]) -> None:
     top.set_xlabel("target average reduction", fontsize=9)
 
 
-def tune_png(results: Dict[float, "TuneResult"], title: str) -> bytes:
+def tune_png(results: Dict[object, "TuneResult"], title: str) -> bytes:
     """PNG bytes of a tune: every scored candidate's KL to the dense model (log scale) against its GMACs,
-    one colour per method, the chosen configuration of each reduction ringed. results: {reduction:
-    TuneResult}; only candidates scored on all calibration inputs are drawn (screening scores are on a
-    slice and are not comparable)."""
+    one colour per method, the chosen configuration of each target ringed and labelled with its budget
+    (a GMACs budget also drawn as a dotted line). results: {target: TuneResult}; only candidates scored on
+    all calibration inputs are drawn (screening scores are on a slice and are not comparable)."""
     fig = Figure(figsize=(7.5, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -125,8 +125,15 @@ def tune_png(results: Dict[float, "TuneResult"], title: str) -> bytes:
         chosen = result.config
         ax.scatter(chosen["gmacs"], max(chosen["score"]["kl"], 1e-6), s=160, facecolors="none", edgecolors="black",
                    linewidths=1.5, label=None if "chosen" in drawn else "chosen")
-        ax.annotate(f"{chosen['reduction']:.0%}", (chosen["gmacs"], max(chosen["score"]["kl"], 1e-6)),
-                    textcoords="offset points", xytext=(8, 6), fontsize=8)
+        budget = chosen["budget"]
+        if "gmacs" in budget:
+            ax.axvline(budget["gmacs"], color="grey", linestyle=":", linewidth=1,
+                       label=None if "budget" in drawn else "GMACs budget")
+            drawn.add("budget")
+        note = (f"{chosen['reduction']:.0%}" if "reduction" in budget
+                else f"{budget['gmacs']:g} GMACs budget ({chosen['reduction']:.0%})")
+        ax.annotate(note, (chosen["gmacs"], max(chosen["score"]["kl"], 1e-6)), textcoords="offset points",
+                    xytext=(8, 6), fontsize=8)
         drawn.add("chosen")
     ax.set_yscale("log")
     ax.set_xlabel("GMACs per input (one scan direction, merge included)")

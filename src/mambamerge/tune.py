@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from mambamerge.merge import METHODS
 from mambamerge.merge.recipe import MergeRecipe
 from mambamerge.merge.schedule import Schedule
 from mambamerge.patch import make_reducer
+from mambamerge.timing import first_call_seconds, time_call
 
 DEFAULT_METHODS = ("mame", "stm", "tome")
 # where the schedule's steps start and how often, tried in this order: the tuner's first schedules
@@ -41,6 +42,40 @@ class TuneResult:
 
     config: dict
     candidates: List[dict]
+
+
+class Reference(NamedTuple):
+    """The dense model's predictions that every candidate is scored against. logits: (N, C); seconds: the
+    pass over the inputs (a compile excluded); compile_s: {"dense": seconds of the first, compiling call}
+    when the forward was torch.compile'd, else None."""
+
+    logits: torch.Tensor
+    seconds: float
+    compile_s: Optional[Dict[str, float]]
+
+
+def reference_logits(model, inputs: torch.Tensor, batch_size: int = 32, compile: bool = False) -> Reference:
+    """`model` run dense (a copy in eval mode; `model` is left as it was) on `inputs` (N, *input_shape).
+    compile: through mambamerge.compile, one graph for every batch (a short last batch is padded with the
+    first inputs, so that it reuses the graph instead of compiling another); its first call, the compile,
+    is timed apart."""
+    work = copy.deepcopy(model).eval()
+    work.token_reducer = None
+    forward, padded = work, inputs
+    if compile:
+        from mambamerge.compiling import compile as compile_model
+
+        forward = compile_model(work)
+        if len(inputs) > batch_size:
+            short = -len(inputs) % batch_size  # the inputs the last batch lacks
+            padded = torch.cat([inputs, inputs[:short]])
+    compile_s = None
+    if compile:
+        with torch.no_grad():
+            compile_s = first_call_seconds({"dense": lambda: forward(padded[:batch_size])}, inputs.device)
+    out: List[torch.Tensor] = []
+    seconds = time_call(lambda: out.append(_logits(forward, padded, batch_size)), inputs.device, warmup=0, runs=1)[0]
+    return Reference(out[0][:len(inputs)], seconds, compile_s)
 
 
 def kl_to_dense(dense_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -81,7 +116,7 @@ def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels:
          methods: Optional[Sequence[str]] = None, max_candidates: int = 100, time_budget_s: Optional[float] = None,
          seed: int = 0, screen: int = 64, keep: int = 3, batch_size: int = 32,
          journal: Optional[Path] = None, on_candidate: Optional[Callable[[dict], None]] = None,
-         gmacs: Optional[float] = None) -> TuneResult:
+         gmacs: Optional[float] = None, dense_logits: Optional[torch.Tensor] = None) -> TuneResult:
     """Find the reduction of `model` (a mambamerge model; left as it was) at average `reduction`, or within
     `gmacs` GMACs per input, that keeps its predictions on `inputs` (N, *model.input_shape) closest to the
     dense model's.
@@ -97,7 +132,8 @@ def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels:
     pass; keep: how many of its best are rescored on all inputs. journal: a JSON file of scored
     candidates, written atomically after each one, so that a tune killed and rerun with the same
     arguments continues where it was. on_candidate: called with each candidate's record once scored (or
-    read back from the journal)."""
+    read back from the journal). dense_logits: (N, C) the dense model's logits on `inputs` when computed
+    already (reference_logits: once for several budgets, or compiled), else computed here."""
     if (reduction is None) == (gmacs is None):
         raise ValueError("give exactly one budget: reduction= (an average reduction, e.g. 0.6) or gmacs= (GMACs "
                          "per input, one scan direction)")
@@ -109,6 +145,9 @@ def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels:
         raise ValueError(f"{len(labels)} labels for {len(inputs)} inputs: give one label per input")
     if len(inputs) == 0:
         raise ValueError("tune needs at least one calibration input")
+    if dense_logits is not None and (dense_logits.dim() != 2 or len(dense_logits) != len(inputs)):
+        raise ValueError(f"dense_logits must be (N, classes) for the {len(inputs)} inputs, got "
+                         f"{tuple(dense_logits.shape)}: pass reference_logits(model, inputs).logits")
     work = copy.deepcopy(model).eval()
     work.token_reducer = None
     depth, initial = len(work.layers), work.layout.length
@@ -118,7 +157,7 @@ def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels:
     else:
         kept = round((1.0 - reduction) * depth * initial)
     step = token_macs(work)
-    dense = _logits(work, inputs, batch_size)
+    dense = (reference_logits(work, inputs, batch_size).logits if dense_logits is None else dense_logits).float()
     done = json.loads(Path(journal).read_text()) if journal is not None and Path(journal).exists() else {}
     candidates: List[dict] = []
     start = time.monotonic()

@@ -1,50 +1,18 @@
-"""What the command line reads as input: the --data spec, parsed once, and the checkpoint and data set
-loaded from the shared options and checked against each other. Torch is imported inside the loading
-functions only, so that `--help` stays instant."""
+"""What the command line reads as input: the checkpoint and data set loaded from the shared options and
+checked against each other. Torch is imported inside the loading functions only, so that `--help` stays
+instant."""
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
-from mambamerge.cli.names import IDX_SETS, VAL_SPLIT_SETS
 from mambamerge.cli.options import setup_device
+from mambamerge.dataspec import NAMED_SETS, DataSpec
 
 if TYPE_CHECKING:
     import torch
 
     from mambamerge.merge.recipe import MergeRecipe
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """A --data value: a named set ("fsdd", optionally "fsdd:/folder/with/its/files") or a folder with one
-    sub-folder per class (name None)."""
-    text: str
-    name: Optional[str]
-    root: Optional[str]
-
-    @classmethod
-    def parse(cls, text: str) -> "DataSpec":
-        name, colon, root = text.partition(":")
-        if name not in (*IDX_SETS, *VAL_SPLIT_SETS):
-            return cls(text, None, None)
-        return cls(text, name, root if colon else None)
-
-    @property
-    def named(self) -> bool:
-        """A named set (train / test splits, and val for VAL_SPLIT_SETS), not a user's folder."""
-        return self.name is not None
-
-    @property
-    def is_idx(self) -> bool:
-        """Fashion-MNIST / MNIST: IDX image files."""
-        return self.name in IDX_SETS
-
-    @property
-    def has_val_split(self) -> bool:
-        """A named set with a validation split held out of its training data (clips, spoken digits)."""
-        return self.name in VAL_SPLIT_SETS
 
 
 def load_inputs(args: argparse.Namespace) -> Tuple["torch.nn.Module", object, str]:
@@ -77,7 +45,7 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
     data = DataSpec.parse(args.data)
     named = data.named
     if args.split and not named:
-        raise ValueError(f"--split applies to the named data sets ({', '.join((*IDX_SETS, *VAL_SPLIT_SETS))}); a "
+        raise ValueError(f"--split applies to the named data sets ({', '.join(NAMED_SETS)}); a "
                          f"folder is one split: pass the split's own folder (e.g. imagenet/val) as --data")
     check_side("--img-size", args.img_size)
     model = load_checkpoint(args.checkpoint, img_size=args.img_size)
@@ -92,7 +60,8 @@ def open_data(args: argparse.Namespace, default_split: str, limit: Optional[int]
         check(model)
     split = args.split or default_split
     try:
-        dataset = load_dataset(data, split, input_shape=shape, limit=limit, start=start)
+        dataset = load_dataset(data, split, input_shape=shape, input_kind=model.input_kind, limit=limit,
+                               start=start)
     except FileNotFoundError as err:
         if not named or split == "test" or data.root is not None or not suggest_test:
             raise

@@ -17,6 +17,3 @@ MODELS = ("aum_base", "aum_nano", "aum_small", "aum_tiny", "videomamba_middle", 
 AMP_CHOICES = ("none", "bf16", "fp16")
 # mambamerge.diagnostics.report.PARTS
 DIAGNOSTIC_PARTS = ("decay", "attention", "dependence", "order", "importance", "prune_vs_merge")
-# mambamerge.data.IDX_SETS and mambamerge.data.VAL_SPLIT_SETS: the named data sets
-IDX_SETS = ("fashion-mnist", "mnist")
-VAL_SPLIT_SETS = ("fsdd", "moving-fashion-mnist", "moving-mnist")

@@ -8,10 +8,10 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from mambamerge.cli.inputs import DataSpec
 from mambamerge.cli.names import MODELS
 from mambamerge.cli.options import (add_device_options, check_at_least_one, check_method, check_reduction,
                                     default_workers, parse_options, setup_device)
+from mambamerge.dataspec import DataSpec
 from mambamerge.train_settings import Augment, TrainConfig
 
 HELP = ("train or fine-tune a model on a dataset (seeded; --resume continues an interrupted run or extends a finished "
@@ -169,12 +169,13 @@ def _folder_splits(args, img_size: int, in_chans: int):
             image_folder(root / "val", img_size=img_size, in_chans=in_chans))
 
 
-def _named_splits(args, input_shape):
+def _named_splits(args, model):
     """(train, validation, test) of a named set that holds out its own validation split from its
-    training data (fsdd, moving-*), for a model taking inputs of `input_shape`."""
+    training data (fsdd, moving-*), for the inputs `model` takes."""
     from mambamerge.data import load_dataset
 
-    return tuple(load_dataset(args.data, split, input_shape=input_shape, augment=split == "train",
+    return tuple(load_dataset(args.data, split, input_shape=model.input_shape, input_kind=model.input_kind,
+                              augment=split == "train",
                               limit=args.limit if split == "train" else None) for split in ("train", "val", "test"))
 
 
@@ -187,7 +188,7 @@ def _family_data(args, base):
         raise ValueError(f"--aa, --reprob, --img-size and --in-chans apply to image data; {args.data} gives inputs "
                          f"of the shape its model is built for")
     model = base if base is not None else create_model(args.model)
-    train_set, val_set, test_set = _named_splits(args, model.input_shape)
+    train_set, val_set, test_set = _named_splits(args, model)
     info = train_set.info
     if base is None:
         model = create_model(args.model, num_classes=info.num_classes)

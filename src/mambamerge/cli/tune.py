@@ -1,26 +1,31 @@
 """`mambamerge tune`: the method, options and per-block schedule that keep the most of the dense model at
-each target reduction, found on held-out inputs of the user's data (mambamerge.tune); writes
-DIR/config_<R>.json per reduction, DIR/tune.md, tune.csv, tune.json and tune.png, all at the end."""
+each target reduction or GMACs budget, found on held-out inputs of the user's data (mambamerge.tune);
+writes DIR/config_<R>.json per reduction (config_gmacs_<G>.json per budget), DIR/tune.md, tune.csv,
+tune.json and tune.png, all at the end."""
 import argparse
 import csv
 import hashlib
 import io
 import json
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
-from mambamerge.cli.inputs import DataSpec, open_data
+from mambamerge.cli.inputs import open_data
 from mambamerge.cli.options import (add_device_options, check_at_least_one, check_method, check_reduction,
-                                    default_workers, setup_device)
+                                    compile_line, default_workers, setup_device)
+from mambamerge.dataspec import DataSpec
 
-HELP = ("find the method, options and per-block schedule that keep the most of the dense model at a reduction, "
-        "on your own (unlabelled) inputs")
+HELP = ("find the method, options and per-block schedule that keep the most of the dense model at a reduction "
+        "or GMACs budget, on your own (unlabelled) inputs")
 EXAMPLES = ("--checkpoint model.safetensors --data fashion-mnist --reduction 0.6 0.8 --out outputs/tune",
             "--checkpoint aum.safetensors --data fsdd --limit 300 --reduction 0.6 --methods mame stm --out outputs/tune",
+            "--checkpoint model.safetensors --data fashion-mnist --gmacs 0.02 0.0125 --out outputs/tune-gmacs",
             "--checkpoint vim_s.pth --data imagenet/train_subset --reduction 0.5 --device cuda --out outputs/tune-s")
-CSV_FIELDS = ("target_reduction", "stage", "method", "options", "removals", "reduction", "gmacs", "inputs", "kl",
-              "top1")
+CSV_FIELDS = ("target_reduction", "target_gmacs", "stage", "method", "options", "removals", "reduction", "gmacs",
+              "inputs", "kl", "top1")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -35,8 +40,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=500, metavar="N",
                    help="calibration inputs, class-stratified as everywhere (default: 500)")
     p.add_argument("--img-size", type=int, metavar="PIXELS", help="resolution (default: the checkpoint's)")
-    p.add_argument("--reduction", nargs="+", type=float, required=True, metavar="R",
-                   help="target average reductions in (0, 1), one tune each")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--reduction", nargs="+", type=float, metavar="R",
+                        help="target average reductions in (0, 1), one tune each")
+    budget.add_argument("--gmacs", nargs="+", type=float, metavar="G",
+                        help="instead of --reduction: GMACs budgets per input (one scan direction, merge overhead "
+                             "included, as every GMACs column), one tune each; each is met within one block's token "
+                             "step and never exceeded")
     p.add_argument("--labels", action="store_true",
                    help="score by top-1 on the inputs' labels first, KL to the dense model breaking ties "
                         "(default: KL alone, no labels needed)")
@@ -48,6 +58,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "--batch", type=int, default=32, metavar="N", help="batch size (default: 32)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free at start)")
     add_device_options(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compute the dense reference logits (one pass over the calibration inputs, shared by every "
+                        "target) with a torch.compile'd forward (mambamerge.compile; its compile timed apart and "
+                        "reported). The candidates stay eager: each is a graph of its own, run once, so compiling "
+                        "them would cost more than it saves. On CPU it pays only when that one dense pass takes "
+                        "longer than its compile (tens of seconds; docs/api.md)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for the results and the journal a rerun continues from (created if needed)")
 
@@ -64,12 +80,46 @@ def calibration_split(args: argparse.Namespace) -> str:
     return split
 
 
+@dataclass(frozen=True)
+class Budget:
+    """One tune's target: kind "reduction" (an average reduction) or "gmacs" (GMACs per input)."""
+
+    kind: str
+    value: float
+
+    @property
+    def label(self) -> str:
+        """How the reports name it: "60%" or "0.0125 GMACs"."""
+        return f"{self.value:.0%}" if self.kind == "reduction" else f"{self.value:g} GMACs"
+
+    @property
+    def stem(self) -> str:
+        """Its part of the file names: "0.6" or "gmacs_0.0125" (a reduction and a budget never collide)."""
+        return f"{self.value:g}" if self.kind == "reduction" else f"gmacs_{self.value:g}"
+
+    def record(self) -> dict:
+        """{"target_reduction": R} or {"target_gmacs": G}, as the CSV and JSON give it."""
+        return {f"target_{self.kind}": self.value}
+
+
+def budgets(args: argparse.Namespace) -> List[Budget]:
+    """The targets of --reduction or --gmacs in the order given, repeats dropped."""
+    kind = "reduction" if args.reduction is not None else "gmacs"
+    found = {}
+    for value in getattr(args, kind):
+        found.setdefault(Budget(kind, value).stem, Budget(kind, value))
+    return list(found.values())
+
+
 def check_args(args: argparse.Namespace) -> None:
     check_at_least_one(args, "limit", "img_size", "threads", "batch_size", "max_candidates")
-    for reduction in args.reduction:
+    for reduction in args.reduction or ():
         check_reduction(reduction)
         if reduction == 0:
             raise ValueError("--reduction 0 leaves every token: there is nothing to tune; give targets in (0, 1)")
+    for gmacs in args.gmacs or ():
+        if not 0 < gmacs < float("inf"):
+            raise ValueError(f"--gmacs must be positive (GMACs per input, one scan direction), got {gmacs}")
     for method in args.methods or ():
         check_method(method, {})
     if args.time_budget is not None and args.time_budget <= 0:
@@ -77,42 +127,53 @@ def check_args(args: argparse.Namespace) -> None:
     calibration_split(args)
 
 
-def candidates_csv(results: Dict[float, "object"]) -> str:
+def candidates_csv(results: Dict[Budget, "object"]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for target, result in results.items():
+    for budget, result in results.items():
         for c in result.candidates:
-            writer.writerow(dict(c, target_reduction=target, options=json.dumps(c["options"], sort_keys=True),
+            writer.writerow(dict(c, **budget.record(), options=json.dumps(c["options"], sort_keys=True),
                                  removals=" ".join(map(str, c["removals"]))))
     return out.getvalue()
 
 
-def summary_table(results: Dict[float, "object"], labels: bool) -> str:
+def summary_table(results: Dict[Budget, "object"], labels: bool) -> str:
     """One markdown row per target: the chosen method, its changed options, the schedule and its score."""
     head = "| target | method | options | removals before each block | reduction | GMACs | KL to dense |"
     head += " top-1 |" if labels else ""
     lines = [head, "|" + "---|" * (8 if labels else 7)]
-    for target, result in results.items():
+    for budget, result in results.items():
         c = result.config
         defaults = _defaults(c["method"])
         changed = {k: v for k, v in c["options"].items() if defaults.get(k) != v}
-        row = (f"| {target:.0%} | {c['method']} | {json.dumps(changed, sort_keys=True) if changed else 'defaults'} | "
+        row = (f"| {budget.label} | {c['method']} | {json.dumps(changed, sort_keys=True) if changed else 'defaults'} | "
                f"{' '.join(map(str, c['removals']))} | {c['reduction']:.1%} | {c['gmacs']:.4g} | "
                f"{c['score']['kl']:.4g} |")
         lines.append(row + (f" {c['score']['top1']:.2%} |" if labels else ""))
     return "\n".join(lines) + "\n"
 
 
-def candidates_table(results: Dict[float, "object"], labels: bool) -> str:
+def candidates_table(results: Dict[Budget, "object"], labels: bool) -> str:
     """Every candidate of every target, in the order scored, as markdown."""
     head = "| target | stage | method | options | removals before each block | inputs | GMACs | KL to dense |"
     lines = [head + (" top-1 |" if labels else ""), "|" + "---|" * (9 if labels else 8)]
-    for target, result in results.items():
+    for budget, result in results.items():
         for c in result.candidates:
-            row = (f"| {target:.0%} | {c['stage']} | {c['method']} | {json.dumps(c['options'], sort_keys=True)} | "
+            row = (f"| {budget.label} | {c['stage']} | {c['method']} | {json.dumps(c['options'], sort_keys=True)} | "
                    f"{' '.join(map(str, c['removals']))} | {c['inputs']} | {c['gmacs']:.4g} | {c['kl']:.4g} |")
             lines.append(row + (f" {c['top1']:.2%} |" if labels else ""))
+    return "\n".join(lines) + "\n"
+
+
+def times_text(reference, seconds: Dict[Budget, float]) -> str:
+    """The report's timing lines: the dense reference pass (and its compile, apart), then each target's
+    search in this run (a tune continued from its journal rescored only what it had not)."""
+    how = "torch.compile'd" if reference.compile_s else "eager"
+    lines = [f"- dense reference: {reference.seconds:.1f} s ({how}; once for every target)"]
+    if reference.compile_s:
+        lines.append(f"- compile: {compile_line(reference.compile_s)}")
+    lines += [f"- tune {budget.label}: {s:.1f} s" for budget, s in seconds.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -145,15 +206,16 @@ def _inputs(dataset, labels: bool, batch_size: int, workers: int):
     return inputs, (torch.cat([torch.as_tensor(y) for _, y in batches]).long() if labels else None)
 
 
-def journal_name(args: argparse.Namespace, split: str, target: float) -> str:
+def journal_name(args: argparse.Namespace, split: str, budget: Budget) -> str:
     """The journal of one target's scores, named by everything the scores depend on (the checkpoint file,
-    the inputs, labels, batch size, device and precision): a rerun with the same arguments continues from
-    it, one with other inputs or another checkpoint starts afresh instead of reusing stale scores."""
+    the inputs, labels, batch size, device, precision and whether the dense reference was compiled): a
+    rerun with the same arguments continues from it, one with other inputs or another checkpoint starts
+    afresh instead of reusing stale scores."""
     checkpoint = Path(args.checkpoint).resolve()
     stat = checkpoint.stat()
     key = [str(checkpoint), stat.st_size, stat.st_mtime_ns, args.data, split, args.limit, args.img_size,
-           args.labels, args.batch_size, args.device, args.amp]
-    return f"journal_{target:g}_{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.json"
+           args.labels, args.batch_size, args.device, args.amp, args.compile]
+    return f"journal_{budget.stem}_{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.json"
 
 
 def _tune(args: argparse.Namespace, out: Path) -> int:
@@ -166,7 +228,7 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
     from mambamerge.progress import progress
     from mambamerge.results import environment, json_text
     from mambamerge.threads import default_threads
-    from mambamerge.tune import DEFAULT_METHODS, tune
+    from mambamerge.tune import DEFAULT_METHODS, reference_logits, tune
 
     torch.set_num_threads(default_threads(args.threads))
     device = setup_device(args)
@@ -177,34 +239,43 @@ def _tune(args: argparse.Namespace, out: Path) -> int:
     inputs = inputs.to(device)
     labels = None if labels is None else labels.to(device)
     methods = list(args.methods or DEFAULT_METHODS)
-    results = {}
-    for target in dict.fromkeys(args.reduction):
-        with progress(total=args.max_candidates, desc=f"tune {target:.0%}", unit="candidates", leave=True) as bar:
+    with autocast(device, args.amp):
+        reference = reference_logits(model, inputs, args.batch_size, compile=args.compile)
+    results, seconds = {}, {}
+    for budget in budgets(args):
+        with progress(total=args.max_candidates, desc=f"tune {budget.label}", unit="candidates", leave=True) as bar:
             def scored(record, bar=bar):
                 bar.finished(f"{record['method']} ({record['stage']}): KL {record['kl']:.4g}")
+            start = time.monotonic()
             with autocast(device, args.amp):
-                results[target] = tune(model, inputs, target, labels=labels, methods=methods,
+                results[budget] = tune(model, inputs, labels=labels, methods=methods,
                                        max_candidates=args.max_candidates, time_budget_s=args.time_budget,
-                                       seed=args.seed, batch_size=args.batch_size,
-                                       journal=out / journal_name(args, split, target), on_candidate=scored)
+                                       seed=args.seed, batch_size=args.batch_size, dense_logits=reference.logits,
+                                       journal=out / journal_name(args, split, budget), on_candidate=scored,
+                                       **{budget.kind: budget.value})
+            seconds[budget] = time.monotonic() - start
     kind = model.input_kind
-    title = f"{Path(args.checkpoint).name} tuned on {label} ({len(inputs)} {kind})"
+    targets = ", ".join(b.label for b in results)
+    title = f"{Path(args.checkpoint).name} tuned on {label} ({len(inputs)} {kind}) at {targets}"
     table = summary_table(results, args.labels)
+    times = times_text(reference, seconds)
     payload = {"checkpoint": str(args.checkpoint), "data": {"spec": args.data, "label": label, "split": split,
                                                             "inputs": len(inputs), **subset_record(args.limit)},
                "settings": {"methods": methods, "labels": args.labels, "max_candidates": args.max_candidates,
-                            "time_budget_s": args.time_budget, "seed": args.seed},
+                            "time_budget_s": args.time_budget, "seed": args.seed, "compile": args.compile},
                "environment": environment(device),
-               "tunes": [{"target_reduction": t, "config": r.config, "candidates": r.candidates}
-                         for t, r in results.items()]}
-    files = {f"config_{t:g}.json": json_text(r.config) for t, r in results.items()}
-    files.update({"tune.md": f"# {title}\n\n## Chosen\n\n{table}\n## Every candidate\n\n"
-                                       f"{candidates_table(results, args.labels)}", "tune.csv": candidates_csv(results),
+               "dense_reference": {"seconds": reference.seconds, "compiled": args.compile,
+                                   "compile_s": reference.compile_s},
+               "tunes": [{**b.record(), "seconds": seconds[b], "config": r.config, "candidates": r.candidates}
+                         for b, r in results.items()]}
+    files = {f"config_{b.stem}.json": json_text(r.config) for b, r in results.items()}
+    files.update({"tune.md": f"# {title}\n\n## Chosen\n\n{table}\n## Time\n\n{times}\n## Every candidate\n\n"
+                             f"{candidates_table(results, args.labels)}", "tune.csv": candidates_csv(results),
                   "tune.json": json_text(payload), "tune.png": tune_png(results, title)})
     write_files(out, files)
     print(table, end="")
+    print(f"\n{times}", end="")
     print(f"\nconfigs: {', '.join(str(out / name) for name in files if name.startswith('config_'))}\n"
           f"results: {out / 'tune.md'}, tune.csv, tune.json, tune.png\n"
           f"apply:   mambamerge.patch(model, config=json.load(open(...))) or eval --config FILE")
     return 0
-
