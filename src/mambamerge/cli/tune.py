@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from mambamerge.cli.inputs import DataSpec, open_data
+from mambamerge.cli.inputs import open_data
 from mambamerge.cli.options import (add_device_options, check_at_least_one, check_method, check_reduction,
                                     compile_line, default_workers, setup_device)
+from mambamerge.dataspec import DataSpec
 
 HELP = ("find the method, options and per-block schedule that keep the most of the dense model at a reduction "
         "or GMACs budget, on your own (unlabelled) inputs")
