@@ -33,3 +33,21 @@ def keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def captured_graphs(monkeypatch):
+    """mambamerge.compiling.compile replaced by dynamo's capture, run as captured (inductor is
+    tests/test_compile.py's): the list of graphs captured so far."""
+    from mambamerge import compiling
+
+    graphs = []
+
+    def recording(module, mode=None):
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(compiling, "compile", recording)
+    return graphs

@@ -111,20 +111,10 @@ def test_exactly_one_budget_is_given(checkpoint, gmacs, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-def test_compile_computes_the_dense_reference_once_compiled(checkpoint, tmp_path, capsys, monkeypatch):
+def test_compile_computes_the_dense_reference_once_compiled(checkpoint, tmp_path, capsys, captured_graphs):
     """One graph for every calibration batch and both targets (the short last batch padded); the candidates
     stay eager; the compile is reported apart; the choice is the eager tune's."""
-    from mambamerge import compiling
-
-    graphs = []
-
-    def recording(module, mode=None):  # dynamo's capture, run as captured (inductor is tests/test_compile.py's)
-        def backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-        return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
-
-    monkeypatch.setattr(compiling, "compile", recording)
+    graphs = captured_graphs
     budget = ("--reduction", "0.5", "0.6")
     assert main(tune_argv(checkpoint, tmp_path / "eager", "--batch-size", "5", budget=budget)) == 0
     assert not graphs

@@ -36,7 +36,7 @@ def test_tune_scores_against_the_dense_model_and_leaves_it_dense(model_and_input
     result = tuned(model, x)
     assert model.token_reducer is None
     chosen = result.config
-    exact = [c for c in result.candidates if c["stage"] in ("spacing", "schedule")]  # at the budget exactly
+    exact = [c for c in result.candidates if c["stage"] in ("refit", "spacing", "schedule")]  # at the budget exactly
     assert chosen["score"]["kl"] == min(c["kl"] for c in exact)
     # the recorded KL is that of the patched model on the inputs, recomputed here independently
     with torch.no_grad():
@@ -46,21 +46,11 @@ def test_tune_scores_against_the_dense_model_and_leaves_it_dense(model_and_input
     assert kl_to_dense(dense, patched).mean().item() == pytest.approx(chosen["score"]["kl"], rel=1e-5)
 
 
-def test_reference_logits_are_the_dense_model_s_and_compiled_run_one_graph(model_and_inputs, monkeypatch):
+def test_reference_logits_are_the_dense_model_s_and_compiled_run_one_graph(model_and_inputs, captured_graphs):
     """A patched model's reference is its dense prediction (the model is left patched); compiled, the short
     last batch is padded, so that every batch runs the one graph, with the same logits."""
-    from mambamerge import compiling
-
     model, x = model_and_inputs
-    graphs = []
-
-    def recording(module, mode=None):  # dynamo's capture, run as captured (inductor is tests/test_compile.py's)
-        def backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-        return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
-
-    monkeypatch.setattr(compiling, "compile", recording)
+    graphs = captured_graphs
     with torch.no_grad():
         dense = model(x)
     mambamerge.patch(model, "mame", reduction=0.5)
@@ -93,10 +83,15 @@ def test_schedule_search_keeps_the_reduction_exact(model_and_inputs):
     kept = round(0.4 * 6 * 65)  # tokens summed over the 6 blocks at 60% of 65 tokens
     spaced = [c for c in result.candidates if c["stage"] == "spacing"]
     moved = [c for c in result.candidates if c["stage"] == "schedule"]
+    refit = [c for c in result.candidates if c["stage"] == "refit"]
     assert moved, "the schedule search ran no candidate"
     assert len({(c["start"], c["every"]) for c in spaced}) >= 3 and any(c["start"] > 1 for c in spaced)
-    assert len({tuple(c["removals"]) for c in spaced + moved}) == len(spaced + moved)
-    for c in spaced + moved:
+    assert len({tuple(c["removals"]) for c in refit + spaced + moved}) == len(refit + spaced + moved)
+    # the refined best's own schedule, changed by the fewest tokens to meet the budget
+    best = min((c for c in result.candidates if c["stage"] == "refine"), key=lambda c: c["kl"])
+    assert len(refit) == 1 and refit[0]["method"] == best["method"] and refit[0]["options"] == best["options"]
+    assert sum(abs(a - b) for a, b in zip(refit[0]["removals"], best["removals"])) <= 2
+    for c in refit + spaced + moved:
         assert sum(Schedule(tuple(c["removals"])).token_counts(65)) == kept
         assert c["reduction"] == pytest.approx(1 - kept / (6 * 65), abs=1e-12)
     for c in spaced:  # steps only where the spacing puts them
@@ -116,6 +111,10 @@ def test_fit_meets_a_token_sum_exactly_at_the_schedule_s_own_steps():
     even = [0, 0, 30, 0, 12, 0]  # steps 4 and 2 blocks from the end: only even changes
     assert fit(even, kept_sum(even, 65) - 1, 65) is None
     assert kept_sum(fit(even, kept_sum(even, 65) - 2, 65), 65) == kept_sum(even, 65) - 2
+    for gap in (-3, -1, 1, 3):  # at any block the odd gaps close too, by one or two tokens
+        out = fit(even, kept_sum(even, 65) - gap, 65, blocks=range(1, 6))
+        assert kept_sum(out, 65) == kept_sum(even, 65) - gap and sum(abs(a - b) for a, b in zip(out, even)) <= 2
+    assert fit([0, 0, 0, 1, 0, 0], kept_sum([0, 0, 0, 1, 0, 0], 65) + 6, 65, blocks=range(1, 6)) is None
 
 
 def test_a_gmacs_budget_is_met_within_one_token_step_and_never_exceeded(model_and_inputs):
@@ -133,7 +132,7 @@ def test_a_gmacs_budget_is_met_within_one_token_step_and_never_exceeded(model_an
         mambamerge.unpatch(model)
         assert reached == pytest.approx(config["gmacs"], rel=1e-12)
         for c in result.candidates:
-            if c["stage"] in ("spacing", "schedule"):
+            if c["stage"] in ("refit", "spacing", "schedule"):
                 assert budget - step < c["gmacs"] <= budget
 
 

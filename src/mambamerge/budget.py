@@ -1,5 +1,5 @@
 """Budgets of mambamerge.tune met exactly: a GMACs budget as the tokens summed over blocks it allows, and a
-schedule refitted, at its own step blocks, to an exact sum of tokens over blocks.
+schedule refitted, at its own step blocks or at any, to an exact sum of tokens over blocks.
 
 GMACs here are those of every GMACs column of mambamerge: one scan direction (the literature's
 "GFLOPs", mambamerge.flops' total_one_direction), the method's merge overhead included. Every block
@@ -69,27 +69,28 @@ def kept_sum(removals: Sequence[int], initial: int) -> int:
     return sum(Schedule(tuple(removals)).token_counts(initial))
 
 
-def fit(removals: Sequence[int], kept: int, initial: int) -> Optional[List[int]]:
-    """`removals` changed by the fewest tokens, only at its own step blocks, so that the tokens summed over
-    blocks are exactly `kept`; None when those blocks cannot make that sum (a token more before block b
-    removes depth - b, so steps at even distances from the end make only even changes) or a count would
-    fall below 0. The method's capacity is not checked here."""
+def fit(removals: Sequence[int], kept: int, initial: int, blocks: Optional[Sequence[int]] = None) -> Optional[List[int]]:
+    """`removals` changed by the fewest tokens so that the tokens summed over blocks are exactly `kept`, only
+    at `blocks` (default: its own step blocks; a count is lowered only where it is above 0); None when those
+    blocks cannot make that sum (a token more before block b removes depth - b, so steps at even distances
+    from the end make only even changes) or a count would fall below 0. The method's capacity is not
+    checked here."""
     depth = len(removals)
-    weights = {b: depth - b for b, r in enumerate(removals) if r}
+    blocks = [b for b, r in enumerate(removals) if r] if blocks is None else list(blocks)
+    changes = [(b, 1) for b in blocks] + [(b, -1) for b in blocks if removals[b]]
     gap = kept_sum(removals, initial) - kept  # token-layers still to remove (< 0: to give back)
-    if not weights:
+    if not changes:
         return None
-    bound = abs(gap) + max(weights.values())
+    bound = abs(gap) + depth
     parent = {0: None}
     queue = deque([0])
     while queue and gap not in parent:  # fewest single-token changes whose weights add up to the gap
         here = queue.popleft()
-        for b, w in weights.items():
-            for sign in (1, -1):
-                there = here + sign * w
-                if abs(there) <= bound and there not in parent:
-                    parent[there] = (here, b, sign)
-                    queue.append(there)
+        for b, sign in changes:
+            there = here + sign * (depth - b)
+            if abs(there) <= bound and there not in parent:
+                parent[there] = (here, b, sign)
+                queue.append(there)
     if gap not in parent:
         return None
     out, node = list(removals), gap

@@ -4,8 +4,8 @@ the dense model at a fixed average reduction or GMACs budget, found on the user'
 Score: the mean KL divergence of the patched prediction from the dense one (dense logits computed once);
 with labels, top-1 first and KL to break ties. Search: every method's `search_space()` screened on a
 slice of the inputs, the best few rescored on all of them (successive halving), then the best one's
-schedule: where the steps start and how often (each spacing refitted to exactly the budget's tokens
-summed over blocks), then the best spacing's removals moved between blocks by coordinate descent under
+schedule: its own refitted to exactly the budget's tokens summed over blocks, where the steps start and
+how often (each spacing refitted alike), then the best spacing's removals moved between blocks by coordinate descent under
 the same exact budget."""
 import copy
 import itertools
@@ -198,17 +198,13 @@ def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels:
         """Within the GMACs budget and less than one block's token step below it (always, for a reduction)."""
         return gmacs is None or -step < schedule_macs(work, method, options, removals) - gmacs * GIGA <= 0
 
-    def fitted(method: str, options: dict, first: int, every: int) -> Optional[List[int]]:
-        """The geometric schedule stepping before blocks first, first + every, ... refitted to the budget
-        exactly (None where it cannot be): `kept` tokens over blocks, less by the merge overhead's worth
-        for a GMACs budget."""
-        try:
-            base = make_reducer(work, method, reduction, start=first, every=every, **options).schedule.removals
-        except ValueError:
-            return None
+    def refitted(method: str, options: dict, base: Sequence[int],
+                 blocks: Optional[Sequence[int]] = None) -> Optional[List[int]]:
+        """`base` refitted to the budget exactly at `blocks` (default its own step blocks; None where it
+        cannot be): `kept` tokens over blocks, less by the merge overhead's worth for a GMACs budget."""
         target = kept
         for _ in range(8):  # the overhead changes a little with the tokens kept: a few rounds settle it
-            removals = fit(base, target, initial)
+            removals = fit(base, target, initial, blocks)
             if removals is None or not _valid(work, method, options, removals):
                 return None
             if gmacs is None:
@@ -219,11 +215,24 @@ def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels:
             target += -math.ceil(over / step) if over > 0 else math.floor(-over / step)
         return None
 
+    def fitted(method: str, options: dict, first: int, every: int) -> Optional[List[int]]:
+        """The geometric schedule stepping before blocks first, first + every, ... refitted to the budget."""
+        try:
+            base = make_reducer(work, method, reduction, start=first, every=every, **options).schedule.removals
+        except ValueError:
+            return None
+        return refitted(method, options, base)
+
     def spacings(record: dict) -> List[dict]:
-        """The spacings of the record's method and options that meet the budget exactly, scored (up to
-        half the candidates left: the rest moves the best one's removals)."""
+        """The record's own schedule refitted to the budget at any block from 1, then the spacings of its
+        method and options that meet the budget exactly, scored (up to half the candidates left: the rest
+        moves the best one's removals)."""
         out, tried = [], set()
         limit = len(candidates) + max(1, (max_candidates - len(candidates)) // 2)
+        own = refitted(record["method"], record["options"], record["removals"], range(1, depth))
+        if own is not None:
+            tried.add(tuple(own))
+            out.append(evaluate(record["method"], record["options"], own, len(inputs), "refit"))
         for first, every in SPACINGS:
             if first >= depth or (out and out_of_budget(limit)):
                 continue
