@@ -100,8 +100,11 @@ def test_schedule_search_keeps_the_reduction_exact(model_and_inputs):
     assert result.config["budget"] == {"reduction": 0.6}
 
 
-def test_fit_meets_a_token_sum_exactly_at_the_schedule_s_own_steps():
-    from mambamerge.budget import fit, kept_sum
+def test_fits_meet_a_token_sum_exactly_with_the_fewest_changes_first():
+    from mambamerge.budget import fits, kept_sum
+
+    def fit(*args, **kw):
+        return next(fits(*args, **kw), None)
 
     base = [0, 30, 0, 12, 0, 5]  # steps before blocks 1, 3, 5 of 6: one token there is 5, 3 or 1 token-layers
     for kept in range(kept_sum(base, 65) - 12, kept_sum(base, 65) + 12):
@@ -111,10 +114,35 @@ def test_fit_meets_a_token_sum_exactly_at_the_schedule_s_own_steps():
     even = [0, 0, 30, 0, 12, 0]  # steps 4 and 2 blocks from the end: only even changes
     assert fit(even, kept_sum(even, 65) - 1, 65) is None
     assert kept_sum(fit(even, kept_sum(even, 65) - 2, 65), 65) == kept_sum(even, 65) - 2
-    for gap in (-3, -1, 1, 3):  # at any block the odd gaps close too, by one or two tokens
-        out = fit(even, kept_sum(even, 65) - gap, 65, blocks=range(1, 6))
-        assert kept_sum(out, 65) == kept_sum(even, 65) - gap and sum(abs(a - b) for a, b in zip(out, even)) <= 2
-    assert fit([0, 0, 0, 1, 0, 0], kept_sum([0, 0, 0, 1, 0, 0], 65) + 6, 65, blocks=range(1, 6)) is None
+    for gap in (-3, -1, 1, 3):  # at any block the odd gaps close too: every fit of the fewest changes, then one more
+        found = list(fits(even, kept_sum(even, 65) - gap, 65, blocks=range(1, 6)))
+        changed = [sum(abs(a - b) for a, b in zip(out, even)) for out in found]
+        assert found and all(kept_sum(out, 65) == kept_sum(even, 65) - gap and min(out) >= 0 for out in found)
+        assert changed == sorted(changed) and set(changed) == {changed[0], changed[0] + 1}
+        assert len({tuple(out) for out in found}) == len(found)
+    # a token leaving before block 3 instead of 4 removes one token-layer more: a fit of two changes
+    assert [0, 0, 30, 1, 11, 0] in list(fits(even, kept_sum(even, 65) - 1, 65, blocks=range(1, 6)))
+    lone = [0, 0, 0, 1, 0, 0]  # giving back 6 token-layers would take block 3's one token twice
+    assert fit(lone, kept_sum(lone, 65) + 6, 65, blocks=[3]) is None
+
+
+def test_the_refit_takes_the_first_fit_the_method_accepts(model_and_inputs, monkeypatch):
+    """The fewest-change fit of the refined best's schedule may exceed the method's capacity at a block;
+    the refit then takes the next fit, not nothing."""
+    tune_module = sys.modules["mambamerge.tune"]  # the package binds the name `tune` to the function
+    model, x = model_and_inputs
+    real, refused = tune_module._valid, []
+
+    def first_refused(work, method, options, removals):
+        if not refused:
+            refused.append(list(removals))
+            return False
+        return real(work, method, options, removals)
+
+    monkeypatch.setattr(tune_module, "_valid", first_refused)
+    refit = [c for c in tuned(model, x).candidates if c["stage"] == "refit"]
+    assert len(refit) == 1 and refit[0]["removals"] != refused[0]
+    assert sum(Schedule(tuple(refit[0]["removals"])).token_counts(65)) == round(0.4 * 6 * 65)
 
 
 def test_a_gmacs_budget_is_met_within_one_token_step_and_never_exceeded(model_and_inputs):

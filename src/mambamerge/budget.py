@@ -7,8 +7,7 @@ costs the same per token, so the MACs of a schedule are fixed + token_macs * (to
 + its merge overhead."""
 import math
 import numbers
-from collections import deque
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 from mambamerge.flops import flops
 from mambamerge.merge.schedule import Schedule
@@ -69,32 +68,54 @@ def kept_sum(removals: Sequence[int], initial: int) -> int:
     return sum(Schedule(tuple(removals)).token_counts(initial))
 
 
-def fit(removals: Sequence[int], kept: int, initial: int, blocks: Optional[Sequence[int]] = None) -> Optional[List[int]]:
-    """`removals` changed by the fewest tokens so that the tokens summed over blocks are exactly `kept`, only
-    at `blocks` (default: its own step blocks; a count is lowered only where it is above 0); None when those
-    blocks cannot make that sum (a token more before block b removes depth - b, so steps at even distances
-    from the end make only even changes) or a count would fall below 0. The method's capacity is not
-    checked here."""
+def fits(removals: Sequence[int], kept: int, initial: int, blocks: Optional[Sequence[int]] = None,
+         extra: int = 1) -> Iterator[List[int]]:
+    """`removals` changed so that the tokens summed over blocks are exactly `kept`, only at `blocks`
+    (default: its own step blocks; a count is lowered only where it is above 0): every such schedule of
+    the fewest single-token changes, then of up to `extra` more, in that order; none when those blocks
+    cannot make that sum (a token more before block b removes depth - b, so steps at even distances from
+    the end make only even changes). The method's capacity is not checked here: the caller takes the
+    first its method accepts."""
     depth = len(removals)
-    blocks = [b for b, r in enumerate(removals) if r] if blocks is None else list(blocks)
+    blocks = [b for b, r in enumerate(removals) if r] if blocks is None else sorted(blocks)
     changes = [(b, 1) for b in blocks] + [(b, -1) for b in blocks if removals[b]]
     gap = kept_sum(removals, initial) - kept  # token-layers still to remove (< 0: to give back)
-    if not changes:
-        return None
+    fewest = _fewest_changes([sign * (depth - b) for b, sign in changes], gap, depth)
+    if fewest is None:
+        return
+    widest = max(depth - b for b, _ in changes)
+
+    def combos(first: int, left: int, rest: int, out: List[int]) -> Iterator[List[int]]:
+        if left == 0:
+            if rest == 0:
+                yield list(out)
+            return
+        if abs(rest) > left * widest:
+            return
+        for i in range(first, len(changes)):
+            b, sign = changes[i]
+            if (out[b] - removals[b]) * sign < 0 or out[b] + sign < 0:  # not both ways at b, never below 0
+                continue
+            out[b] += sign
+            yield from combos(i, left - 1, rest - sign * (depth - b), out)
+            out[b] -= sign
+
+    for count in range(fewest, fewest + extra + 1):
+        yield from combos(0, count, gap, list(removals))
+
+
+def _fewest_changes(weights: Sequence[int], gap: int, depth: int) -> Optional[int]:
+    """The fewest of `weights` (repeats allowed) that add up to `gap`; None when none do."""
     bound = abs(gap) + depth
-    parent = {0: None}
-    queue = deque([0])
-    while queue and gap not in parent:  # fewest single-token changes whose weights add up to the gap
-        here = queue.popleft()
-        for b, sign in changes:
-            there = here + sign * (depth - b)
-            if abs(there) <= bound and there not in parent:
-                parent[there] = (here, b, sign)
-                queue.append(there)
-    if gap not in parent:
-        return None
-    out, node = list(removals), gap
-    while parent[node] is not None:
-        node, b, sign = parent[node]
-        out[b] += sign
-    return out if min(out) >= 0 else None
+    seen, frontier, count = {0}, [0], 0
+    while frontier and gap not in seen:  # breadth first over the sums reached
+        count += 1
+        reached = []
+        for here in frontier:
+            for w in weights:
+                there = here + w
+                if abs(there) <= bound and there not in seen:
+                    seen.add(there)
+                    reached.append(there)
+        frontier = reached
+    return count if gap in seen else None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mambamerge.atomic import write_bytes
-from mambamerge.budget import GIGA, fit, gmacs_budget, schedule_macs, token_macs
+from mambamerge.budget import GIGA, fits, gmacs_budget, schedule_macs, token_macs
 from mambamerge.flops import flops
 from mambamerge.merge import METHODS
 from mambamerge.merge.recipe import MergeRecipe
@@ -200,12 +200,15 @@ def tune(model, inputs: torch.Tensor, reduction: Optional[float] = None, labels:
 
     def refitted(method: str, options: dict, base: Sequence[int],
                  blocks: Optional[Sequence[int]] = None) -> Optional[List[int]]:
-        """`base` refitted to the budget exactly at `blocks` (default its own step blocks; None where it
-        cannot be): `kept` tokens over blocks, less by the merge overhead's worth for a GMACs budget."""
+        """`base` refitted to the budget exactly at `blocks` (default its own step blocks): the first of the
+        fewest-change fits the method accepts, None where none does; `kept` tokens over blocks, less by the
+        merge overhead's worth for a GMACs budget."""
         target = kept
         for _ in range(8):  # the overhead changes a little with the tokens kept: a few rounds settle it
-            removals = fit(base, target, initial, blocks)
-            if removals is None or not _valid(work, method, options, removals):
+            accepted = (r for r in itertools.islice(fits(base, target, initial, blocks), 64)
+                        if _valid(work, method, options, r))
+            removals = next(accepted, None)
+            if removals is None:
                 return None
             if gmacs is None:
                 return removals
