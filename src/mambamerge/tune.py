@@ -4,9 +4,9 @@ the dense model at a fixed average reduction or GMACs budget, found on the user'
 Score: the mean KL divergence of the patched prediction from the dense one (dense logits computed once);
 with labels, top-1 first and KL to break ties. Search: every method's `search_space()` screened on a
 slice of the inputs, the best few rescored on all of them (successive halving), then the best one's
-schedule: its own refitted to exactly the budget's tokens summed over blocks, where the steps start and
-how often (each spacing refitted alike), then the best spacing's removals moved between blocks by coordinate descent under
-the same exact budget."""
+schedule: its own refitted to exactly the budget's tokens summed over blocks, then where the steps start
+and how often (each spacing refitted alike), then the best of these schedules' removals moved between
+blocks by coordinate descent under the same exact budget."""
 import copy
 import itertools
 import json
