@@ -84,7 +84,8 @@ def main(argv=None) -> None:
         except (ValueError, KeyError) as err:
             raise SystemExit(f"{path} does not fit {args.checkpoint}: {err}") from None
         mambamerge.unpatch(model)
-    data = load_dataset(args.data, args.split, input_shape=model.input_shape, limit=args.limit)
+    data = load_dataset(args.data, args.split, input_shape=model.input_shape, input_kind=model.input_kind,
+                        limit=args.limit)
     dense = accuracy(model, data)
     print(f"{Path(args.checkpoint).name} on {args.data} {args.split}: {len(data)} inputs, dense top-1 {dense:.2%} "
           f"(standard error {math.sqrt(dense * (1 - dense) / len(data)):.2%})\n")
