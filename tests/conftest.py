@@ -1,8 +1,20 @@
 import triton_interpreter  # noqa: F401  (first: TRITON_INTERPRET before any kernel is imported)
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 import mambamerge
+
+
+def benchmark(name):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def perturb_(model, seed=0):

@@ -1,25 +1,16 @@
 """benchmarks/merge.py runs every model x batch x method configuration it is asked for and reports the
 cost of a reduction step (its figures are measurements, recorded in docs/performance.md, not asserted)."""
-import importlib.util
 import re
-from pathlib import Path
 
 import torch
-
-
-def load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge.py"
-    spec = importlib.util.spec_from_file_location("bench_merge", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark
 
 
 def test_bench_prints_one_table_per_model_batch_and_method_with_the_step_cost(capsys):
     threads = torch.get_num_threads()
     try:
-        load_bench().main(["--models", "vim_nano", "--batch", "1", "2", "--methods", "tome", "mame",
-                           "--reductions", "0.5", "--runs", "1"])
+        benchmark("merge").main(["--models", "vim_nano", "--batch", "1", "2", "--methods", "tome", "mame",
+                                 "--reductions", "0.5", "--runs", "1"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out

@@ -1,24 +1,17 @@
 """benchmarks/step_cost.py counts a step's and a block's operations in worker processes and, given a
 baseline version, reports both side by side (its times are measurements, not asserted)."""
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from conftest import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step_cost", ROOT / "benchmarks" / "step_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_against_itself_the_step_cost_reports_the_same_operations_for_both(capsys):
-    load_bench().main(["--models", "vim_pico", "--batch", "1", "--reduction", "0.3", "--runs", "1", "--rounds", "1",
-                       "--baseline", str(ROOT / "src")])
+    benchmark("step_cost").main(["--models", "vim_pico", "--batch", "1", "--reduction", "0.3", "--runs", "1",
+                                 "--rounds", "1", "--baseline", str(ROOT / "src")])
     out = capsys.readouterr().out
     rows = {m[0]: m[1:] for m in re.findall(r"^(step|block|block_ssm)\s+(\d+)\s+[\d.]+\s+(\d+)\s+[\d.]+\s+[\d.]+$",
                                             out, flags=re.M)}
@@ -29,9 +22,9 @@ def test_against_itself_the_step_cost_reports_the_same_operations_for_both(capsy
 
 def test_a_baseline_without_the_package_is_refused_by_name(tmp_path):
     with pytest.raises(SystemExit, match="no mambamerge package there"):
-        load_bench().main(["--baseline", str(tmp_path)])
+        benchmark("step_cost").main(["--baseline", str(tmp_path)])
 
 
 def test_a_failed_measurement_names_its_error():
     with pytest.raises(SystemExit, match="failed:\n.*cannot reach an average reduction of 90%"):
-        load_bench().main(["--models", "vim_pico", "--batch", "1", "--reduction", "0.9", "--runs", "1"])
+        benchmark("step_cost").main(["--models", "vim_pico", "--batch", "1", "--reduction", "0.9", "--runs", "1"])

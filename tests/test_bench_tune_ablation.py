@@ -1,27 +1,17 @@
 """benchmarks/tune_ablation.py reads a tuned config of any family's model, loads that family's inputs and
 reports the config's top-1 as patch(config=) gives it, beside its variants."""
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_
+from conftest import benchmark, perturb_
 
 import mambamerge
 from mambamerge.data import load_dataset
 from mambamerge.evaluate import accuracy
 
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # the benchmark sets torch's threads
-
-
-def load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_ablation.py"
-    spec = importlib.util.spec_from_file_location("bench_tune_ablation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name, data", [("videomamba_nano", "moving-fashion-mnist"), ("aum_nano", "fsdd")])
@@ -35,7 +25,7 @@ def test_the_tuned_row_is_the_config_as_patch_applies_it(tmp_path, capsys, name,
     path = tmp_path / "config_0.5.json"
     path.write_text(json.dumps(config))
 
-    load_bench().main([str(path), "--checkpoint", str(checkpoint), "--data", data, "--limit", "8"])
+    benchmark("tune_ablation").main([str(path), "--checkpoint", str(checkpoint), "--data", data, "--limit", "8"])
     rows = re.findall(r"^\| \S+ \| (.+?) \| ([\d.]+)% \|", capsys.readouterr().out, flags=re.M)
     assert rows[0][0] == "tuned" and len(rows) >= 2
     expected = accuracy(mambamerge.patch(model, config=config), inputs)

@@ -1,10 +1,8 @@
 """The mixer's fused CUDA path (models/fused.py), run on CPU against stand-ins of the mamba_ssm and
 causal-conv1d kernels (fake_kernels.py) that compute the documented semantics independently and enforce
 the real kernels' contract: same outputs, SSMStats and gradients as the pure-PyTorch path."""
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import mambamerge
 from mambamerge import ops
 from mambamerge.models import fused
 from mambamerge.models.mixer import MambaMixer
-from conftest import perturb_
+from conftest import benchmark, perturb_
 from test_families import small_aum, small_videomamba
 
 FAMILIES = ["vim", "videomamba", "aum:Bi-Bi", "aum:Fo-Bi", "aum:Fo-Fo"]
@@ -233,11 +231,7 @@ def test_unfused_mamba_ssm_scan_matches_the_reference(kernels, reverse):
 
 def load_gpu_check(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts src/ and benchmarks/ first
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
