@@ -15,7 +15,7 @@ import torch
 
 import mambamerge
 from mambamerge.budget import GIGA
-from mambamerge.data import load_dataset
+from mambamerge.cli.inputs import open_data
 from mambamerge.evaluate import accuracy
 from mambamerge.flops import flops
 from mambamerge.merge import METHODS
@@ -70,24 +70,31 @@ def main(argv=None) -> None:
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="config files mambamerge tune wrote")
     parser.add_argument("--checkpoint", required=True, metavar="FILE")
     parser.add_argument("--data", required=True, metavar="SPEC", help="as for mambamerge eval")
-    parser.add_argument("--split", default="test", help="the split reported on (default: test)")
+    parser.add_argument("--split", help="the split of a named data set reported on (default: test)")
     parser.add_argument("--limit", type=int, metavar="N", help="that many test inputs, stratified (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    parser.set_defaults(img_size=None)  # a tuned config is for the trained input size
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = [(path, json.loads(Path(path).read_text())) for path in args.configs]
-    model = mambamerge.load_checkpoint(args.checkpoint).eval()
-    for path, config in configs:  # a config of another model is refused before any work
-        try:
-            make_reducer(model, config["method"], schedule=list(config["removals"]), **config["options"])
-            mambamerge.patch(model, config=config)
-        except (ValueError, KeyError) as err:
-            raise SystemExit(f"{path} does not fit {args.checkpoint}: {err}") from None
-        mambamerge.unpatch(model)
-    data = load_dataset(args.data, args.split, input_shape=model.input_shape, input_kind=model.input_kind,
-                        limit=args.limit)
+
+    def check_configs(model) -> None:
+        """A config of another model is refused before any data is read."""
+        for path, config in configs:
+            try:
+                make_reducer(model, config["method"], schedule=list(config["removals"]), **config["options"])
+                mambamerge.patch(model, config=config)
+            except (ValueError, KeyError) as err:
+                raise SystemExit(f"{path} does not fit {args.checkpoint}: {err}") from None
+            mambamerge.unpatch(model)
+
+    try:  # the model and its inputs as every command opens them: any family, every mismatch named
+        model, data, data_label = open_data(args, default_split="test", limit=args.limit, check=check_configs)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    model.eval()
     dense = accuracy(model, data)
-    print(f"{Path(args.checkpoint).name} on {args.data} {args.split}: {len(data)} inputs, dense top-1 {dense:.2%} "
+    print(f"{Path(args.checkpoint).name} on {data_label}: {len(data)} inputs, dense top-1 {dense:.2%} "
           f"(standard error {math.sqrt(dense * (1 - dense) / len(data)):.2%})\n")
     print("| config | variant | top-1 | ± s.e. | vs tuned | reduction | GMACs |\n|---|---|---|---|---|---|---|")
     for path, config in configs:
