@@ -48,12 +48,15 @@ class GraphRecorder:
 
 
 @needs_compiled
+@pytest.mark.parametrize("impl", ["auto", "compiled"])
 @pytest.mark.parametrize("method, options", CASES)
-def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(method, options):
+def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(method, options, impl):
+    """impl "auto": each block one whole-mixer kernel call; "compiled": the per-step kernels between
+    torch's projections."""
     torch._dynamo.reset()
-    model = make_model(method, options)
+    model = make_model(method, options).set_scan_impl(impl)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    eager = make_model(method, options)  # its own copy: a random method's draws advance at every forward
+    eager = make_model(method, options).set_scan_impl(impl)  # its own copy: a random method's draws advance
     recorder = GraphRecorder()
     with torch.no_grad():
         expected = eager(images)
@@ -62,9 +65,11 @@ def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(met
         torch.testing.assert_close(compiled_model(images), eager(images), rtol=0, atol=0)  # the next draws too
     assert len(recorder.graphs) == 1  # and no recompile for the second forward
     ops = recorder.custom_ops()
-    # every block: two scans and two softplus passes (the row-mean variant where the method reads Δ)
-    assert ops.count("mambamerge.selective_scan") == 4
-    assert sum(op.startswith("mambamerge.softplus") for op in ops) == 4
+    if impl == "auto":
+        assert ops.count("mambamerge.mixer_forward") == 2 and "mambamerge.selective_scan" not in ops
+    else:  # every block: two scans and two softplus passes (the row-mean variant where the method reads Δ)
+        assert ops.count("mambamerge.selective_scan") == 4 and "mambamerge.mixer_forward" not in ops
+        assert sum(op.startswith("mambamerge.softplus") for op in ops) == 4
     if method is not None:
         assert "mambamerge.merge_apply" in ops
     if method in ("mame", "stm"):  # the others reorder the survivors, which the planning kernel does not

@@ -47,9 +47,10 @@ def test_a_row_does_not_depend_on_its_batch(dtype):
         assert torch.equal(cpu_kernels.gate(y[b:b + 1], together[b:b + 1], x[b:b + 1], True)[0], gated[b])
 
 
-def test_the_mixer_uses_the_kernel_in_inference_and_torch_under_autograd(monkeypatch):
+def test_the_mixer_uses_the_kernels_in_inference_and_torch_under_autograd(monkeypatch):
     torch.manual_seed(0)
     model = mambamerge.create_model("vim_nano", img_size=32, depth=2, num_classes=3).eval()
+    model.set_scan_impl("compiled")  # the per-step kernels ("auto": the whole-mixer kernel, test_mixer_kernel.py)
     x = torch.randn(2, *model.input_shape)
     calls = []
     for name in ("conv_silu", "gate"):

@@ -45,7 +45,8 @@ class Block(nn.Module):
 
     forward(hidden, residual): residual <- hidden (first block) or residual + drop_path(hidden),
     kept in float32; hidden <- mixer(norm(residual)). Returns (hidden, residual), both (batch, L, D),
-    plus the mixer's SSMStats when return_ssm.
+    plus the mixer's SSMStats when return_ssm. Float32 CPU inference runs all three in one call of the
+    whole-mixer kernel (MambaMixer.kernel_forward).
     """
 
     def __init__(self, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs):
@@ -55,6 +56,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], return_ssm: bool = False):
+        if self.mixer.kernel_takes(hidden, residual) and self.norm.weight.dtype == torch.float32 and not (
+                self.drop_path.training and self.drop_path.p > 0):
+            return self.mixer.kernel_forward(hidden, return_ssm, residual=residual, norm=self.norm)
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = cast(residual, at_least_float32(residual.dtype))
         out = self.mixer(self.norm(residual), return_ssm=return_ssm)

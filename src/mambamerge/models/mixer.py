@@ -25,6 +25,12 @@ def _kernels_take(t: torch.Tensor) -> bool:
     return cpu_kernels.handles(t) and not torch.is_grad_enabled()
 
 
+def _mixer_kernel_takes(hidden: torch.Tensor, mixer: "MambaMixer") -> bool:
+    """Float32 inference on CPU outside autocast, with the whole-mixer kernel available."""
+    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and mixer.in_proj.weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and cpu_kernels.mixer_available())
+
+
 def depthwise_conv_along_sequence(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                   reverse: bool) -> torch.Tensor:
     """Depthwise 1-D convolution over L, causal in scan direction.
@@ -175,8 +181,10 @@ class MambaMixer(nn.Module):
     scan_impl: one of mambamerge.ops.MIXER_IMPLS. "fused" runs the whole mixer through the kernels of
     causal-conv1d and mamba_ssm (models/fused.py), "triton" through torch's convolution and the Triton
     scan; "auto" takes the first of the two whose packages import and whose kernels support the mixer
-    and the input, a CUDA tensor (models/fused.unsupported_reason, triton_unsupported_reason); any other
-    value, and "auto" otherwise, runs the PyTorch path (TorchPath) with that selective scan.
+    and the input, a CUDA tensor (models/fused.unsupported_reason, triton_unsupported_reason); on CPU
+    "auto" runs float32 inference as one call of the whole-mixer kernel (cpu_kernels.mixer_forward); any
+    other value, and "auto" otherwise, runs the PyTorch path (TorchPath) with that selective scan
+    ("compiled": the per-step CPU kernels between torch's projections).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -268,6 +276,8 @@ class MambaMixer(nn.Module):
 
         scan: run in place of each selective scan, ScanInputs -> (batch, L, d_inner) (the diagnostics read
         the scans' inputs or replace the scans with it); it takes the PyTorch path."""
+        if scan is None and self.kernel_takes(hidden):
+            return self.kernel_forward(hidden, return_ssm)
         path = self._path(hidden, scan)
         spec = self.spec
         x, z = path.project(hidden)
@@ -280,3 +290,35 @@ class MambaMixer(nn.Module):
         fwd = path.stats(branches[first], spec.branches[first])
         bwd = fwd if last == first else path.stats(branches[last], spec.branches[last])
         return out, SSMStats(fwd[0], bwd[0], fwd[1], bwd[1], fwd[2], bwd[2])
+
+    def kernel_takes(self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
+        """The call runs as one call of the whole-mixer CPU kernel (scan_impl "auto"; float32 inference on CPU
+        outside autocast; the residual, if any, float32 too)."""
+        return self.scan_impl == "auto" and _mixer_kernel_takes(hidden, self) and (
+            residual is None or residual.dtype == torch.float32)
+
+    def kernel_forward(self, hidden: torch.Tensor, return_ssm: bool, residual: Optional[torch.Tensor] = None,
+                       norm: Optional[nn.Module] = None):
+        """forward as one call of the whole-mixer CPU kernel (where kernel_takes): out, plus SSMStats when
+        return_ssm. With norm (the block's float32 RMSNorm), after the block's residual add and norm:
+        out, the new residual, plus SSMStats when return_ssm."""
+        spec, modules, own = self.spec, self._modules, self._parameters  # (nn.Module's __getattr__ costs ~0.4 us a name)
+        params = []
+        for b in spec.branches:
+            conv, dt_proj = modules["conv1d" + b.suffix]._parameters, modules["dt_proj" + b.suffix]._parameters
+            params += [conv["weight"], conv["bias"], modules["x_proj" + b.suffix]._parameters["weight"],
+                       dt_proj["weight"], dt_proj["bias"], own["D" + b.suffix]]
+        out, *rest = cpu_kernels.mixer_forward(
+            hidden, residual, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+            modules["in_proj"]._parameters["weight"], modules["out_proj"]._parameters["weight"], params,
+            [b.reverse for b in spec.branches], [own[s.a_log] for s in spec.scans], [s.branch for s in spec.scans],
+            [s.reverse for s in spec.scans], self.divide_out and len(spec.scans) == 2, return_ssm)
+        head = (out,) if norm is None else (out, rest.pop(0))
+        if not return_ssm:
+            return head[0] if norm is None else head
+        first, last = (3 * spec.scans[i].branch for i in (0, -1))
+        b_part = slice(self.dt_rank, self.dt_rank + self.d_state)
+        ssm = SSMStats(rest[first].transpose(1, 2), rest[last].transpose(1, 2),
+                       rest[first + 1][..., b_part].transpose(1, 2), rest[last + 1][..., b_part].transpose(1, 2),
+                       rest[first + 2], rest[last + 2])
+        return (*head, ssm)

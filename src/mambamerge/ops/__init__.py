@@ -20,7 +20,8 @@ softplus and the SiLU(z) gate in the kernels of causal-conv1d and mamba_ssm (mod
 "triton" runs the same channel-major path with torch's convolution and the Triton scan, which adds the
 bias, applies softplus and the gate itself, scans backwards without flipping and reports Δ from the same
 pass (models/fused.TritonPath); its "auto" picks "fused" on CUDA when both packages import
-(fused_kernels()), else "triton" when Triton imports (triton_kernels()).
+(fused_kernels()), else "triton" when Triton imports (triton_kernels()), and on CPU runs float32
+inference as one whole-mixer kernel call per block (cpu_kernels.mixer_forward).
 """
 import functools
 import warnings

@@ -1,6 +1,7 @@
 """The CPU kernels of kernels.cpp: the selective scan, the step-size softplus, the convolution + SiLU before
-the scan and the gate after it, and planning and applying a token-merge step (the "compiled"
-implementation of mambamerge.ops; torch.compile is another matter).
+the scan and the gate after it, the whole mixer in one call (its projections on torch's BLAS), and
+planning and applying a token-merge step (the "compiled" implementation of mambamerge.ops; torch.compile
+is another matter).
 
 build.py compiles the library with g++ on first use into a cache directory; library.py loads it with
 ctypes (which releases the GIL during the call) from one table of its entry points; the kernels run on
@@ -11,10 +12,11 @@ registered backward, so torch.compile captures models that use them without grap
 """
 from mambamerge.ops.cpu_kernels.mixer_ops import conv_silu, gate
 from mambamerge.ops.cpu_kernels.library import available, handles, unavailable_reason
+from mambamerge.ops.cpu_kernels.mixer_kernel import BRANCH_PARAMS, mixer_available, mixer_forward
 from mambamerge.ops.cpu_kernels.merge import can_merge, can_plan, merge_apply, plan_from_selection
 from mambamerge.ops.cpu_kernels.scan import selective_scan
 from mambamerge.ops.cpu_kernels.softplus import softplus, softplus_with_row_mean
 
-__all__ = ["available", "can_merge", "can_plan", "conv_silu", "gate", "handles", "merge_apply", "plan_from_selection",
-           "selective_scan",
-           "softplus", "softplus_with_row_mean", "unavailable_reason"]
+__all__ = ["BRANCH_PARAMS", "available", "can_merge", "can_plan", "conv_silu", "gate", "handles", "merge_apply",
+           "mixer_available", "mixer_forward", "plan_from_selection", "selective_scan", "softplus",
+           "softplus_with_row_mean", "unavailable_reason"]

@@ -1,6 +1,7 @@
 // CPU kernels: the selective scan, the softplus that gives its step sizes, the convolution + SiLU before
-// the scan and the gate after it, and the planning and application of a token-merge step. Plain C++ (no
-// torch headers), built by build.py and bound with ctypes by library.py.
+// the scan and the gate after it, the whole mixer of a block in one call (its projections on the BLAS
+// torch is linked with), and the planning and application of a token-merge step. Plain C++ (no torch
+// headers), built by build.py and bound with ctypes by library.py.
 //
 // Layouts (row-major, all contiguous):
 //   u, delta, y, dy, du, ddelta: (batch, L, d)
@@ -72,6 +73,7 @@ struct Problem {
   const T* D;
   int64_t batch, length, d, n_state;
   bool reverse;
+  int64_t bc_stride;  // values between the rows of B (and of C): n_state, or more when they are column blocks
 
   int64_t n_blocks() const { return (d + kBlock - 1) / kBlock; }
   int64_t n_tasks() const { return batch * n_blocks(); }
@@ -94,8 +96,8 @@ struct Task {
 
   // Offset of channel c0 at time t in a (batch, L, d) tensor.
   int64_t row(int64_t t) const { return (b * p.length + t) * p.d + c0; }
-  // Offset of time t in a (batch, L, N) tensor.
-  int64_t state_row(int64_t t) const { return (b * p.length + t) * p.n_state; }
+  // Offset of time t in B or C.
+  int64_t state_row(int64_t t) const { return (b * p.length + t) * p.bc_stride; }
 
   // dst[0:kBlock] = src[0:width], zero padded.
   void load(const T* src, T* dst) const {
@@ -338,19 +340,28 @@ int for_each_row(int64_t rows, int64_t row_len, int64_t chunk, int num_threads, 
   });
 }
 
-// y = softplus(x) for `rows` rows of `row_len` values; with row_mean, also the mean of each row of y
-// (the token's mean step size over channels), while the row is in cache.
+// y = softplus(x + bias) for `rows` rows of `row_len` values (bias: one per column, or null for none);
+// with row_mean, also the mean of each row of y (the token's mean step size over channels), while the
+// row is in cache.
 template <typename T>
-int softplus(const T* x, T* y, T* row_mean, int64_t rows, int64_t row_len, int num_threads,
+int softplus(const T* x, const T* bias, T* y, T* row_mean, int64_t rows, int64_t row_len, int num_threads,
              ParallelLauncher launcher) {
   return for_each_row<T>(rows, row_len, kSoftplusChunk, num_threads, launcher, [&](int64_t row) {
     const T* xr = x + row * row_len;
     T* yr = y + row * row_len;
     T sum = 0;
+    if (bias) {
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < row_len; ++i) {
-      yr[i] = softplus_one(xr[i]);
-      sum += yr[i];
+      for (int64_t i = 0; i < row_len; ++i) {
+        yr[i] = softplus_one(xr[i] + bias[i]);
+        sum += yr[i];
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < row_len; ++i) {
+        yr[i] = softplus_one(xr[i]);
+        sum += yr[i];
+      }
     }
     if (row_mean) row_mean[row] = sum / static_cast<T>(row_len);
   });
@@ -537,27 +548,176 @@ int gate(const T* y, const T* y2, const T* z, T* out, int64_t rows, int64_t chan
   });
 }
 
+// The whole Mamba mixer of one block in one call, for float32 inference (mambamerge.models.mixer's
+// forward, the per-step kernels above between the projections), optionally after the block's residual
+// add and RMSNorm (models/blocks.Block): residual_out = residual + hidden, hidden' = rmsnorm(residual_out)
+// (x / sqrt(mean(x^2) + eps) * weight); then x, z = in_proj(hidden'); per branch
+// u = silu(conv(x)), (dt, B, C) = x_proj(u), delta = softplus(dt_proj(dt)); per scan y = scan(u, delta,
+// -exp(A_log), B, C, D); out = out_proj((y1 + y2) * silu(z) [* 0.5]). The projections run on the sgemm_
+// of the BLAS torch is linked with (its address passed in), so a block at a few tokens costs one call
+// instead of tens of torch operations. Layouts: hidden and out (batch * L, d_model) rows; weights as
+// nn.Linear / nn.Conv1d store them; A_log (d, N); the optional outputs delta (batch * L, d), dbc
+// (batch * L, R + 2N) (x_proj's output: dt, B, C side by side) and delta_mean (batch * L,).
+
+// sgemm_ of the Fortran BLAS interface (column-major, 32-bit sizes)
+using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+
+// y = x w^T in row-major terms: x (rows, k) with rows ldx apart, w (n, k) an nn.Linear weight, y (rows, n)
+// with rows ldy apart; in column-major terms y^T = w x^T.
+void linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
+            int64_t n, int64_t k) {
+  if (rows == 0) return;
+  const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
+  const int lda = static_cast<int>(k), ldb = static_cast<int>(ldx), ldc = static_cast<int>(ldy);
+  const float one = 1.0f, zero = 0.0f;
+  sgemm("T", "N", &m_, &n_, &k_, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+}
+
+struct MixerBranch {
+  const float* conv_weight;  // (d, 1, K)
+  const float* conv_bias;    // (d,)
+  const float* x_proj;       // (R + 2N, d)
+  const float* dt_proj;      // (d, R)
+  const float* dt_bias;      // (d,)
+  const float* D;            // (d,)
+  int64_t reverse;
+  float* delta;       // out (batch * L, d), or null
+  float* dbc;         // out (batch * L, R + 2N), or null
+  float* delta_mean;  // out (batch * L,), or null
+};
+
+struct MixerScan {
+  const float* a_log;  // (d, N)
+  int64_t branch;
+  int64_t reverse;
+};
+
+// Every field is 8 bytes (the caller fills the struct as an array of 64-bit words, in this order).
+struct MixerProblem {
+  const float* hidden;    // (batch * L, d_model)
+  const float* residual;  // (batch * L, d_model), or null: none yet (the first block)
+  const float* norm;      // RMSNorm weight (d_model,), or null: hidden is the mixer's input as it is
+  float* residual_out;    // (batch * L, d_model): residual + hidden (with a norm)
+  const float* in_proj;   // (2d, d_model)
+  const float* out_proj;  // (d_model, d)
+  float* out;             // (batch * L, d_model)
+  int64_t batch, length, d_model, d_inner, d_state, dt_rank, k_size, n_branches, n_scans, halve;
+  MixerBranch branches[2];
+  MixerScan scans[2];
+};
+
+// residual_out = residual + hidden and normed = its RMSNorm, row by row.
+int add_rms_norm(const MixerProblem& p, float eps, float* normed, int num_threads, ParallelLauncher launcher) {
+  const int64_t C = p.d_model;
+  return for_each_row<float>(p.batch * p.length, C, kConvChunk, num_threads, launcher, [&](int64_t row) {
+    const float* h = p.hidden + row * C;
+    const float* r = p.residual ? p.residual + row * C : nullptr;
+    float* x = p.residual_out + row * C;
+    float* y = normed + row * C;
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < C; ++c) {
+      x[c] = r ? r[c] + h[c] : h[c];
+      squares += x[c] * x[c];
+    }
+    const float scale = 1.0f / std::sqrt(squares / static_cast<float>(C) + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[c] = x[c] * scale * p.norm[c];
+  });
+}
+
+constexpr size_t kKeptScratch = size_t(1) << 24;  // 64 MB of float32
+
+int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads, ParallelLauncher launcher) {
+  const int64_t rows = p.batch * p.length, d = p.d_inner, N = p.d_state, R = p.dt_rank, W = R + 2 * N;
+  const int64_t K = p.k_size, nb = p.n_branches, ns = p.n_scans;
+  // kept between the calls of a thread (a forward's blocks reuse it) up to kKeptScratch values
+  thread_local std::vector<float> scratch;
+  const size_t need = rows * (p.d_model + 2 * d + nb * (2 * d + W) + ns * d + d) + ns * N * d + nb * K * d;
+  if (scratch.size() < need) scratch.resize(need);
+  struct Release {
+    std::vector<float>& buffer;
+    ~Release() {
+      if (buffer.size() > kKeptScratch) std::vector<float>().swap(buffer);
+    }
+  } release{scratch};
+  float* next = scratch.data();
+  int status = 0;
+  auto take = [&](int64_t n) {
+    float* at = next;
+    next += n;
+    return at;
+  };
+  const float* input = p.hidden;
+  if (p.norm) {
+    float* normed = take(rows * p.d_model);
+    status |= add_rms_norm(p, eps, normed, num_threads, launcher);
+    input = normed;
+  }
+  float* xz = take(rows * 2 * d);
+  linear(sgemm, input, p.d_model, p.in_proj, xz, 2 * d, rows, 2 * d, p.d_model);
+  float* u[2];
+  float* delta[2];
+  float* dbc[2];
+  for (int64_t i = 0; i < nb; ++i) {
+    const MixerBranch& br = p.branches[i];
+    float* w = take(K * d);  // (K, d): a tap's weights side by side
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t k = 0; k < K; ++k) w[k * d + c] = br.conv_weight[c * K + k];
+    u[i] = take(rows * d);
+    float* delta_scratch = take(rows * d);
+    float* dbc_scratch = take(rows * W);
+    delta[i] = br.delta ? br.delta : delta_scratch;
+    dbc[i] = br.dbc ? br.dbc : dbc_scratch;
+    status |= conv_silu<float>(xz, w, br.conv_bias, u[i], p.batch, p.length, d, 2 * d, K, br.reverse != 0,
+                               num_threads, launcher);
+    linear(sgemm, u[i], d, br.x_proj, dbc[i], W, rows, W, d);
+    linear(sgemm, dbc[i], W, br.dt_proj, delta[i], d, rows, d, R);
+    status |= softplus<float>(delta[i], br.dt_bias, delta[i], br.delta_mean, rows, d, num_threads, launcher);
+  }
+  float* y[2] = {nullptr, nullptr};
+  for (int64_t s = 0; s < ns; ++s) {
+    const MixerScan& sc = p.scans[s];
+    const int64_t i = sc.branch;
+    float* At = take(N * d);
+    for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) At[n * d + c] = -vexp(sc.a_log[c * N + n]);
+    }
+    y[s] = take(rows * d);
+    const Problem<float> scan{u[i], delta[i], At, dbc[i] + R, dbc[i] + R + N, p.branches[i].D, p.batch,
+                              p.length, d, N, sc.reverse != 0, W};
+    status |= scan_forward(scan, y[s], num_threads, launcher);
+  }
+  float* gated = take(rows * d);
+  status |= gate<float>(y[0], y[1], xz + d, gated, rows, d, 2 * d, p.halve != 0, num_threads, launcher);
+  linear(sgemm, gated, d, p.out_proj, p.out, p.d_model, rows, p.d_model, d);
+  return status;
+}
+
 #define MM_SCAN_ENTRY_POINTS(T, SUFFIX)                                                         \
   extern "C" int mm_scan_forward_##SUFFIX(const T* u, const T* delta, const T* At, const T* B,  \
                                           const T* C, const T* D, T* y, int64_t batch,          \
                                           int64_t length, int64_t d, int64_t n_state,           \
                                           int reverse, int num_threads,                         \
                                           ParallelLauncher launcher) {                          \
-    const Problem<T> p{u, delta, At, B, C, D, batch, length, d, n_state, reverse != 0};         \
+    const Problem<T> p{u, delta, At, B, C, D, batch, length, d, n_state, reverse != 0, n_state}; \
     return scan_forward(p, y, num_threads, launcher);                                           \
   }                                                                                             \
   extern "C" int mm_scan_backward_##SUFFIX(                                                     \
       const T* u, const T* delta, const T* At, const T* B, const T* C, const T* D, const T* dy, \
       T* du, T* ddelta, T* dA, T* dB, T* dC, T* dD, int64_t batch, int64_t length, int64_t d,   \
       int64_t n_state, int reverse, int num_threads, ParallelLauncher launcher) {               \
-    const Problem<T> p{u, delta, At, B, C, D, batch, length, d, n_state, reverse != 0};         \
+    const Problem<T> p{u, delta, At, B, C, D, batch, length, d, n_state, reverse != 0, n_state}; \
     const Grads<T> g{dy, du, ddelta, dA, dB, dC, dD};                                           \
     return scan_backward(p, g, num_threads, launcher);                                          \
   }                                                                                             \
   extern "C" int mm_softplus_##SUFFIX(const T* x, T* y, T* row_mean, int64_t rows,              \
                                       int64_t row_len, int num_threads,                         \
                                       ParallelLauncher launcher) {                              \
-    return softplus(x, y, row_mean, rows, row_len, num_threads, launcher);                      \
+    return softplus(x, static_cast<const T*>(nullptr), y, row_mean, rows, row_len, num_threads,  \
+                    launcher);                                                                  \
   }                                                                                             \
   extern "C" int mm_conv_silu_##SUFFIX(const T* x, const T* w, const T* bias, T* y, int64_t batch,    \
                                        int64_t length, int64_t channels, int64_t x_stride,           \
@@ -583,3 +743,12 @@ int gate(const T* y, const T* y2, const T* z, T* out, int64_t rows, int64_t chan
 
 MM_SCAN_ENTRY_POINTS(float, f32)
 MM_SCAN_ENTRY_POINTS(double, f64)
+
+extern "C" int mm_mixer_forward(const MixerProblem* p, double eps, Sgemm sgemm, int num_threads,
+                                ParallelLauncher launcher) {
+  try {
+    return mixer_forward(*p, static_cast<float>(eps), sgemm, num_threads, launcher);
+  } catch (...) {  // the scratch could not grow
+    return 1;
+  }
+}

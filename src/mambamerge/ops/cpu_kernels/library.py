@@ -36,6 +36,8 @@ ENTRY_POINTS = {
     "mm_gate": EntryPoint((_P,) * 4 + (_I64,) * 3 + (_INT,)),
     "mm_merge_apply": EntryPoint((_P,) * 10 + (_I64,) * 5 + (_INT,)),
     "mm_plan_from_selection": EntryPoint((_P,) * 4 + (_I64,) * 3, per_dtype=False),
+    # problem, norm eps, sgemm_, threads, launcher
+    "mm_mixer_forward": EntryPoint((_P, ctypes.c_double, _P, _INT, _P), per_dtype=False),
 }
 _THREADING_ARGS = (_INT, _P)  # num_threads, launcher
 

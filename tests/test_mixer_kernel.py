@@ -1,0 +1,98 @@
+"""The whole-mixer kernel (one call per block: residual add, RMSNorm, mixer) against the torch path
+with the reference scan (the independent reference): outputs, new residual and SSMStats for every
+mixer variant and shape; and the block choosing it only for float32 CPU inference."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mambamerge
+from mambamerge.models.blocks import Block
+from mambamerge.models.mixer import MIXER_VARIANTS
+from mambamerge.ops import cpu_kernels
+
+from conftest import perturb_
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.mixer_available(),
+                                reason=f"whole-mixer kernel unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def block_outputs(block, hidden, residual, impl):
+    """(hidden, residual, *SSMStats) of block: impl "auto" in inference (the kernel), or the torch path
+    with scan_impl impl while autograd records (torch's convolution and gate)."""
+    block.mixer.scan_impl = impl
+    context = torch.no_grad() if impl == "auto" else torch.enable_grad()
+    with context:
+        out = block(hidden, residual, return_ssm=True)
+    return [t.detach() for t in (*out[:2], *out[2])]
+
+
+@settings(max_examples=40, deadline=None)
+@given(variant=st.sampled_from(sorted(MIXER_VARIANTS)), divide_out=st.booleans(), batch=st.integers(1, 3),
+       length=st.integers(1, 11), d_model=st.integers(4, 40), d_state=st.integers(1, 17),
+       dt_rank=st.integers(1, 6), d_conv=st.integers(1, 5), first=st.booleans(), seed=st.integers(0, 10_000))
+def test_kernel_matches_the_torch_path(variant, divide_out, batch, length, d_model, d_state, dt_rank, d_conv,
+                                       first, seed):
+    torch.manual_seed(seed)
+    block = perturb_(Block(d_model, d_state=d_state, dt_rank=dt_rank, d_conv=d_conv, variant=variant,
+                           divide_out=divide_out), seed).eval()
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, d_model, generator=gen)
+    residual = None if first else torch.randn(batch, length, d_model, generator=gen)
+    got = block_outputs(block, hidden, residual, "auto")
+    want = block_outputs(block, hidden, residual, "reference")
+    names = ["hidden", "residual", *mambamerge.tokens.SSMStats._fields]
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_model_gives_the_same_logits_and_merges_alike_with_the_kernel_and_without():
+    torch.manual_seed(0)
+    model = perturb_(mambamerge.create_model("vim_pico", depth=4)).eval()
+    mambamerge.patch(model, "mame", schedule=[0, 4, 4, 0])
+    images = torch.randn(3, *model.input_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = model.set_scan_impl("auto")(images)
+        per_step = model.set_scan_impl("compiled")(images)
+    torch.testing.assert_close(fast, per_step, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_runs_only_for_float32_cpu_inference(monkeypatch):
+    torch.manual_seed(0)
+    model = mambamerge.create_model("vim_pico", depth=3, drop_path_rate=0.5).eval()  # rates 0, 0, 0.25
+    images = torch.randn(2, *model.input_shape)
+    calls = []
+    kernel = cpu_kernels.mixer_forward
+    # the kernel's third argument: the block's norm (the whole block), or None (the mixer alone)
+    monkeypatch.setattr(cpu_kernels, "mixer_forward",
+                        lambda *a: calls.append("mixer" if a[2] is None else "block") or kernel(*a))
+
+    def kernel_calls(fn):
+        calls.clear()
+        fn()
+        return calls.count("block") if calls.count("mixer") == 0 else calls
+
+    with torch.no_grad():
+        assert kernel_calls(lambda: model(images)) == 3  # one per block
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernel_calls(lambda: model(images)) == 0
+        assert kernel_calls(lambda: model.set_scan_impl("compiled")(images)) == 0
+        model.set_scan_impl("auto").train()  # stochastic depth on in the last block: the torch path draws it
+        assert kernel_calls(lambda: model(images)) == ["block", "block", "mixer"]  # and runs the mixer kernel
+        model.eval()
+        assert kernel_calls(lambda: model.double()(images.double())) == 0
+    model.float()
+    assert kernel_calls(lambda: model(images).sum().backward()) == 0  # autograd records: the torch path
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_do_not_change_the_result(threads, keep_torch_threads):
+    torch.manual_seed(0)
+    block = perturb_(Block(48, d_state=8)).eval()
+    hidden, residual = torch.randn(2, 37, 48), torch.randn(2, 37, 48)
+    torch.set_num_threads(1)
+    one = block_outputs(block, hidden, residual, "auto")
+    torch.set_num_threads(threads)
+    for a, b in zip(block_outputs(block, hidden, residual, "auto"), one):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
