@@ -94,6 +94,21 @@ def test_compiled_float32_handles_vanishing_and_tiny_decays():
 
 @needs_compiled
 @pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_float32_keeps_nans_where_the_reference_has_them(reverse):
+    """A NaN step size poisons its channel from that token on in scan order, a NaN in A its whole channel,
+    as in the reference, and no other channel: the kernel's exp must not clamp a NaN to a finite decay."""
+    u, delta, A, B, C, D = (t.float() for t in make_inputs(1, 9, 20, 16))
+    delta[0, 4, 3] = float("nan")
+    A[7, 5] = float("nan")
+    got = selective_scan_compiled(u, delta, A, B, C, D, reverse=reverse)
+    truth = selective_scan_reference(u.double(), delta.double(), A.double(), B.double(), C.double(), D.double(),
+                                     reverse=reverse)
+    assert truth[0, :, 7].isnan().all() and truth.isnan().sum() == 9 + 5
+    assert torch.equal(got.isnan(), truth.isnan())
+
+
+@needs_compiled
+@pytest.mark.parametrize("reverse", [False, True])
 def test_compiled_gradcheck(reverse):
     inputs = tuple(t.requires_grad_() for t in make_inputs(2, 5, 17, 3))
     assert torch.autograd.gradcheck(functools.partial(selective_scan_compiled, reverse=reverse), inputs)

@@ -19,6 +19,10 @@
 
 #include <math.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <atomic>
@@ -114,6 +118,61 @@ struct Task {
   }
 };
 
+// One step of the recurrence over the kBlock channels of a task and its N states:
+// h[n] = exp(dt a[n]) prev[n] + du B[n] and acc += h[n] C[n] (the decays kept in e when kRecord).
+template <bool kRecord, typename T>
+inline void state_step(int64_t N, const T* a, const T* dt, const T* du, const T* Bt, const T* Ct, const T* prev,
+                       T* h, T* e, T* acc) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* an = a + n * kBlock;
+    const T* hp = prev + n * kBlock;
+    T* hn = h + n * kBlock;
+    const T bn = Bt[n], cn = Ct[n];
+#pragma omp simd
+    for (int64_t c = 0; c < kBlock; ++c) {
+      const T decay = vexp(dt[c] * an[c]);
+      if constexpr (kRecord) e[n * kBlock + c] = decay;
+      hn[c] = decay * hp[c] + du[c] * bn;
+      acc[c] += hn[c] * cn;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: the same step with exp(x) as 2^(x log2 e) = 2^k p(f), k = round(x log2 e) applied
+// by vscalefps instead of through the exponent bits (the clamp above and the integer arithmetic go):
+// log2 e multiplies dt once a step instead of every decay. The same polynomial as vexp; arguments are
+// clamped below at 2^-124 (as vexp's e^-86), NaN stays NaN (vmaxps returns its second operand).
+template <bool kRecord>
+inline void state_step(int64_t N, const float* a, const float* dt, const float* du, const float* Bt,
+                       const float* Ct, const float* prev, float* h, float* e, float* acc) {
+  static_assert(kBlock == 16, "one AVX-512 register of channels");
+  const __m512 dt2 = _mm512_mul_ps(_mm512_loadu_ps(dt), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 duv = _mm512_loadu_ps(du);
+  const __m512 lowest = _mm512_set1_ps(-124.0f);
+  __m512 sum = _mm512_loadu_ps(acc);
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 x = _mm512_max_ps(lowest, _mm512_mul_ps(dt2, _mm512_loadu_ps(a + n * kBlock)));
+    const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, k);
+    __m512 q = _mm512_set1_ps(1.5403530393381606e-4f);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
+    const __m512 decay = _mm512_scalef_ps(q, k);
+    if constexpr (kRecord) _mm512_storeu_ps(e + n * kBlock, decay);
+    const __m512 hn = _mm512_fmadd_ps(decay, _mm512_loadu_ps(prev + n * kBlock),
+                                      _mm512_mul_ps(duv, _mm512_set1_ps(Bt[n])));
+    _mm512_storeu_ps(h + n * kBlock, hn);
+    sum = _mm512_fmadd_ps(hn, _mm512_set1_ps(Ct[n]), sum);
+  }
+  _mm512_storeu_ps(acc, sum);
+}
+#endif
+
 // Runs the recurrence of one task and writes y (if not null). With kRecord it
 // also keeps, for every step s in scan order, the state h and the decay
 // exp(delta A) at states[s * N * kBlock] and decays[s * N * kBlock] (for the
@@ -138,22 +197,8 @@ void forward_sweep(const Task<T>& tk, T* y, T* state, T* a, T* states, T* decays
       du[c] = dt[c] * uu[c];
       acc[c] = T(0);
     }
-    const T* Bt = p.B + tk.state_row(t);
-    const T* Ct = p.C + tk.state_row(t);
-    for (int64_t n = 0; n < N; ++n) {
-      const T* an = a + n * kBlock;
-      const T* hp = prev + n * kBlock;
-      T* hn = h + n * kBlock;
-      T* en = kRecord ? decays + s * NB + n * kBlock : nullptr;
-      const T bn = Bt[n], cn = Ct[n];
-#pragma omp simd
-      for (int64_t c = 0; c < kBlock; ++c) {
-        const T e = vexp(dt[c] * an[c]);
-        if constexpr (kRecord) en[c] = e;
-        hn[c] = e * hp[c] + du[c] * bn;
-        acc[c] += hn[c] * cn;
-      }
-    }
+    state_step<kRecord>(N, a, dt, du, p.B + tk.state_row(t), p.C + tk.state_row(t), prev, h,
+                        kRecord ? decays + s * NB : nullptr, acc);
     if (y) {
       T* yt = y + tk.row(t);
       for (int64_t c = 0; c < tk.width; ++c) yt[c] = acc[c] + dvec[c] * uu[c];
