@@ -2,7 +2,7 @@
 so their weights come from memory as in a forward) at several lengths and batch sizes, with the whole
 mixer in one kernel call (scan_impl "auto"), with the per-step kernels between torch's projections
 ("compiled") and on torch's operations, timed interleaved; per length the time a block takes, its
-fixed part (the time at L=1) and what it costs a token above that.
+fixed part (the time at the shortest length) and what it costs a token above that.
 
 Run: .venv/bin/python benchmarks/block_cost.py [--models vim_tiny vim_nano] [--batch 1 8]
      [--lengths 1 5 20 40 100 197] [--runs 7] [--threads 1]
@@ -77,8 +77,6 @@ def main(argv=None):
                     print(f"  {path:<9} fixed (L={first}) {rows[first][path]:.3f} ms = "
                           f"{100 * rows[first][path] / rows[last][path]:.0f}% of L={last}; "
                           f"{1e3 * per_token / batch:.1f} us a token above it")
-                print(f"  the weights streamed once a block at L={first}: "
-                      f"{weights / (rows[first]['whole'] * 1e-3) / 1e9:.1f} GB/s in the whole-mixer call")
 
 
 if __name__ == "__main__":

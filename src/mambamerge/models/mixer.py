@@ -27,8 +27,9 @@ def _kernels_take(t: torch.Tensor) -> bool:
 
 def _mixer_kernel_takes(hidden: torch.Tensor, mixer: "MambaMixer") -> bool:
     """Float32 inference on CPU outside autocast, with the whole-mixer kernel available."""
-    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and mixer.in_proj.weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and cpu_kernels.mixer_available())
+    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32
+            and mixer.in_proj.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and cpu_kernels.mixer_available())
 
 
 def depthwise_conv_along_sequence(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -302,7 +303,8 @@ class MambaMixer(nn.Module):
         """forward as one call of the whole-mixer CPU kernel (where kernel_takes): out, plus SSMStats when
         return_ssm. With norm (the block's float32 RMSNorm), after the block's residual add and norm:
         out, the new residual, plus SSMStats when return_ssm."""
-        spec, modules, own = self.spec, self._modules, self._parameters  # (nn.Module's __getattr__ costs ~0.4 us a name)
+        # the registries read directly: nn.Module's __getattr__ costs ~0.4 us a name, 20 names a call
+        spec, modules, own = self.spec, self._modules, self._parameters
         params = []
         for b in spec.branches:
             conv, dt_proj = modules["conv1d" + b.suffix]._parameters, modules["dt_proj" + b.suffix]._parameters

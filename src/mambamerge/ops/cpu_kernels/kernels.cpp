@@ -678,8 +678,12 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
   const int64_t rows = p.batch * p.length, d = p.d_inner, N = p.d_state, R = p.dt_rank, W = R + 2 * N;
   const int64_t K = p.k_size, nb = p.n_branches, ns = p.n_scans;
   // kept between the calls of a thread (a forward's blocks reuse it) up to kKeptScratch values
+  // every buffer starts on a cache line (as torch's tensors do): an AVX-512 load of a row then stays
+  // inside one line; 15 buffers at most, each rounded up to kLine floats
+  constexpr int64_t kLine = 16;
   thread_local std::vector<float> scratch;
-  const size_t need = rows * (p.d_model + 2 * d + nb * (2 * d + W) + ns * d + d) + ns * N * d + nb * K * d;
+  const size_t need = rows * (p.d_model + 2 * d + nb * (2 * d + W) + ns * d + d) + ns * N * d + nb * K * d +
+                      16 * kLine;
   if (scratch.size() < need) scratch.resize(need);
   struct Release {
     std::vector<float>& buffer;
@@ -687,11 +691,12 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
       if (buffer.size() > kKeptScratch) std::vector<float>().swap(buffer);
     }
   } release{scratch};
-  float* next = scratch.data();
+  const uintptr_t base = reinterpret_cast<uintptr_t>(scratch.data());
+  float* next = scratch.data() + ((kLine - (base / sizeof(float)) % kLine) % kLine);
   int status = 0;
   auto take = [&](int64_t n) {
     float* at = next;
-    next += n;
+    next += (n + kLine - 1) / kLine * kLine;
     return at;
   };
   const float* input = p.hidden;
