@@ -140,7 +140,7 @@ inline void state_step(int64_t N, const T* a, const T* dt, const T* du, const T*
 
 #if defined(__AVX512F__)
 // float32 with AVX-512: the same step with exp(x) as 2^(x log2 e) = 2^k p(f), k = round(x log2 e) applied
-// by vscalefps instead of through the exponent bits (the clamp above and the integer arithmetic go):
+// by vscalefps instead of through the exponent bits (the upper clamp and the integer arithmetic go):
 // log2 e multiplies dt once a step instead of every decay. The same polynomial as vexp; arguments are
 // clamped below at 2^-124 (as vexp's e^-86), NaN stays NaN (vmaxps returns its second operand).
 template <bool kRecord>
@@ -677,9 +677,9 @@ constexpr size_t kKeptScratch = size_t(1) << 24;  // 64 MB of float32
 int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads, ParallelLauncher launcher) {
   const int64_t rows = p.batch * p.length, d = p.d_inner, N = p.d_state, R = p.dt_rank, W = R + 2 * N;
   const int64_t K = p.k_size, nb = p.n_branches, ns = p.n_scans;
-  // kept between the calls of a thread (a forward's blocks reuse it) up to kKeptScratch values
-  // every buffer starts on a cache line (as torch's tensors do): an AVX-512 load of a row then stays
-  // inside one line; 15 buffers at most, each rounded up to kLine floats
+  // One scratch per thread, kept between calls (a forward's blocks reuse it) up to kKeptScratch values.
+  // Every buffer in it starts on a cache line, as torch's tensors do, so that an AVX-512 load of a row
+  // stays inside one line: the start is aligned and each of the at most 15 buffers rounded up to kLine.
   constexpr int64_t kLine = 16;
   thread_local std::vector<float> scratch;
   const size_t need = rows * (p.d_model + 2 * d + nb * (2 * d + W) + ns * d + d) + ns * N * d + nb * K * d +
