@@ -8,26 +8,13 @@ Run: .venv/bin/python benchmarks/block_cost.py [--models vim_tiny vim_nano] [--b
      [--lengths 1 5 20 40 100 197] [--runs 7] [--threads 1]
 """
 import argparse
-import types
 from contextlib import nullcontext
 
 import torch
 
 import mambamerge
-import mambamerge.models.mixer as mixer_module
 from mambamerge.timing import time_interleaved
-
-
-def torch_ops():
-    """The mixers convolve and gate with torch's operations (no kernel takes a tensor) while it is held."""
-    class Held:
-        def __enter__(self):
-            self.kernels = mixer_module.cpu_kernels
-            mixer_module.cpu_kernels = types.SimpleNamespace(handles=lambda x: False)
-
-        def __exit__(self, *exc):
-            mixer_module.cpu_kernels = self.kernels
-    return Held()
+from breakdown import torch_path  # (benchmarks/breakdown.py)
 
 
 def all_blocks(model, hidden, residual, impl, context=nullcontext):
@@ -65,7 +52,7 @@ def main(argv=None):
                 times = time_interleaved({
                     "whole": all_blocks(model, hidden, residual, "auto"),
                     "per-step": all_blocks(model, hidden, residual, "compiled"),
-                    "torch": all_blocks(model, hidden, residual, "compiled", torch_ops)}, runs=args.runs)
+                    "torch": all_blocks(model, hidden, residual, "compiled", torch_path)}, runs=args.runs)
                 ms = {k: 1e3 * v / len(model.layers) for k, v in times.items()}
                 rows[length] = ms
                 print(f"{length:>5} {ms['whole']:>9.3f} {ms['per-step']:>12.3f} {ms['torch']:>9.3f} "
