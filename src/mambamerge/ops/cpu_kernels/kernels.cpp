@@ -47,18 +47,18 @@ constexpr int64_t kBlock = 16;
 // below ~2.6e-38 come out as ~2.6e-38 instead of a denormal or 0, harmless for the decays
 // exp(delta A) <= 1 that multiply a bounded state. NaN stays NaN. About 1.5x faster than libmvec's expf
 // (which handles every special case), and the scan is bound by this exp.
+constexpr float kLog2e = 1.44269504088896341f;
+// p's coefficients, highest degree first (Horner's order)
+constexpr float kExp2Poly[] = {1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                               5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+
 inline float vexp(float x) {
   x = std::min(std::max(x, -86.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
+  const float t = x * kLog2e;
   const float k = __builtin_rintf(t);
   const float f = t - k;
-  float q = 1.5403530393381606e-4f;
-  q = q * f + 1.3333558146428443e-3f;
-  q = q * f + 9.6181291076284772e-3f;
-  q = q * f + 5.5504108664821580e-2f;
-  q = q * f + 2.4022650695910071e-1f;
-  q = q * f + 6.9314718055994531e-1f;
-  q = q * f + 1.0f;
+  float q = kExp2Poly[0];
+  for (int i = 1; i < 7; ++i) q = q * f + kExp2Poly[i];
   int32_t bits;
   __builtin_memcpy(&bits, &q, sizeof bits);
   bits += static_cast<int32_t>(k) << 23;
@@ -141,13 +141,13 @@ inline void state_step(int64_t N, const T* a, const T* dt, const T* du, const T*
 #if defined(__AVX512F__)
 // float32 with AVX-512: the same step with exp(x) as 2^(x log2 e) = 2^k p(f), k = round(x log2 e) applied
 // by vscalefps instead of through the exponent bits (the upper clamp and the integer arithmetic go):
-// log2 e multiplies dt once a step instead of every decay. The same polynomial as vexp; arguments are
+// log2 e multiplies dt once a step instead of every decay. vexp's polynomial (kExp2Poly); arguments are
 // clamped below at 2^-124 (as vexp's e^-86), NaN stays NaN (vmaxps returns its second operand).
 template <bool kRecord>
 inline void state_step(int64_t N, const float* a, const float* dt, const float* du, const float* Bt,
                        const float* Ct, const float* prev, float* h, float* e, float* acc) {
   static_assert(kBlock == 16, "one AVX-512 register of channels");
-  const __m512 dt2 = _mm512_mul_ps(_mm512_loadu_ps(dt), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 dt2 = _mm512_mul_ps(_mm512_loadu_ps(dt), _mm512_set1_ps(kLog2e));
   const __m512 duv = _mm512_loadu_ps(du);
   const __m512 lowest = _mm512_set1_ps(-124.0f);
   __m512 sum = _mm512_loadu_ps(acc);
@@ -155,13 +155,8 @@ inline void state_step(int64_t N, const float* a, const float* dt, const float* 
     const __m512 x = _mm512_max_ps(lowest, _mm512_mul_ps(dt2, _mm512_loadu_ps(a + n * kBlock)));
     const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, k);
-    __m512 q = _mm512_set1_ps(1.5403530393381606e-4f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
+    __m512 q = _mm512_set1_ps(kExp2Poly[0]);
+    for (int i = 1; i < 7; ++i) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kExp2Poly[i]));
     const __m512 decay = _mm512_scalef_ps(q, k);
     if constexpr (kRecord) _mm512_storeu_ps(e + n * kBlock, decay);
     const __m512 hn = _mm512_fmadd_ps(decay, _mm512_loadu_ps(prev + n * kBlock),
