@@ -25,13 +25,6 @@ def _kernels_take(t: torch.Tensor) -> bool:
     return cpu_kernels.handles(t) and not torch.is_grad_enabled()
 
 
-def _mixer_kernel_takes(hidden: torch.Tensor, mixer: "MambaMixer") -> bool:
-    """Float32 inference on CPU outside autocast, with the whole-mixer kernel available."""
-    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32
-            and mixer.in_proj.weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and cpu_kernels.mixer_available())
-
-
 def depthwise_conv_along_sequence(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                   reverse: bool) -> torch.Tensor:
     """Depthwise 1-D convolution over L, causal in scan direction.
@@ -295,8 +288,10 @@ class MambaMixer(nn.Module):
     def kernel_takes(self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
         """The call runs as one call of the whole-mixer CPU kernel (scan_impl "auto"; float32 inference on CPU
         outside autocast; the residual, if any, float32 too)."""
-        return self.scan_impl == "auto" and _mixer_kernel_takes(hidden, self) and (
-            residual is None or residual.dtype == torch.float32)
+        return (self.scan_impl == "auto" and hidden.device.type == "cpu" and hidden.dtype == torch.float32
+                and self.in_proj.weight.dtype == torch.float32 and (residual is None or residual.dtype == torch.float32)
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and cpu_kernels.mixer_available())
 
     def kernel_forward(self, hidden: torch.Tensor, return_ssm: bool, residual: Optional[torch.Tensor] = None,
                        norm: Optional[nn.Module] = None):
