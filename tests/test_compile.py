@@ -23,6 +23,13 @@ CASES = [
 ]
 
 
+def selection_op(method, options):
+    """The selection kernel a case's step calls, or None where its choice is torch operations."""
+    if method == "mame":
+        return None if "sources" in options else "mambamerge.select_uniform_global"
+    return {"stm": "mambamerge.select_adjacent", "tome_unordered": "mambamerge.select_bipartite"}.get(method)
+
+
 def make_model(method, options, depth=2):
     torch.manual_seed(0)
     model = perturb_(mambamerge.create_model("vim_pico", depth=depth)).eval()
@@ -74,6 +81,8 @@ def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(met
         assert "mambamerge.merge_apply" in ops
     if method in ("mame", "stm"):  # the others reorder the survivors, which the planning kernel does not
         assert "mambamerge.plan_from_selection" in ops
+    if selection_op(method, options):
+        assert ops.count(selection_op(method, options)) == 1
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

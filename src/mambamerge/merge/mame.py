@@ -26,6 +26,7 @@ from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.stm import injection_strength
 from mambamerge.merge.tome import bipartite_capacity, bipartite_macs, bipartite_match
+from mambamerge.ops import cpu_kernels
 from mambamerge.tokens import SSMStats, TokenLayout
 
 # the reconstruction before the validation study (docs/results.md): patch(model, "mame", **PAPER_AS_READ)
@@ -164,15 +165,15 @@ class MaMe(ReductionMethod):
         score = delta if self.importance == "delta" else importance_score(ssm, self.importance)
         length = state.length
         width = 0 if state.cls_index is None else self.protected_width(length, r)
-        # (B, L): the class token and the window around it, if there is one
-        protected = state.cls_mask() if state.cls_index is None else near_class_token(state.cls_index, length, width)
         feat = stream(state, self.feature)
-        if self.match == "bipartite":
+        if self._selects_in_one_call(feat):
+            src, dst = cpu_kernels.select_uniform_global(feat, state.cls_index, width, r)
+        elif self.match == "bipartite":
             lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
             penalty = self.delta_penalty * (score - lo) / (hi - lo).clamp(min=1e-12)
-            src, dst = bipartite_match(feat, protected, r, penalty)
+            src, dst = bipartite_match(feat, self._protected(state, width), r, penalty)
         else:
-            eligible = ~protected
+            eligible = ~self._protected(state, width)
             src = self._sources(state, score, eligible, r, width)  # (B, r)
             allowed = eligible.scatter(1, src, False)
             if self.keep_top:
@@ -187,6 +188,16 @@ class MaMe(ReductionMethod):
         if self.scope == "tube":  # a token and its later self: the merged token keeps the earlier slot
             return plan.with_slots_at(-state.pos)
         return plan.with_slots_at(score) if self.placement == "important" else plan
+
+    def _selects_in_one_call(self, feat: torch.Tensor) -> bool:
+        """Whether the defaults' sources and match run as one kernel call (inference on the CPU)."""
+        return (self.sources == "uniform" and self.match == "global" and self.balance == "none" and not self.keep_top
+                and not self.cap and self.scope == "free" and cpu_kernels.can_select(feat))
+
+    @staticmethod
+    def _protected(state: TokenState, width: int) -> torch.Tensor:
+        """(B, L) bool: the class token and the window of `width` around it, if there is one."""
+        return state.cls_mask() if state.cls_index is None else near_class_token(state.cls_index, state.length, width)
 
     def _sources(self, state, score, eligible, r, width):
         """(B, L) score and eligibility (outside the class token's window of `width`) -> (B, r) leaving

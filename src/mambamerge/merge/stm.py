@@ -24,6 +24,7 @@ from mambamerge.merge.frames import check_frame_options, frame_and_place
 from mambamerge.merge.plan import MergePlan, checks_values, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
+from mambamerge.ops import cpu_kernels
 from mambamerge.tokens import SSMStats, TokenLayout
 
 NEG = float("-inf")
@@ -115,6 +116,19 @@ class STM(ReductionMethod):
         if batch == 0:  # no image: the plan of r merges, for none
             none = torch.zeros(0, r, dtype=torch.long, device=device)
             return plan_from_selection(length, none, none, state.size, mode=self.mode)
+        if self.scope == "free" and cpu_kernels.can_select(feat):
+            src, dst = cpu_kernels.select_adjacent(feat, state.cls_index, self.w_protect, r, self.fading, self.gamma)
+        else:
+            src, dst = self._pairs(state, feat, r)
+        w = state.size
+        if self.weight == "injection":
+            w = w * injection_strength(ssm).float()
+        return plan_from_selection(length, src, dst, w, mode=self.mode)
+
+    def _pairs(self, state: TokenState, feat: torch.Tensor, r: int):
+        """The r adjacent (source, destination) pairs that merge: (B, r) each."""
+        batch, length, _ = feat.shape
+        device = feat.device
         norms = token_norms(feat)
         pair = torch.linalg.vecdot(feat[:, :-1], feat[:, 1:]) / (norms[:, :-1] * norms[:, 1:])  # cos(t, t+1)
         pair = pair.nan_to_num(nan=-1.0, posinf=1.0, neginf=-1.0)  # an image of NaN / inf: any valid plan
@@ -155,8 +169,4 @@ class STM(ReductionMethod):
         ranked = ranked + torch.arange(0, 2 * n_k, n_k, device=device)[None, :, None]
         chosen = torch.arange(ranked.shape[2], device=device) < counts[..., None]  # (B, 2, k)
         picks = ranked.view(batch, -1).gather(1, true_indices(chosen.view(batch, -1), r))  # (B, r)
-        src, dst = src_all.gather(1, picks), dst_all.gather(1, picks)
-        w = state.size
-        if self.weight == "injection":
-            w = w * injection_strength(ssm).float()
-        return plan_from_selection(length, src, dst, w, mode=self.mode)
+        return src_all.gather(1, picks), dst_all.gather(1, picks)

@@ -17,6 +17,7 @@ from mambamerge.merge.frames import check_frame_options, scope_mask
 from mambamerge.merge.plan import MergePlan, plan_from_selection, true_indices
 from mambamerge.merge.registry import register
 from mambamerge.merge.state import TokenState
+from mambamerge.ops import cpu_kernels
 from mambamerge.tokens import SSMStats, TokenLayout
 
 NEG = float("-inf")
@@ -31,8 +32,11 @@ def bipartite_match(x: torch.Tensor, protected: torch.Tensor, r: int, penalty: O
     to. outside: optional (B, La, Lb) bool, edges out of a scope: they rank below every edge inside one,
     so they are used only where too few A tokens have a B token in their scope. Returns src (B, r) even
     indices that leave and dst (B, r) the odd index each merges into.
-    Needs r <= the unprotected even tokens and an unprotected odd token.
+    Needs r <= the unprotected even tokens and an unprotected odd token. Without a scope, inference on the
+    CPU takes one kernel call (cpu_kernels.select_bipartite).
     """
+    if outside is None and cpu_kernels.can_select(x):
+        return cpu_kernels.select_bipartite(x, protected, penalty, r)
     norms = token_norms(x)
     dots = x[:, 0::2] @ x[:, 1::2].transpose(1, 2)  # (B, La, Lb)
     dots = dots / norms[:, None, 1::2]

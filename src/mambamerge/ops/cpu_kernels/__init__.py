@@ -1,6 +1,6 @@
 """The CPU kernels of kernels.cpp: the selective scan, the step-size softplus, the convolution + SiLU before
 the scan and the gate after it, the whole mixer in one call (its projections on torch's BLAS), and
-planning and applying a token-merge step (the "compiled" implementation of mambamerge.ops; torch.compile
+choosing, planning and applying a token-merge step (the "compiled" implementation of mambamerge.ops; torch.compile
 is another matter).
 
 build.py compiles the library with g++ on first use into a cache directory; library.py loads it with
@@ -15,8 +15,10 @@ from mambamerge.ops.cpu_kernels.library import available, handles, unavailable_r
 from mambamerge.ops.cpu_kernels.mixer_kernel import BRANCH_PARAMS, mixer_available, mixer_forward
 from mambamerge.ops.cpu_kernels.merge import can_merge, can_plan, merge_apply, plan_from_selection
 from mambamerge.ops.cpu_kernels.scan import selective_scan
+from mambamerge.ops.cpu_kernels.selection import can_select, select_adjacent, select_bipartite, select_uniform_global
 from mambamerge.ops.cpu_kernels.softplus import softplus, softplus_with_row_mean
 
-__all__ = ["BRANCH_PARAMS", "available", "can_merge", "can_plan", "conv_silu", "gate", "handles", "merge_apply",
-           "mixer_available", "mixer_forward", "plan_from_selection", "selective_scan", "softplus",
-           "softplus_with_row_mean", "unavailable_reason"]
+__all__ = ["BRANCH_PARAMS", "available", "can_merge", "can_plan", "can_select", "conv_silu", "gate", "handles",
+           "merge_apply", "mixer_available", "mixer_forward", "plan_from_selection", "select_adjacent",
+           "select_bipartite", "select_uniform_global", "selective_scan", "softplus", "softplus_with_row_mean",
+           "unavailable_reason"]

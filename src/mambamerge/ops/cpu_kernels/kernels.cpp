@@ -599,19 +599,28 @@ int gate(const T* y, const T* y2, const T* z, T* out, int64_t rows, int64_t chan
 // nn.Linear / nn.Conv1d store them; A_log (d, N); the optional outputs delta (batch * L, d), dbc
 // (batch * L, R + 2N) (x_proj's output: dt, B, C side by side) and delta_mean (batch * L,).
 
-// sgemm_ of the Fortran BLAS interface (column-major, 32-bit sizes)
-using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                       const int*, const float*, const int*, const float*, float*, const int*);
+// gemm_ of the Fortran BLAS interface (sgemm_, dgemm_: column-major, 32-bit sizes)
+template <typename T>
+using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                      const T*, const int*, const T*, T*, const int*);
+using Sgemm = Gemm<float>;
 
-// y = x w^T in row-major terms: x (rows, k) with rows ldx apart, w (n, k) an nn.Linear weight, y (rows, n)
+// y = x w^T in row-major terms: x (rows, k) with rows ldx apart, w (n, k) with rows ldw apart, y (rows, n)
 // with rows ldy apart; in column-major terms y^T = w x^T.
-void linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
-            int64_t n, int64_t k) {
-  if (rows == 0) return;
+template <typename T>
+void gemm_nt(Gemm<T> gemm, const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, int64_t rows,
+             int64_t n, int64_t k) {
+  if (rows == 0 || n == 0) return;
   const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
-  const int lda = static_cast<int>(k), ldb = static_cast<int>(ldx), ldc = static_cast<int>(ldy);
-  const float one = 1.0f, zero = 0.0f;
-  sgemm("T", "N", &m_, &n_, &k_, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+  const int lda = static_cast<int>(ldw), ldb = static_cast<int>(ldx), ldc = static_cast<int>(ldy);
+  const T one = 1, zero = 0;
+  gemm("T", "N", &m_, &n_, &k_, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+}
+
+// gemm_nt with w an nn.Linear weight (n, k), rows k apart.
+inline void linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
+                   int64_t n, int64_t k) {
+  gemm_nt(sgemm, x, ldx, w, k, y, ldy, rows, n, k);
 }
 
 struct MixerBranch {
@@ -741,6 +750,199 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
   return status;
 }
 
+// Choosing the tokens of a merge step at inference, one call per step (mambamerge.merge: matching.py,
+// tome.py, stm.py hold the differentiable torch versions these are tested against). Each writes src
+// (batch, r), the tokens that leave, and dst (batch, r), the token each joins; features (batch, L, D)
+// are compared by cosine similarity, their dot products on the BLAS gemm_ whose address is passed in.
+// Orderings follow torch's max and topk: a NaN ranks above every number, ties go to the lower index.
+
+template <typename T>
+inline bool ranks_above(T a, T b) {
+  return a > b || (std::isnan(a) && !std::isnan(b));
+}
+
+// norms[j] = max(||x_j||, 1e-12) for the L rows of x (D values each): the F.normalize floor.
+template <typename T>
+void row_norms(const T* x, int64_t length, int64_t dim, T* norms) {
+  for (int64_t j = 0; j < length; ++j) {
+    const T* row = x + j * dim;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < dim; ++c) sum += row[c] * row[c];
+    norms[j] = std::max(std::sqrt(sum), T(1e-12));
+  }
+}
+
+// The first index of the largest row[j] / norms[j] over the j with open[j] != 0, or -1 if none is open,
+// and that value. The row is overwritten with the quotients (-inf where closed), in vector passes.
+template <typename T>
+int64_t best_scaled(T* row, const T* norms, const T* open, int64_t n, T* value) {
+  const T neg = -std::numeric_limits<T>::infinity();
+  T top = neg;
+  int64_t nans = 0;
+#pragma omp simd reduction(max : top) reduction(+ : nans)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = open[j] != 0 ? row[j] / norms[j] : neg;
+    row[j] = v;
+    top = std::max(top, v);
+    nans += v != v ? 1 : 0;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (open[j] != 0 && (nans ? std::isnan(row[j]) : row[j] == top)) {
+      *value = row[j];
+      return j;
+    }
+  }
+  *value = neg;
+  return -1;
+}
+
+// order[0..k) = the indices of the k largest of score[0..n), largest first (k <= n).
+template <typename T>
+void top_k(const T* score, int64_t n, int64_t k, int64_t* order) {
+  std::vector<int64_t> idx(n);
+  for (int64_t i = 0; i < n; ++i) idx[i] = i;
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) {
+    if (ranks_above(score[a], score[b])) return true;
+    if (ranks_above(score[b], score[a])) return false;
+    return a < b;
+  });
+  std::copy(idx.begin(), idx.begin() + k, order);
+}
+
+// MaMe's defaults (matching.uniform_sources and most_similar without a cap): the first token of each of r
+// equal runs of the tokens outside the class token's window of `width` leaves (cls null: no class token,
+// no window) and joins its most similar token outside the window that does not leave.
+template <typename T>
+int select_uniform_global(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, Gemm<T> gemm,
+                          int64_t batch, int64_t length, int64_t dim, int64_t width, int64_t r, int num_threads,
+                          ParallelLauncher launcher) {
+  const size_t scratch = r * dim + r * length + 2 * length;
+  return run_tasks<T>(batch, num_threads, launcher, scratch, [&](int64_t b, T* buf) {
+    const T* x = feat + b * length * dim;
+    int64_t* s = src + b * r;
+    int64_t* d = dst + b * r;
+    T *rows = buf, *dots = rows + r * dim, *norms = dots + r * length, *allowed = norms + length;
+    int64_t start = 0, window = 0;
+    if (cls) {
+      start = std::max<int64_t>(cls[b] - width, 0);
+      window = std::min<int64_t>(cls[b] + width + 1, length) - start;
+    }
+    for (int64_t j = 0; j < length; ++j) allowed[j] = (j < start || j >= start + window) ? 1 : 0;
+    for (int64_t k = 0; k < r; ++k) {  // eligible token k' is in run floor(k' r / n): run k starts at ceil(k n / r)
+      const int64_t rank = (k * (length - window) + r - 1) / r;
+      s[k] = rank < start ? rank : rank + window;
+      allowed[s[k]] = 0;
+      std::copy(x + s[k] * dim, x + (s[k] + 1) * dim, rows + k * dim);
+    }
+    gemm_nt(gemm, rows, dim, x, dim, dots, length, r, length, dim);
+    row_norms(x, length, dim, norms);
+    for (int64_t k = 0; k < r; ++k) {
+      T value;
+      d[k] = best_scaled(dots + k * length, norms, allowed, length, &value);
+    }
+  });
+}
+
+// ToMe's bipartite match (tome.bipartite_match without a scope): even tokens A, odd tokens B; each A token's
+// best B token, the edge's score cos - penalty (of the A token); the r best edges, best first. protected
+// (batch, L) marks tokens that neither leave nor receive; penalty (batch, L) or null.
+template <typename T>
+int select_bipartite(const T* feat, const uint8_t* protect, const T* penalty, int64_t* src, int64_t* dst,
+                     Gemm<T> gemm, int64_t batch, int64_t length, int64_t dim, int64_t r, int num_threads,
+                     ParallelLauncher launcher) {
+  const int64_t n_a = (length + 1) / 2, n_b = length / 2;
+  const size_t scratch = n_a * n_b + length + n_a + 2 * n_b;
+  return run_tasks<T>(batch, num_threads, launcher, scratch, [&](int64_t b, T* buf) {
+    const T* x = feat + b * length * dim;
+    const uint8_t* shut = protect + b * length;
+    T *dots = buf, *norms = dots + n_a * n_b, *score = norms + length, *norms_b = score + n_a, *open_b = norms_b + n_b;
+    std::vector<int64_t> partner(n_a);
+    gemm_nt(gemm, x, 2 * dim, x + dim, 2 * dim, dots, n_b, n_a, n_b, dim);
+    row_norms(x, length, dim, norms);
+    for (int64_t j = 0; j < n_b; ++j) {
+      norms_b[j] = norms[2 * j + 1];
+      open_b[j] = shut[2 * j + 1] == 0 ? 1 : 0;
+    }
+    for (int64_t i = 0; i < n_a; ++i) {
+      T best;
+      partner[i] = std::max<int64_t>(best_scaled(dots + i * n_b, norms_b, open_b, n_b, &best), 0);
+      score[i] = best / norms[2 * i] - (penalty ? penalty[b * length + 2 * i] : T(0));
+      if (shut[2 * i]) score[i] = -std::numeric_limits<T>::infinity();
+    }
+    int64_t* s = src + b * r;
+    top_k(score, n_a, r, s);
+    for (int64_t k = 0; k < r; ++k) {
+      dst[b * r + k] = 2 * partner[s[k]] + 1;
+      s[k] *= 2;
+    }
+  });
+}
+
+// STM's adjacent pairs (stm.STM.plan with scope "free"): candidates at even distances k > w_protect on each
+// side of the class token, each joining the more similar of its two neighbours (the inward one only outside
+// the window), scored by that cosine minus fading * gamma^k; the best r_left on the left, best first, then
+// the best r - r_left on the right. Returns 2 if a side has fewer candidates than it must give.
+template <typename T>
+int select_adjacent(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, int64_t batch, int64_t length,
+                    int64_t dim, int64_t w_protect, int64_t r, double fading, double gamma, int num_threads,
+                    ParallelLauncher launcher) {
+  const T neg = -std::numeric_limits<T>::infinity();
+  const int64_t k0 = w_protect + 1 + (w_protect + 1) % 2;
+  const int64_t n_k = k0 < length ? (length - 1 - k0) / 2 + 1 : 0;
+  const size_t scratch = 2 * length + 1 + 2 * n_k;
+  std::atomic<bool> short_side{false};
+  const int status = run_tasks<T>(batch, num_threads, launcher, scratch, [&](int64_t b, T* buf) {
+    const T* x = feat + b * length * dim;
+    T *norms = buf, *sims = norms + length, *score = sims + length + 1;
+    row_norms(x, length, dim, norms);
+    sims[0] = sims[length] = neg;  // sims[t] = cos(t - 1, t)
+    for (int64_t t = 1; t < length; ++t) {
+      const T *p = x + (t - 1) * dim, *q = x + t * dim;
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < dim; ++c) dot += p[c] * q[c];
+      const T cos = dot / (norms[t - 1] * norms[t]);
+      sims[t] = std::isnan(cos) ? T(-1) : std::isinf(cos) ? (cos > 0 ? T(1) : T(-1)) : cos;  // torch's nan_to_num
+    }
+    std::vector<int64_t> target(2 * n_k), ranked(n_k);
+    int64_t usable[2] = {0, 0};
+    for (int64_t side = 0; side < 2; ++side) {
+      const int64_t step = side == 0 ? -1 : 1;  // outward
+      for (int64_t i = 0; i < n_k; ++i) {
+        const int64_t k = k0 + 2 * i, at = cls[b] + step * k;
+        const int64_t t = std::min(std::max<int64_t>(at, 0), length - 1);
+        T inward = side == 0 ? sims[t + 1] : sims[t];
+        const T outward = side == 0 ? sims[t] : sims[t + 1];
+        if (k - 1 <= w_protect) inward = neg;
+        T v = std::max(inward, outward);
+        if (fading != 0) v -= static_cast<T>(static_cast<float>(fading * std::pow(gamma, k)));
+        if (at < 0 || at >= length) v = neg;
+        score[side * n_k + i] = v;
+        target[side * n_k + i] = at + (outward > inward ? step : -step);
+        usable[side] += std::isfinite(v) ? 1 : 0;
+      }
+    }
+    const int64_t left = cls[b] == 0 ? 0 : r / 2 + (r % 2) * (2 * cls[b] > length - 1 ? 1 : 0);
+    const int64_t counts[2] = {left, r - left};
+    int64_t* s = src + b * r;
+    int64_t* d = dst + b * r;
+    for (int64_t side = 0, out = 0; side < 2; ++side) {
+      if (counts[side] > usable[side]) {
+        short_side = true;
+        return;
+      }
+      top_k(score + side * n_k, n_k, counts[side], ranked.data());
+      for (int64_t i = 0; i < counts[side]; ++i, ++out) {
+        const int64_t c = side * n_k + ranked[i];
+        s[out] = cls[b] + (side == 0 ? -1 : 1) * (k0 + 2 * ranked[i]);
+        d[out] = target[c];
+      }
+    }
+  });
+  return status != 0 ? status : (short_side ? 2 : 0);
+}
+
 #define MM_SCAN_ENTRY_POINTS(T, SUFFIX)                                                         \
   extern "C" int mm_scan_forward_##SUFFIX(const T* u, const T* delta, const T* At, const T* B,  \
                                           const T* C, const T* D, T* y, int64_t batch,          \
@@ -788,6 +990,33 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
 
 MM_SCAN_ENTRY_POINTS(float, f32)
 MM_SCAN_ENTRY_POINTS(double, f64)
+
+#define MM_SELECT_ENTRY_POINTS(T, SUFFIX)                                                            \
+  extern "C" int mm_select_uniform_global_##SUFFIX(const T* feat, const int64_t* cls, int64_t* src,  \
+                                                   int64_t* dst, Gemm<T> gemm, int64_t batch,        \
+                                                   int64_t length, int64_t dim, int64_t width,       \
+                                                   int64_t r, int num_threads,                       \
+                                                   ParallelLauncher launcher) {                      \
+    return select_uniform_global(feat, cls, src, dst, gemm, batch, length, dim, width, r, num_threads, \
+                                 launcher);                                                          \
+  }                                                                                                  \
+  extern "C" int mm_select_bipartite_##SUFFIX(const T* feat, const uint8_t* protect, const T* penalty, \
+                                              int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch, \
+                                              int64_t length, int64_t dim, int64_t r, int num_threads, \
+                                              ParallelLauncher launcher) {                           \
+    return select_bipartite(feat, protect, penalty, src, dst, gemm, batch, length, dim, r, num_threads, \
+                            launcher);                                                               \
+  }                                                                                                  \
+  extern "C" int mm_select_adjacent_##SUFFIX(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, \
+                                             int64_t batch, int64_t length, int64_t dim,             \
+                                             int64_t w_protect, int64_t r, double fading, double gamma, \
+                                             int num_threads, ParallelLauncher launcher) {           \
+    return select_adjacent(feat, cls, src, dst, batch, length, dim, w_protect, r, fading, gamma,   \
+                           num_threads, launcher);                                                   \
+  }
+
+MM_SELECT_ENTRY_POINTS(float, f32)
+MM_SELECT_ENTRY_POINTS(double, f64)
 
 extern "C" int mm_mixer_forward(const MixerProblem* p, double eps, Sgemm sgemm, int num_threads,
                                 ParallelLauncher launcher) {

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from mambamerge.ops.cpu_kernels.blas import sgemm_address
+from mambamerge.ops.cpu_kernels.blas import gemm_address
 from mambamerge.ops.cpu_kernels.library import available, call, loaded
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
@@ -63,7 +63,7 @@ def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], norm: Optio
         words += [a_log.data_ptr(), branch, int(reverse)]
     words += [0] * 3 * (_SLOTS - len(scan_branch))
     problem = array.array("q", words)  # every tensor passed by address stays referenced until the call returns
-    if hidden.numel() and call("mm_mixer_forward", None, problem.buffer_info()[0], eps, sgemm_address(),
+    if hidden.numel() and call("mm_mixer_forward", None, problem.buffer_info()[0], eps, gemm_address(),
                                torch.get_num_threads(), loaded().launcher) != 0:
         raise MemoryError("mixer kernel failed: its buffers could not grow or a worker thread could not run")
     return outputs
@@ -77,7 +77,7 @@ _MIXER = register("mixer_forward", _forward,
 @torch.compiler.assume_constant_result
 def mixer_available() -> bool:
     """The kernel library is loaded and torch exports a working sgemm_."""
-    return available() and sgemm_address() is not None
+    return available() and gemm_address() is not None
 
 
 def mixer_forward(hidden, residual, norm, eps, in_proj, out_proj, branches, branch_reverse, a_logs, scan_branch,

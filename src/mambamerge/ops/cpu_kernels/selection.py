@@ -1,0 +1,96 @@
+"""Choosing a merge step's tokens in one kernel call at inference: MaMe's default sources and match, the
+bipartite match of ToMe and R-MeeTo, STM's adjacent pairs (select_* in kernels.cpp). Each returns src
+(B, r), the tokens that leave, and dst (B, r), the token each joins, as the torch functions they stand
+for (mambamerge.merge: matching.py, tome.py, stm.py) do; those stay the path for training, GPUs and
+options the kernels do not cover."""
+from typing import Optional, Tuple
+
+import torch
+
+from mambamerge.ops.cpu_kernels.blas import gemm_address
+from mambamerge.ops.cpu_kernels.library import call, handles
+from mambamerge.ops.cpu_kernels.registration import dispatch, register
+
+Pair = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _address(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _outputs(feat: torch.Tensor, r: int) -> Pair:
+    return (feat.new_empty(feat.shape[0], r, dtype=torch.long), feat.new_empty(feat.shape[0], r, dtype=torch.long))
+
+
+def _uniform_global(feat: torch.Tensor, cls_index: Optional[torch.Tensor], width: int, r: int) -> Pair:
+    feat = feat.contiguous()
+    cls_index = None if cls_index is None else cls_index.contiguous()
+    src, dst = _outputs(feat, r)
+    batch, length, dim = feat.shape
+    if call("mm_select_uniform_global", feat.dtype, feat.data_ptr(), _address(cls_index), src.data_ptr(),
+            dst.data_ptr(), gemm_address(feat.dtype), batch, length, dim, width, r) != 0:
+        raise MemoryError("selection kernel failed to allocate its buffers")
+    return src, dst
+
+
+def _bipartite(feat: torch.Tensor, protected: torch.Tensor, penalty: Optional[torch.Tensor], r: int) -> Pair:
+    feat, protected = feat.contiguous(), protected.contiguous()
+    penalty = None if penalty is None else penalty.to(feat.dtype).contiguous()
+    src, dst = _outputs(feat, r)
+    batch, length, dim = feat.shape
+    if call("mm_select_bipartite", feat.dtype, feat.data_ptr(), protected.data_ptr(), _address(penalty),
+            src.data_ptr(), dst.data_ptr(), gemm_address(feat.dtype), batch, length, dim, r) != 0:
+        raise MemoryError("selection kernel failed to allocate its buffers")
+    return src, dst
+
+
+def _adjacent(feat: torch.Tensor, cls_index: torch.Tensor, w_protect: int, r: int, fading: float,
+              gamma: float) -> Pair:
+    feat, cls_index = feat.contiguous(), cls_index.contiguous()
+    src, dst = _outputs(feat, r)
+    batch, length, dim = feat.shape
+    status = call("mm_select_adjacent", feat.dtype, feat.data_ptr(), cls_index.data_ptr(), src.data_ptr(),
+                  dst.data_ptr(), batch, length, dim, w_protect, r, fading, gamma)
+    if status == 2:
+        raise ValueError(f"stm: {r} merges asked, but a side of the class token has fewer adjacent pairs outside "
+                         f"the protected window (w_protect={w_protect}); lower the reduction or w_protect")
+    if status != 0:
+        raise MemoryError("selection kernel failed to allocate its buffers")
+    return src, dst
+
+
+_UNIFORM_GLOBAL = register("select_uniform_global", _uniform_global, lambda feat, cls_index, width, r: _outputs(feat, r))
+_BIPARTITE = register("select_bipartite", _bipartite, lambda feat, protected, penalty, r: _outputs(feat, r))
+_ADJACENT = register("select_adjacent", _adjacent,
+                     lambda feat, cls_index, w_protect, r, fading, gamma: _outputs(feat, r))
+
+
+@torch.compiler.assume_constant_result
+def _gemm_found(dtype: torch.dtype) -> bool:
+    """torch exports a working gemm_ for dtype. A constant for torch.compile, which calls it once while tracing."""
+    return gemm_address(dtype) is not None
+
+
+def can_select(feat: torch.Tensor) -> bool:
+    """True when the selection kernels take the features feat (B, L, D): CPU float32/float64 that need no
+    gradient (training keeps the torch path), the library loaded and torch's gemm_ for the dtype found."""
+    if torch.is_grad_enabled() and feat.requires_grad:
+        return False
+    return handles(feat) and _gemm_found(feat.dtype)
+
+
+def select_uniform_global(feat, cls_index, width: int, r: int) -> Pair:
+    """matching.uniform_sources (the first token of each of r equal runs outside the class token's window
+    of `width`; cls_index (B,) long, or None: no class token) joined each to its most cosine-similar token
+    that neither leaves nor lies in the window (most_similar without a cap). feat (B, L, D)."""
+    return dispatch(_UNIFORM_GLOBAL, _uniform_global, (feat, cls_index, int(width), int(r)))
+
+
+def select_bipartite(feat, protected, penalty, r: int) -> Pair:
+    """tome.bipartite_match without a scope: feat (B, L, D), protected (B, L) bool, penalty (B, L) or None."""
+    return dispatch(_BIPARTITE, _bipartite, (feat, protected, penalty, int(r)))
+
+
+def select_adjacent(feat, cls_index, w_protect: int, r: int, fading: float, gamma: float) -> Pair:
+    """STM's choice of adjacent pairs with scope "free" (stm.STM.plan): feat (B, L, D), cls_index (B,) long."""
+    return dispatch(_ADJACENT, _adjacent, (feat, cls_index, int(w_protect), int(r), float(fading), float(gamma)))
