@@ -1,7 +1,7 @@
 // CPU kernels: the selective scan, the softplus that gives its step sizes, the convolution + SiLU before
 // the scan and the gate after it, the whole mixer of a block in one call (its projections on the BLAS
-// torch is linked with), and the planning and application of a token-merge step. Plain C++ (no torch
-// headers), built by build.py and bound with ctypes by library.py.
+// torch is linked with), and the choice of tokens, planning and application of a token-merge step.
+// Plain C++ (no torch headers), built by build.py and bound with ctypes by library.py.
 //
 // Layouts (row-major, all contiguous):
 //   u, delta, y, dy, du, ddelta: (batch, L, d)

@@ -34,7 +34,7 @@ def _uniform_global(feat: torch.Tensor, cls_index: Optional[torch.Tensor], width
 
 
 def _bipartite(feat: torch.Tensor, protected: torch.Tensor, penalty: Optional[torch.Tensor], r: int) -> Pair:
-    feat, protected = feat.contiguous(), protected.contiguous()
+    feat, protected = feat.contiguous(), protected.to(torch.bool).contiguous()  # read as one byte a token
     penalty = None if penalty is None else penalty.to(feat.dtype).contiguous()
     src, dst = _outputs(feat, r)
     batch, length, dim = feat.shape
