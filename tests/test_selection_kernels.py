@@ -132,3 +132,26 @@ def test_each_method_selects_in_one_call_at_inference_and_in_torch_for_training(
     assert len(calls) == 2
     model(images.requires_grad_())  # features that need a gradient: the torch functions
     assert len(calls) == 2
+
+
+@needs_compiled
+@pytest.mark.parametrize("method", ["mame", "stm", "tome", "rmeeto"])
+def test_the_trained_demo_model_predicts_the_same_with_either_path(method):
+    """Real features (the shipped demo model on 256 Fashion-MNIST test images, half the tokens merged),
+    where background patches are alike: the kernels and the torch functions predict the same classes,
+    and all but the rare image whose similarities tie within float rounding get the same logits."""
+    from mambamerge.checkpoint import load_checkpoint
+    from mambamerge.cli.demo import demo_checkpoint
+    from mambamerge.data import load_dataset
+
+    model = load_checkpoint(str(demo_checkpoint()))
+    data = load_dataset("fashion-mnist", "test", input_shape=tuple(model.input_shape), limit=256)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    mambamerge.patch(model, method, reduction=0.5)
+    with torch.inference_mode():
+        fast = model(images)
+        with torch_only():
+            slow = model(images)
+    assert torch.equal(fast.argmax(dim=1), slow.argmax(dim=1))
+    same = torch.isclose(fast, slow, rtol=1e-5, atol=1e-5).all(dim=1)
+    assert same.float().mean() >= 0.99
