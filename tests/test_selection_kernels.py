@@ -33,8 +33,10 @@ def torch_only():
 
 @needs_compiled
 @settings(max_examples=60, deadline=None)
-@given(length=st.integers(3, 60), with_cls=st.booleans(), data=st.data(), **FEATURES)
-def test_uniform_global_equals_the_torch_sources_and_match(seed, batch, length, dim, dtype, with_cls, data):
+@given(length=st.integers(3, 60), with_cls=st.booleans(), reach=st.sampled_from([0, 1, 3]), data=st.data(),
+       **FEATURES)
+def test_uniform_equals_the_torch_sources_and_match(seed, batch, length, dim, dtype, with_cls, reach, data):
+    """reach 0: the global match (MaMe's default); else match="window" with that window."""
     x = features(seed, batch, length, dim, dtype)
     cls = None
     width = 0
@@ -44,10 +46,11 @@ def test_uniform_global_equals_the_torch_sources_and_match(seed, batch, length, 
     # the tokens outside the window give r sources and keep a destination
     outside = length - (int(near_class_token(cls, length, width).sum(dim=1).max()) if with_cls else 0)
     r = data.draw(st.integers(0, outside - 1))
-    src, dst = cpu_kernels.select_uniform_global(x, cls, width, r)
+    src, dst = cpu_kernels.select_uniform(x, cls, width, reach, r)
     expected_src = uniform_sources(cls, batch, length, width, r, x.device)
     allowed = torch.ones(batch, length, dtype=torch.bool) if cls is None else ~near_class_token(cls, length, width)
-    expected_dst = most_similar(similarities(x, expected_src), allowed.scatter(1, expected_src, False))
+    local = (torch.arange(length)[None, None, :] - expected_src[..., None]).abs() <= reach if reach else None
+    expected_dst = most_similar(similarities(x, expected_src), allowed.scatter(1, expected_src, False), local=local)
     assert torch.equal(src, expected_src) and torch.equal(dst, expected_dst)
 
 
@@ -103,11 +106,16 @@ def test_an_image_of_nan_or_inf_still_gets_a_valid_selection(bad):
     x[0, 7] = bad
     x[1] = bad
     cls = torch.tensor([15, 15])
-    selections = [cpu_kernels.select_uniform_global(x, cls, 3, 6), cpu_kernels.select_adjacent(x, cls, 4, 6, 0.0, 0.8),
+    selections = [cpu_kernels.select_uniform(x, cls, 3, 0, 6), cpu_kernels.select_uniform(x, cls, 3, 2, 6),
+                  cpu_kernels.select_adjacent(x, cls, 4, 6, 0.0, 0.8),
                   cpu_kernels.select_bipartite(x, torch.arange(31)[None].expand(2, -1) == 15, None, 6)]
     for src, dst in selections:
         plan = plan_from_selection(31, src, dst, torch.ones(2, 31))  # raises unless src distinct and dst stays
         assert plan.new_length == 25 and not bool((src == 15).any() | (dst == 15).any())
+    allowed = ~near_class_token(cls, 31, 3)
+    for reach, (src, dst) in zip((0, 2), selections):  # MaMe's: the very tokens torch's argmax picks
+        local = (torch.arange(31)[None, None, :] - src[..., None]).abs() <= reach if reach else None
+        assert torch.equal(dst, most_similar(similarities(x, src), allowed.scatter(1, src, False), local=local))
 
 
 @needs_compiled
@@ -118,11 +126,13 @@ def test_adjacent_names_a_side_without_enough_pairs():
 
 
 @needs_compiled
-@pytest.mark.parametrize("method,kernel", [("mame", "select_uniform_global"), ("tome", "select_bipartite"),
-                                           ("rmeeto", "select_bipartite"), ("stm", "select_adjacent")])
-def test_each_method_selects_in_one_call_at_inference_and_in_torch_for_training(monkeypatch, method, kernel):
+@pytest.mark.parametrize("method,options,kernel", [
+    ("mame", {}, "select_uniform"), ("mame", {"match": "window"}, "select_uniform"),
+    ("mame", {"match": "bipartite"}, "select_bipartite"), ("tome", {}, "select_bipartite"),
+    ("rmeeto", {}, "select_bipartite"), ("stm", {}, "select_adjacent")])
+def test_each_method_selects_in_one_call_at_inference_and_in_torch_for_training(monkeypatch, method, options, kernel):
     model = mambamerge.create_model("vim_pico", depth=3).eval()
-    mambamerge.patch(model, method, schedule=[0, 2, 2])
+    mambamerge.patch(model, method, schedule=[0, 2, 2], **options)
     calls = []
     real = getattr(cpu_kernels, kernel)
     monkeypatch.setattr(cpu_kernels, kernel, lambda *args: calls.append(args) or real(*args))

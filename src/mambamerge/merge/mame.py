@@ -167,7 +167,8 @@ class MaMe(ReductionMethod):
         width = 0 if state.cls_index is None else self.protected_width(length, r)
         feat = stream(state, self.feature)
         if self._selects_in_one_call(feat):
-            src, dst = cpu_kernels.select_uniform_global(feat, state.cls_index, width, r)
+            reach = self.window if self.match == "window" else 0
+            src, dst = cpu_kernels.select_uniform(feat, state.cls_index, width, reach, r)
         elif self.match == "bipartite":
             lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
             penalty = self.delta_penalty * (score - lo) / (hi - lo).clamp(min=1e-12)
@@ -190,9 +191,10 @@ class MaMe(ReductionMethod):
         return plan.with_slots_at(score) if self.placement == "important" else plan
 
     def _selects_in_one_call(self, feat: torch.Tensor) -> bool:
-        """Whether the defaults' sources and match run as one kernel call (inference on the CPU)."""
-        return (self.sources == "uniform" and self.match == "global" and self.balance == "none" and not self.keep_top
-                and not self.cap and self.scope == "free" and cpu_kernels.can_select(feat))
+        """Whether the sources and their match run as one kernel call (inference on the CPU): uniform
+        sources, a global or windowed match, no top band, cap, scope or balance."""
+        return (self.sources == "uniform" and self.match != "bipartite" and self.balance == "none"
+                and not self.keep_top and not self.cap and self.scope == "free" and cpu_kernels.can_select(feat))
 
     @staticmethod
     def _protected(state: TokenState, width: int) -> torch.Tensor:

@@ -773,10 +773,10 @@ void row_norms(const T* x, int64_t length, int64_t dim, T* norms) {
   }
 }
 
-// The first index of the largest row[j] / norms[j] over the j with open[j] != 0, or -1 if none is open,
-// and that value. The row is overwritten with the quotients (-inf where closed), in vector passes.
+// The first index of the largest row[j] / norms[j] over the j with open[j] != 0, or -1 if none is open
+// (closed entries -inf). The row is overwritten with the quotients, in vector passes.
 template <typename T>
-int64_t best_scaled(T* row, const T* norms, const T* open, int64_t n, T* value) {
+int64_t first_largest(T* row, const T* norms, const T* open, int64_t n) {
   const T neg = -std::numeric_limits<T>::infinity();
   T top = neg;
   int64_t nans = 0;
@@ -788,13 +788,28 @@ int64_t best_scaled(T* row, const T* norms, const T* open, int64_t n, T* value) 
     nans += v != v ? 1 : 0;
   }
   for (int64_t j = 0; j < n; ++j) {
-    if (open[j] != 0 && (nans ? std::isnan(row[j]) : row[j] == top)) {
-      *value = row[j];
-      return j;
+    if (open[j] != 0 && (nans ? std::isnan(row[j]) : row[j] == top)) return j;
+  }
+  return -1;
+}
+
+// first_largest over the open j in [lo, hi) alone, row left as it is; -1 when none of them has a finite
+// quotient (torch's most_similar then looks anywhere).
+template <typename T>
+int64_t first_largest_near(const T* row, const T* norms, const T* open, int64_t lo, int64_t hi) {
+  int64_t best = -1, nan = -1;
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t j = lo; j < hi; ++j) {
+    if (open[j] == 0) continue;
+    const T v = row[j] / norms[j];
+    if (std::isnan(v)) {
+      nan = nan < 0 ? j : nan;
+    } else if (std::isfinite(v) && (best < 0 || v > top)) {
+      best = j;
+      top = v;
     }
   }
-  *value = neg;
-  return -1;
+  return best < 0 ? -1 : (nan >= 0 ? nan : best);
 }
 
 // order[0..k) = the indices of the k largest of score[0..n), largest first (k <= n).
@@ -810,13 +825,14 @@ void top_k(const T* score, int64_t n, int64_t k, int64_t* order) {
   std::copy(idx.begin(), idx.begin() + k, order);
 }
 
-// MaMe's defaults (matching.uniform_sources and most_similar without a cap): the first token of each of r
-// equal runs of the tokens outside the class token's window of `width` leaves (cls null: no class token,
-// no window) and joins its most similar token outside the window that does not leave.
+// MaMe's uniform sources (matching.uniform_sources) and their match (most_similar without a cap): the first
+// token of each of r equal runs of the tokens outside the class token's window of `width` leaves (cls null:
+// no class token, no window) and joins its most similar token outside the window that does not leave:
+// within `reach` positions of it where one such token has a finite similarity (reach 0: anywhere).
 template <typename T>
-int select_uniform_global(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, Gemm<T> gemm,
-                          int64_t batch, int64_t length, int64_t dim, int64_t width, int64_t r, int num_threads,
-                          ParallelLauncher launcher) {
+int select_uniform(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch,
+                   int64_t length, int64_t dim, int64_t width, int64_t reach, int64_t r, int num_threads,
+                   ParallelLauncher launcher) {
   const size_t scratch = r * dim + r * length + 2 * length;
   return run_tasks<T>(batch, num_threads, launcher, scratch, [&](int64_t b, T* buf) {
     const T* x = feat + b * length * dim;
@@ -838,8 +854,11 @@ int select_uniform_global(const T* feat, const int64_t* cls, int64_t* src, int64
     gemm_nt(gemm, rows, dim, x, dim, dots, length, r, length, dim);
     row_norms(x, length, dim, norms);
     for (int64_t k = 0; k < r; ++k) {
-      T value;
-      d[k] = best_scaled(dots + k * length, norms, allowed, length, &value);
+      T* row = dots + k * length;
+      d[k] = reach ? first_largest_near(row, norms, allowed, std::max<int64_t>(s[k] - reach, 0),
+                                        std::min<int64_t>(s[k] + reach + 1, length))
+                   : -1;
+      if (d[k] < 0) d[k] = first_largest(row, norms, allowed, length);
     }
   });
 }
@@ -865,8 +884,10 @@ int select_bipartite(const T* feat, const uint8_t* protect, const T* penalty, in
       open_b[j] = shut[2 * j + 1] == 0 ? 1 : 0;
     }
     for (int64_t i = 0; i < n_a; ++i) {
-      T best;
-      partner[i] = std::max<int64_t>(best_scaled(dots + i * n_b, norms_b, open_b, n_b, &best), 0);
+      T* row = dots + i * n_b;
+      const int64_t j = first_largest(row, norms_b, open_b, n_b);
+      partner[i] = std::max<int64_t>(j, 0);
+      const T best = j < 0 ? -std::numeric_limits<T>::infinity() : row[j];
       score[i] = best / norms[2 * i] - (penalty ? penalty[b * length + 2 * i] : T(0));
       if (shut[2 * i]) score[i] = -std::numeric_limits<T>::infinity();
     }
@@ -992,13 +1013,12 @@ MM_SCAN_ENTRY_POINTS(float, f32)
 MM_SCAN_ENTRY_POINTS(double, f64)
 
 #define MM_SELECT_ENTRY_POINTS(T, SUFFIX)                                                            \
-  extern "C" int mm_select_uniform_global_##SUFFIX(const T* feat, const int64_t* cls, int64_t* src,  \
-                                                   int64_t* dst, Gemm<T> gemm, int64_t batch,        \
-                                                   int64_t length, int64_t dim, int64_t width,       \
-                                                   int64_t r, int num_threads,                       \
-                                                   ParallelLauncher launcher) {                      \
-    return select_uniform_global(feat, cls, src, dst, gemm, batch, length, dim, width, r, num_threads, \
-                                 launcher);                                                          \
+  extern "C" int mm_select_uniform_##SUFFIX(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, \
+                                            Gemm<T> gemm, int64_t batch, int64_t length, int64_t dim,   \
+                                            int64_t width, int64_t reach, int64_t r, int num_threads,   \
+                                            ParallelLauncher launcher) {                                \
+    return select_uniform(feat, cls, src, dst, gemm, batch, length, dim, width, reach, r, num_threads,  \
+                          launcher);                                                                 \
   }                                                                                                  \
   extern "C" int mm_select_bipartite_##SUFFIX(const T* feat, const uint8_t* protect, const T* penalty, \
                                               int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch, \
