@@ -19,7 +19,8 @@ VARIANTS = {
              {"weight": "size", "feature": "hidden"}, {"sources": "most_delta", "match": "window"},
              {"sources": "spread", "w_protect": 2, "keep_top": 0.3, "cap": 1}, {"sources": "pairs", "weight": "plain"},
              {"sources": "spread", "match": "window", "window": 1, "cap": 2, "importance": "injection"},
-             {"match": "bipartite", "w_protect": 3}, {"sources": "pairs", "w_protect": 2, "placement": "important"}],
+             {"match": "bipartite", "w_protect": 3}, {"sources": "pairs", "w_protect": 2, "placement": "important"},
+             {"sources": "spread", "match": "window", "window": 2}],
     "mtr": [{}, {"keep_top": 0.0, "weight": "size"}, {"keep_top": 0.9, "feature": "hidden"}],
     "stm": [{}, {"mode": "sum"}, {"weight": "size"}, {"fading": 1.0, "w_protect": 0}],
 }

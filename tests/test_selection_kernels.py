@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings, strategies as st
 import mambamerge
 from mambamerge.merge import METHODS
 from mambamerge.merge.plan import plan_from_selection
-from mambamerge.merge.matching import most_similar, near_class_token, similarities, uniform_sources
+from mambamerge.merge.matching import most_similar, near_class_token, similarities, spread_sources, uniform_sources
 from mambamerge.merge.state import TokenState
 from mambamerge.merge.tome import bipartite_match
 from mambamerge.ops import cpu_kernels
@@ -33,22 +33,23 @@ def torch_only():
 
 @needs_compiled
 @settings(max_examples=60, deadline=None)
-@given(length=st.integers(3, 60), with_cls=st.booleans(), reach=st.sampled_from([0, 1, 3]), data=st.data(),
-       **FEATURES)
-def test_uniform_equals_the_torch_sources_and_match(seed, batch, length, dim, dtype, with_cls, reach, data):
-    """reach 0: the global match (MaMe's default); else match="window" with that window."""
+@given(length=st.integers(3, 60), with_cls=st.booleans(), reach=st.sampled_from([0, 1, 3]), scored=st.booleans(),
+       data=st.data(), **FEATURES)
+def test_spread_equals_the_torch_sources_and_match(seed, batch, length, dim, dtype, with_cls, reach, scored, data):
+    """MaMe's sources "uniform" (no score) or "spread" (the lowest score of each run) with its match
+    "global" (reach 0) or "window" (that reach)."""
     x = features(seed, batch, length, dim, dtype)
     cls = None
     width = 0
     if with_cls:
         cls = torch.tensor(data.draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch)))
         width = data.draw(st.integers(0, (length - 3) // 2))
-    # the tokens outside the window give r sources and keep a destination
-    outside = length - (int(near_class_token(cls, length, width).sum(dim=1).max()) if with_cls else 0)
-    r = data.draw(st.integers(0, outside - 1))
-    src, dst = cpu_kernels.select_uniform(x, cls, width, reach, r)
-    expected_src = uniform_sources(cls, batch, length, width, r, x.device)
     allowed = torch.ones(batch, length, dtype=torch.bool) if cls is None else ~near_class_token(cls, length, width)
+    r = data.draw(st.integers(0, int(allowed.sum(dim=1).min()) - 1))  # r sources and a destination
+    score = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) if scored else None
+    src, dst = cpu_kernels.select_spread(x, cls, score, width, reach, r)
+    expected_src = (spread_sources(score, allowed, r) if scored else uniform_sources(cls, batch, length, width, r,
+                                                                                     x.device))
     local = (torch.arange(length)[None, None, :] - expected_src[..., None]).abs() <= reach if reach else None
     expected_dst = most_similar(similarities(x, expected_src), allowed.scatter(1, expected_src, False), local=local)
     assert torch.equal(src, expected_src) and torch.equal(dst, expected_dst)
@@ -106,7 +107,7 @@ def test_an_image_of_nan_or_inf_still_gets_a_valid_selection(bad):
     x[0, 7] = bad
     x[1] = bad
     cls = torch.tensor([15, 15])
-    selections = [cpu_kernels.select_uniform(x, cls, 3, 0, 6), cpu_kernels.select_uniform(x, cls, 3, 2, 6),
+    selections = [cpu_kernels.select_spread(x, cls, None, 3, 0, 6), cpu_kernels.select_spread(x, cls, None, 3, 2, 6),
                   cpu_kernels.select_adjacent(x, cls, 4, 6, 0.0, 0.8),
                   cpu_kernels.select_bipartite(x, torch.arange(31)[None].expand(2, -1) == 15, None, 6)]
     for src, dst in selections:
@@ -127,7 +128,7 @@ def test_adjacent_names_a_side_without_enough_pairs():
 
 @needs_compiled
 @pytest.mark.parametrize("method,options,kernel", [
-    ("mame", {}, "select_uniform"), ("mame", {"match": "window"}, "select_uniform"),
+    ("mame", {}, "select_spread"), ("mame", {"match": "window", "sources": "spread"}, "select_spread"),
     ("mame", {"match": "bipartite"}, "select_bipartite"), ("tome", {}, "select_bipartite"),
     ("rmeeto", {}, "select_bipartite"), ("stm", {}, "select_adjacent")])
 def test_each_method_selects_in_one_call_at_inference_and_in_torch_for_training(monkeypatch, method, options, kernel):

@@ -168,7 +168,8 @@ class MaMe(ReductionMethod):
         feat = stream(state, self.feature)
         if self._selects_in_one_call(feat):
             reach = self.window if self.match == "window" else 0
-            src, dst = cpu_kernels.select_uniform(feat, state.cls_index, width, reach, r)
+            key = score if self.sources == "spread" else None
+            src, dst = cpu_kernels.select_spread(feat, state.cls_index, key, width, reach, r)
         elif self.match == "bipartite":
             lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
             penalty = self.delta_penalty * (score - lo) / (hi - lo).clamp(min=1e-12)
@@ -191,9 +192,9 @@ class MaMe(ReductionMethod):
         return plan.with_slots_at(score) if self.placement == "important" else plan
 
     def _selects_in_one_call(self, feat: torch.Tensor) -> bool:
-        """Whether the sources and their match run as one kernel call (inference on the CPU): uniform
-        sources, a global or windowed match, no top band, cap, scope or balance."""
-        return (self.sources == "uniform" and self.match != "bipartite" and self.balance == "none"
+        """Whether the sources and their match run as one kernel call (inference on the CPU): uniform or
+        spread sources, a global or windowed match, no top band, cap, scope or balance."""
+        return (self.sources in ("uniform", "spread") and self.match != "bipartite" and self.balance == "none"
                 and not self.keep_top and not self.cap and self.scope == "free" and cpu_kernels.can_select(feat))
 
     @staticmethod

@@ -825,14 +825,16 @@ void top_k(const T* score, int64_t n, int64_t k, int64_t* order) {
   std::copy(idx.begin(), idx.begin() + k, order);
 }
 
-// MaMe's uniform sources (matching.uniform_sources) and their match (most_similar without a cap): the first
-// token of each of r equal runs of the tokens outside the class token's window of `width` leaves (cls null:
-// no class token, no window) and joins its most similar token outside the window that does not leave:
-// within `reach` positions of it where one such token has a finite similarity (reach 0: anywhere).
+// MaMe's sources spread over the sequence and their match (most_similar without a cap): the tokens outside
+// the class token's window of `width` (cls null: no class token, no window) are cut into r equal runs and
+// one token of each leaves, the first (score null: matching.uniform_sources) or the lowest-scoring, the
+// first among ties (score (batch, L): spread_sources); each joins its most similar token outside the
+// window that does not leave: within `reach` positions of it where one such token has a finite
+// similarity (reach 0: anywhere).
 template <typename T>
-int select_uniform(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch,
-                   int64_t length, int64_t dim, int64_t width, int64_t reach, int64_t r, int num_threads,
-                   ParallelLauncher launcher) {
+int select_spread(const T* feat, const int64_t* cls, const float* score, int64_t* src, int64_t* dst, Gemm<T> gemm,
+                  int64_t batch, int64_t length, int64_t dim, int64_t width, int64_t reach, int64_t r, int num_threads,
+                  ParallelLauncher launcher) {
   const size_t scratch = r * dim + r * length + 2 * length;
   return run_tasks<T>(batch, num_threads, launcher, scratch, [&](int64_t b, T* buf) {
     const T* x = feat + b * length * dim;
@@ -845,9 +847,18 @@ int select_uniform(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst
       window = std::min<int64_t>(cls[b] + width + 1, length) - start;
     }
     for (int64_t j = 0; j < length; ++j) allowed[j] = (j < start || j >= start + window) ? 1 : 0;
+    const int64_t n = length - window;
+    auto token = [&](int64_t rank) { return rank < start ? rank : rank + window; };
     for (int64_t k = 0; k < r; ++k) {  // eligible token k' is in run floor(k' r / n): run k starts at ceil(k n / r)
-      const int64_t rank = (k * (length - window) + r - 1) / r;
-      s[k] = rank < start ? rank : rank + window;
+      const int64_t first = (k * n + r - 1) / r, end = ((k + 1) * n + r - 1) / r;
+      s[k] = token(first);
+      if (score) {
+        const float* key = score + b * length;
+        for (int64_t rank = first + 1; rank < end; ++rank) {
+          if (key[token(rank)] < key[s[k]] || (std::isnan(key[s[k]]) && !std::isnan(key[token(rank)])))
+            s[k] = token(rank);
+        }
+      }
       allowed[s[k]] = 0;
       std::copy(x + s[k] * dim, x + (s[k] + 1) * dim, rows + k * dim);
     }
@@ -1013,12 +1024,12 @@ MM_SCAN_ENTRY_POINTS(float, f32)
 MM_SCAN_ENTRY_POINTS(double, f64)
 
 #define MM_SELECT_ENTRY_POINTS(T, SUFFIX)                                                            \
-  extern "C" int mm_select_uniform_##SUFFIX(const T* feat, const int64_t* cls, int64_t* src, int64_t* dst, \
-                                            Gemm<T> gemm, int64_t batch, int64_t length, int64_t dim,   \
-                                            int64_t width, int64_t reach, int64_t r, int num_threads,   \
-                                            ParallelLauncher launcher) {                                \
-    return select_uniform(feat, cls, src, dst, gemm, batch, length, dim, width, reach, r, num_threads,  \
-                          launcher);                                                                 \
+  extern "C" int mm_select_spread_##SUFFIX(const T* feat, const int64_t* cls, const float* score,        \
+                                           int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch,      \
+                                           int64_t length, int64_t dim, int64_t width, int64_t reach,    \
+                                           int64_t r, int num_threads, ParallelLauncher launcher) {      \
+    return select_spread(feat, cls, score, src, dst, gemm, batch, length, dim, width, reach, r,         \
+                         num_threads, launcher);                                                     \
   }                                                                                                  \
   extern "C" int mm_select_bipartite_##SUFFIX(const T* feat, const uint8_t* protect, const T* penalty, \
                                               int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch, \
