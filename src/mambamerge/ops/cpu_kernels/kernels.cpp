@@ -855,8 +855,7 @@ int select_spread(const T* feat, const int64_t* cls, const float* score, int64_t
       if (score) {
         const float* key = score + b * length;
         for (int64_t rank = first + 1; rank < end; ++rank) {
-          if (key[token(rank)] < key[s[k]] || (std::isnan(key[s[k]]) && !std::isnan(key[token(rank)])))
-            s[k] = token(rank);
+          if (ranks_above(key[s[k]], key[token(rank)])) s[k] = token(rank);  // lower, or a number after a NaN
         }
       }
       allowed[s[k]] = 0;
