@@ -26,7 +26,7 @@ CASES = [
 def selection_op(method, options):
     """The selection kernel a case's step calls, or None where its choice is torch operations."""
     if method == "mame":
-        return None if "sources" in options else "mambamerge.select_spread"
+        return "mambamerge.select_mame"
     return {"stm": "mambamerge.select_adjacent", "tome_unordered": "mambamerge.select_bipartite"}.get(method)
 
 

@@ -33,11 +33,11 @@ def torch_only():
 
 @needs_compiled
 @settings(max_examples=60, deadline=None)
-@given(length=st.integers(3, 60), with_cls=st.booleans(), reach=st.sampled_from([0, 1, 3]), scored=st.booleans(),
-       data=st.data(), **FEATURES)
-def test_spread_equals_the_torch_sources_and_match(seed, batch, length, dim, dtype, with_cls, reach, scored, data):
-    """MaMe's sources "uniform" (no score) or "spread" (the lowest score of each run) with its match
-    "global" (reach 0) or "window" (that reach)."""
+@given(length=st.integers(3, 60), with_cls=st.booleans(), reach=st.sampled_from([0, 1, 3]),
+       sources=st.sampled_from(["uniform", "spread", "least"]), data=st.data(), **FEATURES)
+def test_mame_equals_the_torch_sources_and_match(seed, batch, length, dim, dtype, with_cls, reach, sources, data):
+    """MaMe's sources "uniform" (no score), "spread" (the lowest score of each run) or the r lowest scores
+    (least_delta, most_delta, random: their keys) with its match "global" (reach 0) or "window"."""
     x = features(seed, batch, length, dim, dtype)
     cls = None
     width = 0
@@ -46,10 +46,16 @@ def test_spread_equals_the_torch_sources_and_match(seed, batch, length, dim, dty
         width = data.draw(st.integers(0, (length - 3) // 2))
     allowed = torch.ones(batch, length, dtype=torch.bool) if cls is None else ~near_class_token(cls, length, width)
     r = data.draw(st.integers(0, int(allowed.sum(dim=1).min()) - 1))  # r sources and a destination
-    score = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) if scored else None
-    src, dst = cpu_kernels.select_spread(x, cls, score, width, reach, r)
-    expected_src = (spread_sources(score, allowed, r) if scored else uniform_sources(cls, batch, length, width, r,
-                                                                                     x.device))
+    score = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed))
+    if sources == "uniform":
+        src, dst = cpu_kernels.select_mame(x, cls, None, width, reach, r)
+        expected_src = uniform_sources(cls, batch, length, width, r, x.device)
+    elif sources == "spread":
+        src, dst = cpu_kernels.select_mame(x, cls, score, width, reach, r)
+        expected_src = spread_sources(score, allowed, r)
+    else:
+        src, dst = cpu_kernels.select_mame(x, cls, score, width, reach, r, least=True)
+        expected_src = score.masked_fill(~allowed, float("inf")).topk(r, dim=1, largest=False).indices
     local = (torch.arange(length)[None, None, :] - expected_src[..., None]).abs() <= reach if reach else None
     expected_dst = most_similar(similarities(x, expected_src), allowed.scatter(1, expected_src, False), local=local)
     assert torch.equal(src, expected_src) and torch.equal(dst, expected_dst)
@@ -107,7 +113,7 @@ def test_an_image_of_nan_or_inf_still_gets_a_valid_selection(bad):
     x[0, 7] = bad
     x[1] = bad
     cls = torch.tensor([15, 15])
-    selections = [cpu_kernels.select_spread(x, cls, None, 3, 0, 6), cpu_kernels.select_spread(x, cls, None, 3, 2, 6),
+    selections = [cpu_kernels.select_mame(x, cls, None, 3, 0, 6), cpu_kernels.select_mame(x, cls, None, 3, 2, 6),
                   cpu_kernels.select_adjacent(x, cls, 4, 6, 0.0, 0.8),
                   cpu_kernels.select_bipartite(x, torch.arange(31)[None].expand(2, -1) == 15, None, 6)]
     for src, dst in selections:
@@ -128,7 +134,8 @@ def test_adjacent_names_a_side_without_enough_pairs():
 
 @needs_compiled
 @pytest.mark.parametrize("method,options,kernel", [
-    ("mame", {}, "select_spread"), ("mame", {"match": "window", "sources": "spread"}, "select_spread"),
+    ("mame", {}, "select_mame"), ("mame", {"match": "window", "sources": "spread"}, "select_mame"),
+    ("mame", {"sources": "least_delta", "w_protect": 0}, "select_mame"),
     ("mame", {"match": "bipartite"}, "select_bipartite"), ("tome", {}, "select_bipartite"),
     ("rmeeto", {}, "select_bipartite"), ("stm", {}, "select_adjacent")])
 def test_each_method_selects_in_one_call_at_inference_and_in_torch_for_training(monkeypatch, method, options, kernel):

@@ -168,8 +168,9 @@ class MaMe(ReductionMethod):
         feat = stream(state, self.feature)
         if self._selects_in_one_call(feat):
             reach = self.window if self.match == "window" else 0
-            key = score if self.sources == "spread" else None
-            src, dst = cpu_kernels.select_spread(feat, state.cls_index, key, width, reach, r)
+            least = self.sources not in ("uniform", "spread")
+            key = self._ranking_key(score) if least else score if self.sources == "spread" else None
+            src, dst = cpu_kernels.select_mame(feat, state.cls_index, key, width, reach, r, least)
         elif self.match == "bipartite":
             lo, hi = score.amin(dim=1, keepdim=True), score.amax(dim=1, keepdim=True)
             penalty = self.delta_penalty * (score - lo) / (hi - lo).clamp(min=1e-12)
@@ -192,9 +193,9 @@ class MaMe(ReductionMethod):
         return plan.with_slots_at(score) if self.placement == "important" else plan
 
     def _selects_in_one_call(self, feat: torch.Tensor) -> bool:
-        """Whether the sources and their match run as one kernel call (inference on the CPU): uniform or
-        spread sources, a global or windowed match, no top band, cap, scope or balance."""
-        return (self.sources in ("uniform", "spread") and self.match != "bipartite" and self.balance == "none"
+        """Whether the sources and their match run as one kernel call (inference on the CPU): any sources
+        but pairs, a global or windowed match, no top band, cap, scope or balance."""
+        return (self.sources != "pairs" and self.match != "bipartite" and self.balance == "none"
                 and not self.keep_top and not self.cap and self.scope == "free" and cpu_kernels.can_select(feat))
 
     @staticmethod
@@ -214,13 +215,16 @@ class MaMe(ReductionMethod):
             return spread_sources(key, eligible, r)
         if self.sources == "pairs":
             return pair_sources(score, eligible, r)
+        return self._ranking_key(score).masked_fill(~eligible, float("inf")).topk(r, dim=1, largest=False).indices
+
+    def _ranking_key(self, score: torch.Tensor) -> torch.Tensor:
+        """(B, L): the key whose r lowest eligible tokens leave, for sources least_delta, most_delta and
+        random (a random one draws afresh)."""
         if self.sources == "most_delta":
-            key = -score
-        elif self.sources == "random":
-            key = self._draws.uniform(score.shape, score.device)
-        else:
-            key = score
-        return key.masked_fill(~eligible, float("inf")).topk(r, dim=1, largest=False).indices
+            return -score
+        if self.sources == "random":
+            return self._draws.uniform(score.shape, score.device)
+        return score
 
     def _top_band(self, score, eligible, r):
         """(B, L) bool: the keep_top most important eligible tokens."""

@@ -15,10 +15,10 @@ from mambamerge.ops.cpu_kernels.library import available, handles, unavailable_r
 from mambamerge.ops.cpu_kernels.mixer_kernel import BRANCH_PARAMS, mixer_available, mixer_forward
 from mambamerge.ops.cpu_kernels.merge import can_merge, can_plan, merge_apply, plan_from_selection
 from mambamerge.ops.cpu_kernels.scan import selective_scan
-from mambamerge.ops.cpu_kernels.selection import can_select, select_adjacent, select_bipartite, select_spread
+from mambamerge.ops.cpu_kernels.selection import can_select, select_adjacent, select_bipartite, select_mame
 from mambamerge.ops.cpu_kernels.softplus import softplus, softplus_with_row_mean
 
 __all__ = ["BRANCH_PARAMS", "available", "can_merge", "can_plan", "can_select", "conv_silu", "gate", "handles",
            "merge_apply", "mixer_available", "mixer_forward", "plan_from_selection", "select_adjacent",
-           "select_bipartite", "select_spread", "selective_scan", "softplus", "softplus_with_row_mean",
+           "select_bipartite", "select_mame", "selective_scan", "softplus", "softplus_with_row_mean",
            "unavailable_reason"]

@@ -812,29 +812,33 @@ int64_t first_largest_near(const T* row, const T* norms, const T* open, int64_t 
   return best < 0 ? -1 : (nan >= 0 ? nan : best);
 }
 
-// order[0..k) = the indices of the k largest of score[0..n), largest first (k <= n).
+// order[0..k) = the indices of the k largest of score[0..n), largest first (k <= n); with `lowest`, of
+// the k smallest, smallest first (a NaN then last).
 template <typename T>
-void top_k(const T* score, int64_t n, int64_t k, int64_t* order) {
+void top_k(const T* score, int64_t n, int64_t k, int64_t* order, bool lowest = false) {
   std::vector<int64_t> idx(n);
   for (int64_t i = 0; i < n; ++i) idx[i] = i;
+  auto before = [&](int64_t a, int64_t b) {
+    return lowest ? ranks_above(score[b], score[a]) : ranks_above(score[a], score[b]);
+  };
   std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int64_t a, int64_t b) {
-    if (ranks_above(score[a], score[b])) return true;
-    if (ranks_above(score[b], score[a])) return false;
+    if (before(a, b)) return true;
+    if (before(b, a)) return false;
     return a < b;
   });
   std::copy(idx.begin(), idx.begin() + k, order);
 }
 
-// MaMe's sources spread over the sequence and their match (most_similar without a cap): the tokens outside
-// the class token's window of `width` (cls null: no class token, no window) are cut into r equal runs and
-// one token of each leaves, the first (score null: matching.uniform_sources) or the lowest-scoring, the
-// first among ties (score (batch, L): spread_sources); each joins its most similar token outside the
-// window that does not leave: within `reach` positions of it where one such token has a finite
-// similarity (reach 0: anywhere).
+// MaMe's sources and their match (most_similar without a cap). The tokens outside the class token's window
+// of `width` (cls null: no class token, no window) give r sources: with `least`, the r lowest-scoring
+// (score (batch, L), lowest first: the topk of MaMe._sources); else one of each of r equal runs, the
+// first (score null: matching.uniform_sources) or the lowest-scoring, the first among ties
+// (spread_sources). Each joins its most similar token outside the window that does not leave: within
+// `reach` positions of it where one such token has a finite similarity (reach 0: anywhere).
 template <typename T>
-int select_spread(const T* feat, const int64_t* cls, const float* score, int64_t* src, int64_t* dst, Gemm<T> gemm,
-                  int64_t batch, int64_t length, int64_t dim, int64_t width, int64_t reach, int64_t r, int num_threads,
-                  ParallelLauncher launcher) {
+int select_mame(const T* feat, const int64_t* cls, const float* score, int64_t* src, int64_t* dst, Gemm<T> gemm,
+                int64_t batch, int64_t length, int64_t dim, int64_t width, int64_t reach, int64_t r, bool least,
+                int num_threads, ParallelLauncher launcher) {
   const size_t scratch = r * dim + r * length + 2 * length;
   return run_tasks<T>(batch, num_threads, launcher, scratch, [&](int64_t b, T* buf) {
     const T* x = feat + b * length * dim;
@@ -849,14 +853,18 @@ int select_spread(const T* feat, const int64_t* cls, const float* score, int64_t
     for (int64_t j = 0; j < length; ++j) allowed[j] = (j < start || j >= start + window) ? 1 : 0;
     const int64_t n = length - window;
     auto token = [&](int64_t rank) { return rank < start ? rank : rank + window; };
+    const float* key = score ? score + b * length : nullptr;
+    if (least) {
+      std::vector<float> eligible(n);
+      for (int64_t rank = 0; rank < n; ++rank) eligible[rank] = key[token(rank)];
+      top_k(eligible.data(), n, r, s, true);
+      for (int64_t k = 0; k < r; ++k) s[k] = token(s[k]);
+    }
     for (int64_t k = 0; k < r; ++k) {  // eligible token k' is in run floor(k' r / n): run k starts at ceil(k n / r)
       const int64_t first = (k * n + r - 1) / r, end = ((k + 1) * n + r - 1) / r;
-      s[k] = token(first);
-      if (score) {
-        const float* key = score + b * length;
-        for (int64_t rank = first + 1; rank < end; ++rank) {
-          if (ranks_above(key[s[k]], key[token(rank)])) s[k] = token(rank);  // lower, or a number after a NaN
-        }
+      if (!least) s[k] = token(first);
+      for (int64_t rank = first + 1; key && !least && rank < end; ++rank) {
+        if (ranks_above(key[s[k]], key[token(rank)])) s[k] = token(rank);  // lower, or a number after a NaN
       }
       allowed[s[k]] = 0;
       std::copy(x + s[k] * dim, x + (s[k] + 1) * dim, rows + k * dim);
@@ -1023,12 +1031,13 @@ MM_SCAN_ENTRY_POINTS(float, f32)
 MM_SCAN_ENTRY_POINTS(double, f64)
 
 #define MM_SELECT_ENTRY_POINTS(T, SUFFIX)                                                            \
-  extern "C" int mm_select_spread_##SUFFIX(const T* feat, const int64_t* cls, const float* score,        \
-                                           int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch,      \
-                                           int64_t length, int64_t dim, int64_t width, int64_t reach,    \
-                                           int64_t r, int num_threads, ParallelLauncher launcher) {      \
-    return select_spread(feat, cls, score, src, dst, gemm, batch, length, dim, width, reach, r,         \
-                         num_threads, launcher);                                                     \
+  extern "C" int mm_select_mame_##SUFFIX(const T* feat, const int64_t* cls, const float* score,          \
+                                         int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch,        \
+                                         int64_t length, int64_t dim, int64_t width, int64_t reach,      \
+                                         int64_t r, int least, int num_threads,                          \
+                                         ParallelLauncher launcher) {                                    \
+    return select_mame(feat, cls, score, src, dst, gemm, batch, length, dim, width, reach, r, least != 0, \
+                       num_threads, launcher);                                                       \
   }                                                                                                  \
   extern "C" int mm_select_bipartite_##SUFFIX(const T* feat, const uint8_t* protect, const T* penalty, \
                                               int64_t* src, int64_t* dst, Gemm<T> gemm, int64_t batch, \

@@ -36,8 +36,8 @@ ENTRY_POINTS = {
     "mm_gate": EntryPoint((_P,) * 4 + (_I64,) * 3 + (_INT,)),
     "mm_merge_apply": EntryPoint((_P,) * 10 + (_I64,) * 5 + (_INT,)),
     "mm_plan_from_selection": EntryPoint((_P,) * 4 + (_I64,) * 3, per_dtype=False),
-    # features, class index, score, src, dst, gemm_; batch, L, D, protected width, match reach, r
-    "mm_select_spread": EntryPoint((_P,) * 6 + (_I64,) * 6),
+    # features, class index, score, src, dst, gemm_; batch, L, D, protected width, match reach, r; least
+    "mm_select_mame": EntryPoint((_P,) * 6 + (_I64,) * 6 + (_INT,)),
     # features, protected, penalty, src, dst, gemm_; batch, L, D, r
     "mm_select_bipartite": EntryPoint((_P,) * 6 + (_I64,) * 4),
     # features, class index, src, dst; batch, L, D, w_protect, r; fading, gamma

@@ -1,4 +1,4 @@
-"""Choosing a merge step's tokens in one kernel call at inference: MaMe's spread sources and their match, the
+"""Choosing a merge step's tokens in one kernel call at inference: MaMe's sources and their match, the
 bipartite match of ToMe and R-MeeTo, STM's adjacent pairs (select_* in kernels.cpp). Each returns src
 (B, r), the tokens that leave, and dst (B, r), the token each joins, as the torch functions they stand
 for (mambamerge.merge: matching.py, tome.py, stm.py) do; those stay the path for training, GPUs and
@@ -22,15 +22,17 @@ def _outputs(feat: torch.Tensor, r: int) -> Pair:
     return (feat.new_empty(feat.shape[0], r, dtype=torch.long), feat.new_empty(feat.shape[0], r, dtype=torch.long))
 
 
-def _spread(feat: torch.Tensor, cls_index: Optional[torch.Tensor], score: Optional[torch.Tensor], width: int,
-            reach: int, r: int) -> Pair:
+def _mame(feat: torch.Tensor, cls_index: Optional[torch.Tensor], score: Optional[torch.Tensor], width: int,
+          reach: int, r: int, least: bool) -> Pair:
     feat = feat.contiguous()
     cls_index = None if cls_index is None else cls_index.contiguous()
     score = None if score is None else score.to(torch.float32).contiguous()
+    if least and score is None:
+        raise ValueError("select_mame: the r least-scoring sources need a score")
     src, dst = _outputs(feat, r)
     batch, length, dim = feat.shape
-    if call("mm_select_spread", feat.dtype, feat.data_ptr(), _address(cls_index), _address(score), src.data_ptr(),
-            dst.data_ptr(), gemm_address(feat.dtype), batch, length, dim, width, reach, r) != 0:
+    if call("mm_select_mame", feat.dtype, feat.data_ptr(), _address(cls_index), _address(score), src.data_ptr(),
+            dst.data_ptr(), gemm_address(feat.dtype), batch, length, dim, width, reach, r, int(least)) != 0:
         raise MemoryError("selection kernel failed to allocate its buffers")
     return src, dst
 
@@ -61,7 +63,7 @@ def _adjacent(feat: torch.Tensor, cls_index: torch.Tensor, w_protect: int, r: in
     return src, dst
 
 
-_SPREAD = register("select_spread", _spread, lambda feat, cls_index, score, width, reach, r: _outputs(feat, r))
+_MAME = register("select_mame", _mame, lambda feat, cls_index, score, width, reach, r, least: _outputs(feat, r))
 _BIPARTITE = register("select_bipartite", _bipartite, lambda feat, protected, penalty, r: _outputs(feat, r))
 _ADJACENT = register("select_adjacent", _adjacent,
                      lambda feat, cls_index, w_protect, r, fading, gamma: _outputs(feat, r))
@@ -81,14 +83,15 @@ def can_select(feat: torch.Tensor) -> bool:
     return handles(feat) and _gemm_found(feat.dtype)
 
 
-def select_spread(feat, cls_index, score, width: int, reach: int, r: int) -> Pair:
+def select_mame(feat, cls_index, score, width: int, reach: int, r: int, least: bool = False) -> Pair:
     """MaMe's sources and match in one call. The tokens outside the class token's window of `width`
-    (cls_index (B,) long, or None: no class token) are cut into r equal runs, and of each the first
-    (score None: matching.uniform_sources) or the lowest-scoring (score (B, L): spread_sources) leaves;
-    each joins its most cosine-similar token that neither leaves nor lies in the window (most_similar
-    without a cap): within `reach` positions where one such token is (match="window"), anywhere with
-    reach 0. feat (B, L, D)."""
-    return dispatch(_SPREAD, _spread, (feat, cls_index, score, int(width), int(reach), int(r)))
+    (cls_index (B,) long, or None: no class token) give r sources: with `least` the r lowest-scoring
+    (score (B, L), lowest first, as MaMe's least_delta, most_delta and random sources rank theirs); else
+    they are cut into r equal runs and of each the first (score None: matching.uniform_sources) or the
+    lowest-scoring (spread_sources) leaves. Each joins its most cosine-similar token that neither leaves
+    nor lies in the window (most_similar without a cap): within `reach` positions where one such token is
+    (match="window"), anywhere with reach 0. feat (B, L, D)."""
+    return dispatch(_MAME, _mame, (feat, cls_index, score, int(width), int(reach), int(r), bool(least)))
 
 
 def select_bipartite(feat, protected, penalty, r: int) -> Pair:
