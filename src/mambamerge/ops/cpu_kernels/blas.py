@@ -40,3 +40,9 @@ def gemm_address(dtype: torch.dtype = torch.float32) -> Optional[int]:
                    int_p, scalar_p, scalar_p, int_p]
     fn.restype = None
     return ctypes.cast(fn, ctypes.c_void_p).value if _trial(fn, scalar) else None
+
+
+@torch.compiler.assume_constant_result
+def gemm_found(dtype: torch.dtype = torch.float32) -> bool:
+    """torch exports a working gemm_ for dtype. A constant for torch.compile, which calls it once while tracing."""
+    return gemm_address(dtype) is not None

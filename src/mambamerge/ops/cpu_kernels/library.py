@@ -133,6 +133,11 @@ def unavailable_reason() -> Optional[str]:
     return loaded().error
 
 
+def address(t: Optional[torch.Tensor]) -> int:
+    """A tensor's data address for a kernel argument, 0 (a null pointer) for None."""
+    return 0 if t is None else t.data_ptr()
+
+
 def call(name: str, dtype: Optional[torch.dtype], *args) -> int:
     """Runs entry point `name` (of ENTRY_POINTS; its `dtype` version when it has one per dtype, with the
     thread count and the OpenMP launcher added) on args; returns its status."""

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import torch
 
 from mambamerge.dtypes import cast
-from mambamerge.ops.cpu_kernels.library import available, call, handles
+from mambamerge.ops.cpu_kernels.library import address, available, call, handles
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
 
@@ -20,7 +20,7 @@ def _apply(hidden: torch.Tensor, residual: Optional[torch.Tensor], size: torch.T
     index = [t.contiguous() for t in (rep, assign, movers, targets)]
     weight = cast(weight, hidden.dtype).contiguous()
     size = size.contiguous()
-    status = call("mm_merge_apply", hidden.dtype, *(None if t is None else t.data_ptr() for t in streams),
+    status = call("mm_merge_apply", hidden.dtype, *(address(t) for t in streams),
                   *(t.data_ptr() for t in (*index, weight, size, out, size_out)), batch, length, new_length, m,
                   channels, int(mean))
     if status != 0:
@@ -39,7 +39,7 @@ def _plan(src: torch.Tensor, dst: Optional[torch.Tensor], length: int) -> Tuple[
     assign = src.new_empty(batch, length)
     src = src.contiguous()
     dst = None if dst is None else dst.contiguous()
-    status = call("mm_plan_from_selection", None, src.data_ptr(), None if dst is None else dst.data_ptr(),
+    status = call("mm_plan_from_selection", None, src.data_ptr(), address(dst),
                   rep.data_ptr(), assign.data_ptr(), batch, length, r)
     if status != 0:
         raise ValueError("plan_from_selection: src must hold distinct tokens of the sequence and dst survivors")

@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import torch
 
-from mambamerge.ops.cpu_kernels.blas import gemm_address
-from mambamerge.ops.cpu_kernels.library import available, call, loaded
+from mambamerge.ops.cpu_kernels.blas import gemm_address, gemm_found
+from mambamerge.ops.cpu_kernels.library import address, available, call, loaded
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
 BRANCH_PARAMS = 6  # conv1d weight, conv1d bias, x_proj weight, dt_proj weight, dt_proj bias, D
@@ -34,10 +34,6 @@ def _outputs_like(hidden, norm, out_proj, branches, stats):
     return out
 
 
-def _address(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], norm: Optional[torch.Tensor], eps: float,
              in_proj: torch.Tensor, out_proj: torch.Tensor, branches: List[torch.Tensor], branch_reverse: List[bool],
              a_logs: List[torch.Tensor], scan_branch: List[int], scan_reverse: List[bool], halve: bool,
@@ -51,13 +47,13 @@ def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], norm: Optio
     new_residual = None if norm is None else outputs[1]
     first_stat = 1 if norm is None else 2
     # the fields of MixerProblem in kernels.cpp, in order
-    words = [hidden.data_ptr(), _address(residual), _address(norm), _address(new_residual), in_proj.data_ptr(),
+    words = [hidden.data_ptr(), address(residual), address(norm), address(new_residual), in_proj.data_ptr(),
              out_proj.data_ptr(), outputs[0].data_ptr(), batch, length, hidden.shape[2], d_inner, d_state, dt_rank,
              branches[0].shape[-1], len(branch_reverse), len(scan_branch), int(halve)]
     for i, reverse in enumerate(branch_reverse):
         written = outputs[first_stat + 3 * i:first_stat + 3 * (i + 1)] if stats else (None, None, None)
         words += [t.data_ptr() for t in branches[i * BRANCH_PARAMS:(i + 1) * BRANCH_PARAMS]]
-        words += [int(reverse), *(_address(t) for t in written)]
+        words += [int(reverse), *(address(t) for t in written)]
     words += [0] * (BRANCH_PARAMS + 4) * (_SLOTS - len(branch_reverse))
     for a_log, branch, reverse in zip(a_logs, scan_branch, scan_reverse):
         words += [a_log.data_ptr(), branch, int(reverse)]

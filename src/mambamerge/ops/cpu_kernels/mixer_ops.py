@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 from mambamerge.dtypes import cast
-from mambamerge.ops.cpu_kernels.library import call
+from mambamerge.ops.cpu_kernels.library import address, call
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
 
@@ -50,7 +50,7 @@ def _gate(y: torch.Tensor, y2: Optional[torch.Tensor], z: torch.Tensor, halve: b
     out = y.new_empty(y.shape)
     if out.numel() == 0:
         return out
-    status = call("mm_gate", y.dtype, y.data_ptr(), None if y2 is None else y2.data_ptr(), z.data_ptr(),
+    status = call("mm_gate", y.dtype, y.data_ptr(), address(y2), z.data_ptr(),
                   out.data_ptr(), y.shape[0] * y.shape[1], y.shape[2], z.stride(1), int(halve))
     if status != 0:
         raise MemoryError("gate kernel failed: a worker thread could not run")

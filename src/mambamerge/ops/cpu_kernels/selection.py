@@ -7,15 +7,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from mambamerge.ops.cpu_kernels.blas import gemm_address
-from mambamerge.ops.cpu_kernels.library import call, handles
+from mambamerge.ops.cpu_kernels.blas import gemm_address, gemm_found
+from mambamerge.ops.cpu_kernels.library import address, call, handles
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
-
-
-def _address(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
 
 
 def _outputs(feat: torch.Tensor, r: int) -> Pair:
@@ -31,7 +27,7 @@ def _mame(feat: torch.Tensor, cls_index: Optional[torch.Tensor], score: Optional
         raise ValueError("select_mame: the r least-scoring sources need a score")
     src, dst = _outputs(feat, r)
     batch, length, dim = feat.shape
-    if call("mm_select_mame", feat.dtype, feat.data_ptr(), _address(cls_index), _address(score), src.data_ptr(),
+    if call("mm_select_mame", feat.dtype, feat.data_ptr(), address(cls_index), address(score), src.data_ptr(),
             dst.data_ptr(), gemm_address(feat.dtype), batch, length, dim, width, reach, r, int(least)) != 0:
         raise MemoryError("selection kernel failed to allocate its buffers")
     return src, dst
@@ -42,7 +38,7 @@ def _bipartite(feat: torch.Tensor, protected: torch.Tensor, penalty: Optional[to
     penalty = None if penalty is None else penalty.to(feat.dtype).contiguous()
     src, dst = _outputs(feat, r)
     batch, length, dim = feat.shape
-    if call("mm_select_bipartite", feat.dtype, feat.data_ptr(), protected.data_ptr(), _address(penalty),
+    if call("mm_select_bipartite", feat.dtype, feat.data_ptr(), protected.data_ptr(), address(penalty),
             src.data_ptr(), dst.data_ptr(), gemm_address(feat.dtype), batch, length, dim, r) != 0:
         raise MemoryError("selection kernel failed to allocate its buffers")
     return src, dst
@@ -69,18 +65,12 @@ _ADJACENT = register("select_adjacent", _adjacent,
                      lambda feat, cls_index, w_protect, r, fading, gamma: _outputs(feat, r))
 
 
-@torch.compiler.assume_constant_result
-def _gemm_found(dtype: torch.dtype) -> bool:
-    """torch exports a working gemm_ for dtype. A constant for torch.compile, which calls it once while tracing."""
-    return gemm_address(dtype) is not None
-
-
 def can_select(feat: torch.Tensor) -> bool:
     """True when the selection kernels take the features feat (B, L, D): CPU float32/float64 that need no
     gradient (training keeps the torch path), the library loaded and torch's gemm_ for the dtype found."""
     if torch.is_grad_enabled() and feat.requires_grad:
         return False
-    return handles(feat) and _gemm_found(feat.dtype)
+    return handles(feat) and gemm_found(feat.dtype)
 
 
 def select_mame(feat, cls_index, score, width: int, reach: int, r: int, least: bool = False) -> Pair:

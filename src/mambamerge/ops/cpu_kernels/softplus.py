@@ -3,7 +3,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mambamerge.ops.cpu_kernels.library import SUFFIX, available, call, unavailable_reason
+from mambamerge.ops.cpu_kernels.library import SUFFIX, address, available, call, unavailable_reason
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
 
@@ -15,7 +15,7 @@ def _run(x: torch.Tensor, row_mean: bool) -> Tuple[torch.Tensor, Optional[torch.
     if x.numel() == 0:
         return y, (y.mean(-1) if row_mean else None)
     mean = x.new_empty(x.shape[:-1]) if row_mean else None
-    status = call("mm_softplus", x.dtype, x.data_ptr(), y.data_ptr(), None if mean is None else mean.data_ptr(),
+    status = call("mm_softplus", x.dtype, x.data_ptr(), y.data_ptr(), address(mean),
                   x.numel() // x.shape[-1], x.shape[-1])
     if status != 0:
         raise MemoryError("softplus kernel failed: a worker thread could not run")
