@@ -859,13 +859,16 @@ int select_mame(const T* feat, const int64_t* cls, const float* score, int64_t* 
       for (int64_t rank = 0; rank < n; ++rank) eligible[rank] = key[token(rank)];
       top_k(eligible.data(), n, r, s, true);
       for (int64_t k = 0; k < r; ++k) s[k] = token(s[k]);
-    }
-    for (int64_t k = 0; k < r; ++k) {  // eligible token k' is in run floor(k' r / n): run k starts at ceil(k n / r)
-      const int64_t first = (k * n + r - 1) / r, end = ((k + 1) * n + r - 1) / r;
-      if (!least) s[k] = token(first);
-      for (int64_t rank = first + 1; key && !least && rank < end; ++rank) {
-        if (ranks_above(key[s[k]], key[token(rank)])) s[k] = token(rank);  // lower, or a number after a NaN
+    } else {
+      for (int64_t k = 0; k < r; ++k) {  // eligible token k' is in run floor(k' r / n): run k starts at ceil(k n / r)
+        const int64_t first = (k * n + r - 1) / r, end = ((k + 1) * n + r - 1) / r;
+        s[k] = token(first);
+        for (int64_t rank = first + 1; key && rank < end; ++rank) {
+          if (ranks_above(key[s[k]], key[token(rank)])) s[k] = token(rank);  // lower, or a number after a NaN
+        }
       }
+    }
+    for (int64_t k = 0; k < r; ++k) {
       allowed[s[k]] = 0;
       std::copy(x + s[k] * dim, x + (s[k] + 1) * dim, rows + k * dim);
     }
