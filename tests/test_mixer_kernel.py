@@ -87,10 +87,11 @@ def test_the_kernel_runs_only_for_float32_cpu_inference(monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_do_not_change_the_result(threads, keep_torch_threads):
+@pytest.mark.parametrize("batch, length", [(2, 37), (1, 5)])  # sgemm_'s projections; the few-rows kernel's
+def test_threads_do_not_change_the_result(threads, batch, length, keep_torch_threads):
     torch.manual_seed(0)
-    block = perturb_(Block(48, d_state=8)).eval()
-    hidden, residual = torch.randn(2, 37, 48), torch.randn(2, 37, 48)
+    block = perturb_(Block(80, d_state=8)).eval()  # in_proj's 320 rows: five tasks of the few-rows kernel
+    hidden, residual = torch.randn(batch, length, 80), torch.randn(batch, length, 80)
     torch.set_num_threads(1)
     one = block_outputs(block, hidden, residual, "auto")
     torch.set_num_threads(threads)

@@ -617,10 +617,87 @@ void gemm_nt(Gemm<T> gemm, const T* x, int64_t ldx, const T* w, int64_t ldw, T* 
   gemm("T", "N", &m_, &n_, &k_, &one, w, &lda, x, &ldb, &zero, y, &ldc);
 }
 
-// gemm_nt with w an nn.Linear weight (n, k), rows k apart.
-inline void linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
-                   int64_t n, int64_t k) {
+#if defined(__AVX512F__)
+// A projection of at most kFewRows rows (a block of a merged model at batch 1 holds a few tokens) is bound
+// by reading its weight, which a forward's blocks evict from the caches: sgemm_ reads a cold 768 x 192
+// weight at 6-7 GB/s for one or two rows, few_rows reads it front to back, one row after the other, as
+// the hardware prefetcher streams it (18 GB/s; four rows read side by side got 10-13 GB/s).
+constexpr int64_t kFewRows = 12;
+constexpr int64_t kFewTask = 64;  // weight rows a task of few_rows takes
+
+// The lane sums of v[0..3], in order: halves added, then two rounds of pairwise horizontal adds (a third of
+// the instructions of four full reductions, which would cost as much as a 192-long dot product).
+inline __m128 sums_of_4(const __m512* v) {
+  __m256 h[4];
+  for (int i = 0; i < 4; ++i)
+    h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[i]), 1)));
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// y[a][b] = x[a] . w[b] for MR rows of x (ldx apart) and NR rows of w (k apart, read one after the other),
+// k masked in 16-lane steps, written to y (rows ldy apart).
+template <int MR, int NR>
+void few_tile(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int b = 0; b < NR; ++b) {
+    for (int a = 0; a < MR; ++a) acc[a][b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 16) {
+      const __mmask16 mask = k - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - c)) - 1);
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + b * k + c);
+      for (int a = 0; a < MR; ++a)
+        acc[a][b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + a * ldx + c), wv, acc[a][b]);
+    }
+  }
+  for (int a = 0; a < MR; ++a) {
+    if constexpr (NR == 4) {
+      _mm_storeu_ps(y + a * ldy, sums_of_4(acc[a]));
+    } else {
+      for (int b = 0; b < NR; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(acc[a][b]);
+    }
+  }
+}
+
+// few_tile for all `rows` (<= 4) rows of x against NR rows of w.
+template <int NR>
+void few_tiles(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy, int64_t rows) {
+  switch (rows) {
+    case 4: return few_tile<4, NR>(x, ldx, w, k, y, ldy);
+    case 3: return few_tile<3, NR>(x, ldx, w, k, y, ldy);
+    case 2: return few_tile<2, NR>(x, ldx, w, k, y, ldy);
+    default: return few_tile<1, NR>(x, ldx, w, k, y, ldy);
+  }
+}
+
+// y = x w^T (as gemm_nt, w's rows k apart) for rows <= kFewRows, in tasks of kFewTask rows of w: 4 rows of
+// w against up to 4 of x at a time, so each weight row is read from memory once and x stays in L1.
+int few_rows(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t n,
+             int64_t k, int num_threads, ParallelLauncher launcher) {
+  return run_tasks<float>((n + kFewTask - 1) / kFewTask, num_threads, launcher, 0, [&](int64_t task, float*) {
+    const int64_t end = std::min(n, (task + 1) * kFewTask);
+    for (int64_t j = task * kFewTask; j < end; j += 4) {
+      for (int64_t i = 0; i < rows; i += 4) {
+        const int64_t m = std::min<int64_t>(4, rows - i);
+        if (end - j >= 4) {
+          few_tiles<4>(x + i * ldx, ldx, w + j * k, k, y + i * ldy + j, ldy, m);
+        } else {
+          for (int64_t b = j; b < end; ++b) few_tiles<1>(x + i * ldx, ldx, w + b * k, k, y + i * ldy + b, ldy, m);
+        }
+      }
+    }
+  });
+}
+#endif
+
+// gemm_nt with w an nn.Linear weight (n, k), rows k apart: a few rows on few_rows where AVX-512 is built in,
+// else on sgemm_. Returns 0, or 1 if a worker thread failed.
+inline int linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
+                  int64_t n, int64_t k, int num_threads, ParallelLauncher launcher) {
+#if defined(__AVX512F__)
+  if (rows <= kFewRows) return few_rows(x, ldx, w, y, ldy, rows, n, k, num_threads, launcher);
+#endif
   gemm_nt(sgemm, x, ldx, w, k, y, ldy, rows, n, k);
+  return 0;
 }
 
 struct MixerBranch {
@@ -710,7 +787,7 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
     input = normed;
   }
   float* xz = take(rows * 2 * d);
-  linear(sgemm, input, p.d_model, p.in_proj, xz, 2 * d, rows, 2 * d, p.d_model);
+  status |= linear(sgemm, input, p.d_model, p.in_proj, xz, 2 * d, rows, 2 * d, p.d_model, num_threads, launcher);
   float* u[2];
   float* delta[2];
   float* dbc[2];
@@ -726,8 +803,8 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
     dbc[i] = br.dbc ? br.dbc : dbc_scratch;
     status |= conv_silu<float>(xz, w, br.conv_bias, u[i], p.batch, p.length, d, 2 * d, K, br.reverse != 0,
                                num_threads, launcher);
-    linear(sgemm, u[i], d, br.x_proj, dbc[i], W, rows, W, d);
-    linear(sgemm, dbc[i], W, br.dt_proj, delta[i], d, rows, d, R);
+    status |= linear(sgemm, u[i], d, br.x_proj, dbc[i], W, rows, W, d, num_threads, launcher);
+    status |= linear(sgemm, dbc[i], W, br.dt_proj, delta[i], d, rows, d, R, num_threads, launcher);
     status |= softplus<float>(delta[i], br.dt_bias, delta[i], br.delta_mean, rows, d, num_threads, launcher);
   }
   float* y[2] = {nullptr, nullptr};
@@ -746,7 +823,7 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
   }
   float* gated = take(rows * d);
   status |= gate<float>(y[0], y[1], xz + d, gated, rows, d, 2 * d, p.halve != 0, num_threads, launcher);
-  linear(sgemm, gated, d, p.out_proj, p.out, p.d_model, rows, p.d_model, d);
+  status |= linear(sgemm, gated, d, p.out_proj, p.out, p.d_model, rows, p.d_model, d, num_threads, launcher);
   return status;
 }
 
