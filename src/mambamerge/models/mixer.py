@@ -159,6 +159,11 @@ class TorchPath:
         return inputs.delta.transpose(1, 2), inputs.B.transpose(1, 2), inputs.delta_mean
 
 
+# per variant, what a whole-mixer kernel call says of it besides its weights: its branches' directions,
+# its scans' branches and its scans' directions
+_KERNEL_LAYOUT = {name: ([b.reverse for b in v.branches], [s.branch for s in v.scans], [s.reverse for s in v.scans])
+                  for name, v in MIXER_VARIANTS.items()}
+
 # the kernel paths, in the order "auto" tries them: (path, its kernels or None, why they cannot run a call)
 _KERNEL_PATHS = {"fused": (FusedPath, fused_kernels, unsupported_reason),
                  "triton": (TritonPath, triton_kernels, triton_unsupported_reason)}
@@ -288,28 +293,29 @@ class MambaMixer(nn.Module):
     def kernel_takes(self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
         """The call runs as one call of the whole-mixer CPU kernel (scan_impl "auto"; float32 inference on CPU
         outside autocast; the residual, if any, float32 too)."""
-        return (self.scan_impl == "auto" and hidden.device.type == "cpu" and hidden.dtype == torch.float32
-                and self.in_proj.weight.dtype == torch.float32 and (residual is None or residual.dtype == torch.float32)
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and cpu_kernels.mixer_available())
+        # cheapest first, and the registry read directly (nn.Module's __getattr__ costs ~0.8 us a name)
+        return (self.scan_impl == "auto" and not torch.is_grad_enabled() and hidden.dtype == torch.float32
+                and hidden.is_cpu and (residual is None or residual.dtype == torch.float32)
+                and self._modules["in_proj"]._parameters["weight"].dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and cpu_kernels.mixer_available())
 
     def kernel_forward(self, hidden: torch.Tensor, return_ssm: bool, residual: Optional[torch.Tensor] = None,
                        norm: Optional[nn.Module] = None):
         """forward as one call of the whole-mixer CPU kernel (where kernel_takes): out, plus SSMStats when
         return_ssm. With norm (the block's float32 RMSNorm), after the block's residual add and norm:
         out, the new residual, plus SSMStats when return_ssm."""
-        # the registries read directly: nn.Module's __getattr__ costs ~0.4 us a name, 20 names a call
         spec, modules, own = self.spec, self._modules, self._parameters
         params = []
         for b in spec.branches:
             conv, dt_proj = modules["conv1d" + b.suffix]._parameters, modules["dt_proj" + b.suffix]._parameters
             params += [conv["weight"], conv["bias"], modules["x_proj" + b.suffix]._parameters["weight"],
                        dt_proj["weight"], dt_proj["bias"], own["D" + b.suffix]]
+        branch_reverse, scan_branch, scan_reverse = _KERNEL_LAYOUT[self.variant]
         out, *rest = cpu_kernels.mixer_forward(
-            hidden, residual, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+            hidden, residual, None if norm is None else norm._parameters["weight"], 0.0 if norm is None else norm.eps,
             modules["in_proj"]._parameters["weight"], modules["out_proj"]._parameters["weight"], params,
-            [b.reverse for b in spec.branches], [own[s.a_log] for s in spec.scans], [s.branch for s in spec.scans],
-            [s.reverse for s in spec.scans], self.divide_out and len(spec.scans) == 2, return_ssm)
+            branch_reverse, [own[s.a_log] for s in spec.scans], scan_branch, scan_reverse,
+            self.divide_out and len(spec.scans) == 2, return_ssm)
         head = (out,) if norm is None else (out, rest.pop(0))
         if not return_ssm:
             return head[0] if norm is None else head

@@ -14,20 +14,13 @@ BRANCH_PARAMS = 6  # conv1d weight, conv1d bias, x_proj weight, dt_proj weight, 
 _SLOTS = 2  # branches and scans a call describes (unused ones zeroed)
 
 
-def _sizes(hidden: torch.Tensor, branches: List[torch.Tensor]):
-    """batch, L, d_inner, dt_rank, d_state and x_proj's output width of a call."""
-    batch, length, _ = hidden.shape
-    d_inner, dt_rank = branches[3].shape
-    width = branches[2].shape[0]  # dt_rank + 2 d_state
-    return batch, length, d_inner, dt_rank, (width - dt_rank) // 2, width
-
-
 def _outputs_like(hidden, norm, out_proj, branches, stats):
-    batch, length, d_inner, _, _, width = _sizes(hidden, branches)
+    batch, length, d_model = hidden.shape
     out = [hidden.new_empty(batch, length, out_proj.shape[0])]
     if norm is not None:
-        out.append(hidden.new_empty(hidden.shape))
+        out.append(hidden.new_empty(batch, length, d_model))
     if stats:
+        d_inner, width = branches[3].shape[0], branches[2].shape[0]  # dt_proj (d_inner, R), x_proj (R + 2N, d)
         for _ in range(len(branches) // BRANCH_PARAMS):
             out += [hidden.new_empty(batch, length, d_inner), hidden.new_empty(batch, length, width),
                     hidden.new_empty(batch, length)]
@@ -38,22 +31,24 @@ def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], norm: Optio
              in_proj: torch.Tensor, out_proj: torch.Tensor, branches: List[torch.Tensor], branch_reverse: List[bool],
              a_logs: List[torch.Tensor], scan_branch: List[int], scan_reverse: List[bool], halve: bool,
              stats: bool) -> List[torch.Tensor]:
-    hidden, in_proj, out_proj = (t.contiguous() for t in (hidden, in_proj, out_proj))
-    residual, norm = (None if t is None else t.contiguous() for t in (residual, norm))
-    branches = [t.contiguous() for t in branches]
-    a_logs = [t.contiguous() for t in a_logs]
-    batch, length, d_inner, dt_rank, d_state, _ = _sizes(hidden, branches)
+    hidden, in_proj, out_proj = hidden.contiguous(), in_proj.contiguous(), out_proj.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    norm = None if norm is None else norm.contiguous()
+    branches, a_logs = [t.contiguous() for t in branches], [t.contiguous() for t in a_logs]
+    batch, length, d_model = hidden.shape
+    d_inner, dt_rank = branches[3].shape
     outputs = _outputs_like(hidden, norm, out_proj, branches, stats)
-    new_residual = None if norm is None else outputs[1]
     first_stat = 1 if norm is None else 2
     # the fields of MixerProblem in kernels.cpp, in order
-    words = [hidden.data_ptr(), address(residual), address(norm), address(new_residual), in_proj.data_ptr(),
-             out_proj.data_ptr(), outputs[0].data_ptr(), batch, length, hidden.shape[2], d_inner, d_state, dt_rank,
-             branches[0].shape[-1], len(branch_reverse), len(scan_branch), int(halve)]
+    words = [hidden.data_ptr(), address(residual), address(norm), 0 if norm is None else outputs[1].data_ptr(),
+             in_proj.data_ptr(), out_proj.data_ptr(), outputs[0].data_ptr(), batch, length, d_model, d_inner,
+             (branches[2].shape[0] - dt_rank) // 2, dt_rank, branches[0].shape[-1], len(branch_reverse),
+             len(scan_branch), int(halve)]
     for i, reverse in enumerate(branch_reverse):
-        written = outputs[first_stat + 3 * i:first_stat + 3 * (i + 1)] if stats else (None, None, None)
         words += [t.data_ptr() for t in branches[i * BRANCH_PARAMS:(i + 1) * BRANCH_PARAMS]]
-        words += [int(reverse), *(address(t) for t in written)]
+        words.append(int(reverse))
+        words += ([t.data_ptr() for t in outputs[first_stat + 3 * i:first_stat + 3 * (i + 1)]] if stats
+                  else [0, 0, 0])
     words += [0] * (BRANCH_PARAMS + 4) * (_SLOTS - len(branch_reverse))
     for a_log, branch, reverse in zip(a_logs, scan_branch, scan_reverse):
         words += [a_log.data_ptr(), branch, int(reverse)]
