@@ -622,7 +622,11 @@ void gemm_nt(Gemm<T> gemm, const T* x, int64_t ldx, const T* w, int64_t ldw, T* 
 // by reading its weight, which a forward's blocks evict from the caches: sgemm_ reads a cold 768 x 192
 // weight at 6-7 GB/s for one or two rows, few_rows reads it front to back, one row after the other, as
 // the hardware prefetcher streams it (18 GB/s; four rows read side by side got 10-13 GB/s).
+// A weight of fewer than kLargeWeight values stays in cache in a forward (the demo model's), where sgemm_ is
+// as fast from 8 rows up: few_rows takes at most kFewRowsSmall rows of it, else up to kFewRows.
 constexpr int64_t kFewRows = 12;
+constexpr int64_t kFewRowsSmall = 4;
+constexpr int64_t kLargeWeight = 65536;
 constexpr int64_t kFewTask = 64;  // weight rows a task of few_rows takes
 
 // The lane sums of v[0..3], in order: halves added, then two rounds of pairwise horizontal adds (a third of
@@ -694,7 +698,8 @@ int few_rows(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
 inline int linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
                   int64_t n, int64_t k, int num_threads, ParallelLauncher launcher) {
 #if defined(__AVX512F__)
-  if (rows <= kFewRows) return few_rows(x, ldx, w, y, ldy, rows, n, k, num_threads, launcher);
+  if (rows <= kFewRowsSmall || (rows <= kFewRows && n * k >= kLargeWeight))
+    return few_rows(x, ldx, w, y, ldy, rows, n, k, num_threads, launcher);
 #endif
   gemm_nt(sgemm, x, ldx, w, k, y, ldy, rows, n, k);
   return 0;
