@@ -1,8 +1,8 @@
 """The whole-mixer kernel's projections of a few rows on its own few_rows loop against sgemm_: the kernel
 library built twice from this source, as it is and with kFewRows = kFewRowsSmall = 0 (every projection
 on sgemm_), both loaded in one process; every block of a model at a few lengths (so that their weights
-come from memory as in a forward), then merged forwards, timed interleaved, with the ratio few_rows /
-sgemm_.
+come from memory as in a forward), then merged forwards (whose logits the two builds must agree on),
+timed interleaved, with the ratio few_rows / sgemm_.
 
 Run: .venv/bin/python benchmarks/few_rows.py [--models vim_tiny vim_nano] [--lengths 1 2 4 8 12 16]
      [--methods mame tome] [--reductions 0.5 0.8] [--batch 1] [--runs 15] [--threads 1]
@@ -87,6 +87,12 @@ def main(argv=None):
                 for method in args.methods:
                     for reduction in args.reductions:
                         mambamerge.patch(model, method, reduction=reduction)
+                        logits = {}
+                        for k, lib in libs.items():
+                            on(lib, lambda: logits.__setitem__(k, model(images)))()
+                        gap = (logits["few_rows"] - logits["sgemm_"]).abs().max().item()
+                        if not gap <= 1e-4 * max(1.0, logits["sgemm_"].abs().max().item()):
+                            raise SystemExit(f"{name} {method} {reduction:.0%}: the two builds' logits differ by {gap}")
                         ms = {k: 1e3 * v for k, v in time_interleaved(
                             {k: on(lib, lambda: model(images)) for k, lib in libs.items()}, runs=args.runs).items()}
                         mambamerge.unpatch(model)
