@@ -69,15 +69,15 @@ def forward_with(model, reducer, images, forward=None):
 
 
 def merge_seconds(model, reducer, images, runs):
-    """(median seconds per forward spent in reducer.step, steps per forward), timed eagerly by wrapping
-    the bound method."""
+    """(median seconds per forward spent in reducer.step, steps that remove tokens per forward), timed
+    eagerly by wrapping the bound method."""
     step, spent, calls, per_forward = reducer.step, [0.0], [0], []
 
-    def timed(*args):
+    def timed(block, *args):
         start = time.perf_counter()
-        out = step(*args)
+        out = step(block, *args)
         spent[0] += time.perf_counter() - start
-        calls[0] += 1
+        calls[0] += reducer.removal_after(block) > 0  # a step that removes tokens (the others return at once)
         return out
 
     reducer.step = timed

@@ -3,6 +3,8 @@ cost of a reduction step (its figures are measurements, recorded in docs/perform
 import re
 
 import torch
+
+import mambamerge
 from conftest import benchmark
 
 
@@ -23,3 +25,12 @@ def test_bench_prints_one_table_per_model_batch_and_method_with_the_step_cost(ca
         assert abs(float(ratio) - float(measured) / float(ideal)) < 0.011  # printed to two decimals
         assert 0 < float(step_ms) <= float(merge_ms)
     assert out.count("vim_nano batch") == 2 + 4  # table headers and the goal lines
+
+
+def test_the_step_cost_counts_only_the_steps_that_remove_tokens():
+    torch.manual_seed(0)
+    model = mambamerge.create_model("vim_pico", depth=6).eval()
+    reducer = mambamerge.patch(model, "mame", schedule=[0, 3, 0, 3, 0, 0]).token_reducer
+    images = torch.randn(1, *model.input_shape)
+    seconds, steps = benchmark("merge").merge_seconds(model, reducer, images, runs=1)
+    assert steps == 2 and seconds > 0  # six calls of reducer.step, two of them merging

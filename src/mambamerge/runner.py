@@ -40,18 +40,15 @@ def run_blocks(layers: Sequence[nn.Module], tokens: torch.Tensor, layout: TokenL
             hidden, residual = block(hidden, residual)
         return BlockOutput(hidden, residual, layout.cls_index)
     state = TokenState.start(tokens, layout, track_source=reducer.track_source)
-    hidden, residual = state.hidden, state.residual
     for i, block in enumerate(layers):
         if reducer.wants_ssm(i):
-            hidden, residual, ssm = block(hidden, residual, return_ssm=True)
+            hidden, residual, ssm = block(state.hidden, state.residual, return_ssm=True)
         else:
-            (hidden, residual), ssm = block(hidden, residual), None
-        if reducer.removal_after(i):  # (the state is only rebuilt where a step changes it)
+            (hidden, residual), ssm = block(state.hidden, state.residual), None
+        if reducer.removal_after(i):
             hidden = layers[i + 1].drop_path(hidden)
-            state = reducer.step(i, state.with_streams(hidden, residual), ssm)
-            hidden, residual = state.hidden, state.residual
-    state = state.with_streams(hidden, residual)
-    return BlockOutput(hidden, residual, state.cls_index, state)
+        state = reducer.step(i, state.with_streams(hidden, residual), ssm)
+    return BlockOutput(state.hidden, state.residual, state.cls_index, state)
 
 
 def class_feature(features: torch.Tensor, cls_index: Union[int, torch.Tensor]) -> torch.Tensor:
