@@ -86,6 +86,22 @@ def test_compile_captures_one_graph_that_calls_the_kernels_and_matches_eager(met
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not cpu_kernels.bf16_mixer_available(), reason="torch exports no bf16 gemm")
+def test_compile_under_bf16_autocast_captures_the_kernel_with_bf16_products():
+    torch._dynamo.reset()
+    model = make_model("mame", {})
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    recorder = GraphRecorder()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(images)
+        got = torch.compile(model, backend=recorder, fullgraph=True)(images)
+    calls = [node for gm in recorder.graphs for node in gm.graph.nodes
+             if str(node.target).removesuffix(".default") == "mambamerge.mixer_forward"]
+    assert len(recorder.graphs) == 1 and len(calls) == 2
+    assert all(node.args[-1] is True for node in calls)  # bf16 products
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @needs_compiled
 def test_compiled_training_step_of_a_merging_model_has_the_eager_gradients():
     """AOTAutograd traces the registered backward of the scan and softplus ops, and the differentiable

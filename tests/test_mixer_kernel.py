@@ -1,6 +1,9 @@
 """The whole-mixer kernel (one call per block: residual add, RMSNorm, mixer) against the torch path
 with the reference scan (the independent reference): outputs, new residual and SSMStats for every
-mixer variant and shape; and the block choosing it only for float32 CPU inference."""
+mixer variant and shape, its bf16 products against that path on bf16-rounded projection inputs and
+weights; and the block choosing it only for float32 CPU inference, outside autocast or under bf16's."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +13,7 @@ import mambamerge
 from mambamerge.models.blocks import Block
 from mambamerge.models.mixer import MIXER_VARIANTS
 from mambamerge.ops import cpu_kernels
+from mambamerge.ops.cpu_kernels.build import _cpu_flags
 
 from conftest import perturb_
 
@@ -76,6 +80,8 @@ def test_the_kernel_runs_only_for_float32_cpu_inference(monkeypatch):
     with torch.no_grad():
         assert kernel_calls(lambda: model(images)) == 3  # one per block
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernel_calls(lambda: model(images)) == (3 if cpu_kernels.bf16_mixer_available() else 0)
+        with torch.autocast("cpu", dtype=torch.float16):
             assert kernel_calls(lambda: model(images)) == 0
         assert kernel_calls(lambda: model.set_scan_impl("compiled")(images)) == 0
         model.set_scan_impl("auto").train()  # stochastic depth on in the last block: the torch path draws it
@@ -97,3 +103,54 @@ def test_threads_do_not_change_the_result(threads, batch, length, keep_torch_thr
     torch.set_num_threads(threads)
     for a, b in zip(block_outputs(block, hidden, residual, "auto"), one):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _rounded_products(block):
+    """A copy of block whose in_proj, x_proj and out_proj take weights and inputs rounded to bf16, their
+    products in float32: what the kernel's bf16 products compute, on the torch path."""
+    block = copy.deepcopy(block)
+    mixer = block.mixer
+    for name, module in mixer.named_children():
+        if name == "in_proj" or name == "out_proj" or name.startswith("x_proj"):
+            module.weight.data = module.weight.data.bfloat16().float()
+            module.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
+    return block
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_kernels.bf16_mixer_available(), reason="torch exports no bf16 gemm")
+
+
+@needs_bf16
+@pytest.mark.parametrize("variant", sorted(MIXER_VARIANTS))
+@pytest.mark.parametrize("first", [True, False])
+def test_bf16_products_are_the_torch_paths_on_rounded_inputs(variant, first):
+    torch.manual_seed(0)
+    block = perturb_(Block(48, d_state=8, variant=variant)).eval()
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 23, 48, generator=gen)  # 46 rows: past the few rows that stay float32
+    residual = None if first else torch.randn(2, 23, 48, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block_outputs(block, hidden, residual, "auto")
+    rounded = block_outputs(_rounded_products(block), hidden, residual, "reference")
+    float32 = block_outputs(block, hidden, residual, "reference")
+    assert all(t.dtype == torch.float32 for t in got)
+    for name, g, r, f in zip(["hidden", "residual", *mambamerge.tokens.SSMStats._fields], got, rounded, float32):
+        # an input the two round from float32 values a few ulp apart can land on neighbouring bf16 values:
+        # the median difference tells the products apart, the largest bounds those rare flips
+        scale = f.abs().max()
+        assert (g - r).abs().median() <= 1e-5 * scale, name
+        assert (g - r).abs().max() <= 3e-3 * scale, name
+        if name == "hidden":
+            assert (g - f).abs().median() > 10 * (g - r).abs().median(), "the products were not rounded"
+
+
+@needs_bf16
+@pytest.mark.skipif("avx512f" not in _cpu_flags().split(), reason="the few-rows kernel is built with AVX-512 only")
+def test_bf16_leaves_a_few_rows_in_float32():
+    torch.manual_seed(0)
+    block = perturb_(Block(48, d_state=8)).eval()
+    hidden, residual = torch.randn(1, 3, 48), torch.randn(1, 3, 48)  # 3 rows: the few-rows kernel's, float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block_outputs(block, hidden, residual, "auto")
+    for a, b in zip(got, block_outputs(block, hidden, residual, "auto")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -291,18 +291,23 @@ class MambaMixer(nn.Module):
         return out, SSMStats(fwd[0], bwd[0], fwd[1], bwd[1], fwd[2], bwd[2])
 
     def kernel_takes(self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
-        """The call runs as one call of the whole-mixer CPU kernel (scan_impl "auto"; float32 inference on CPU
-        outside autocast; the residual, if any, float32 too)."""
+        """The call runs as one call of the whole-mixer CPU kernel (scan_impl "auto"; float32 inference on CPU,
+        the residual, if any, float32 too; outside autocast, or under bf16 autocast where torch exports
+        MKL's bf16 gemm, which then takes the input in bf16 too and the projections)."""
         # cheapest first, and the registry read directly (nn.Module's __getattr__ costs ~0.8 us a name)
-        return (self.scan_impl == "auto" and not torch.is_grad_enabled() and hidden.dtype == torch.float32
-                and hidden.is_cpu and (residual is None or residual.dtype == torch.float32)
-                and self._modules["in_proj"]._parameters["weight"].dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and cpu_kernels.mixer_available())
+        if (self.scan_impl != "auto" or torch.is_grad_enabled() or not hidden.is_cpu
+                or not (residual is None or residual.dtype == torch.float32)
+                or self._modules["in_proj"]._parameters["weight"].dtype != torch.float32):
+            return False
+        if not torch.is_autocast_enabled("cpu"):
+            return hidden.dtype == torch.float32 and cpu_kernels.mixer_available()
+        return (hidden.dtype in (torch.float32, torch.bfloat16) and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and cpu_kernels.bf16_mixer_available())
 
     def kernel_forward(self, hidden: torch.Tensor, return_ssm: bool, residual: Optional[torch.Tensor] = None,
                        norm: Optional[nn.Module] = None):
-        """forward as one call of the whole-mixer CPU kernel (where kernel_takes): out, plus SSMStats when
-        return_ssm. With norm (the block's float32 RMSNorm), after the block's residual add and norm:
+        """forward as one call of the whole-mixer CPU kernel (where kernel_takes; under autocast with bf16
+        products): out, plus SSMStats when return_ssm, float32. With norm (the block's float32 RMSNorm), after the block's residual add and norm:
         out, the new residual, plus SSMStats when return_ssm."""
         spec, modules, own = self.spec, self._modules, self._parameters
         params = []
@@ -311,11 +316,12 @@ class MambaMixer(nn.Module):
             params += [conv["weight"], conv["bias"], modules["x_proj" + b.suffix]._parameters["weight"],
                        dt_proj["weight"], dt_proj["bias"], own["D" + b.suffix]]
         branch_reverse, scan_branch, scan_reverse = _KERNEL_LAYOUT[self.variant]
+        bf16 = torch.is_autocast_enabled("cpu")
         out, *rest = cpu_kernels.mixer_forward(
-            hidden, residual, None if norm is None else norm._parameters["weight"], 0.0 if norm is None else norm.eps,
+            hidden.float() if bf16 else hidden, residual, None if norm is None else norm._parameters["weight"], 0.0 if norm is None else norm.eps,
             modules["in_proj"]._parameters["weight"], modules["out_proj"]._parameters["weight"], params,
             branch_reverse, [own[s.a_log] for s in spec.scans], scan_branch, scan_reverse,
-            self.divide_out and len(spec.scans) == 2, return_ssm)
+            self.divide_out and len(spec.scans) == 2, return_ssm, bf16)
         head = (out,) if norm is None else (out, rest.pop(0))
         if not return_ssm:
             return head[0] if norm is None else head

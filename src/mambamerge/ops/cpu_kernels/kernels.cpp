@@ -617,7 +617,6 @@ void gemm_nt(Gemm<T> gemm, const T* x, int64_t ldx, const T* w, int64_t ldw, T* 
   gemm("T", "N", &m_, &n_, &k_, &one, w, &lda, x, &ldb, &zero, y, &ldc);
 }
 
-#if defined(__AVX512F__)
 // A projection of at most kFewRows rows (a block of a merged model at batch 1 holds a few tokens) is bound
 // by reading its weight, which a forward's blocks evict from the caches: sgemm_ reads a cold 768 x 192
 // weight at 6-7 GB/s for one or two rows, few_rows reads it front to back, one row after the other, as
@@ -628,6 +627,17 @@ constexpr int64_t kFewRows = 12;
 constexpr int64_t kFewRowsSmall = 4;
 constexpr int64_t kLargeWeight = 65536;
 constexpr int64_t kFewTask = 64;  // weight rows a task of few_rows takes
+
+// few_rows takes the product of rows x (k) with an (n, k) weight (it is built with AVX-512 only).
+inline bool few_rows_take(int64_t rows, int64_t n, int64_t k) {
+#if defined(__AVX512F__)
+  return rows <= kFewRowsSmall || (rows <= kFewRows && n * k >= kLargeWeight);
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512F__)
 
 // The lane sums of v[0..3], in order: halves added, then two rounds of pairwise horizontal adds (a third of
 // the instructions of four full reductions, which would cost as much as a 192-long dot product).
@@ -698,12 +708,65 @@ int few_rows(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
 inline int linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
                   int64_t n, int64_t k, int num_threads, ParallelLauncher launcher) {
 #if defined(__AVX512F__)
-  if (rows <= kFewRowsSmall || (rows <= kFewRows && n * k >= kLargeWeight))
-    return few_rows(x, ldx, w, y, ldy, rows, n, k, num_threads, launcher);
+  if (few_rows_take(rows, n, k)) return few_rows(x, ldx, w, y, ldy, rows, n, k, num_threads, launcher);
 #endif
   gemm_nt(sgemm, x, ldx, w, k, y, ldy, rows, n, k);
   return 0;
 }
+
+// gemm_bf16bf16f32_ of MKL's Fortran interface: as sgemm_ with bf16 matrices (uint16 bit patterns), float32
+// alpha, beta and product, accumulated in float32 (AMX or AVX-512-BF16 where the CPU has them).
+using GemmBf16 = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
+                          const int*, const uint16_t*, const int*, const float*, float*, const int*);
+
+// dst[0:n] = src[0:n] rounded to bf16, to nearest with ties to even (a NaN stays a quiet NaN), as torch's
+// float32 -> bfloat16 conversion (vcvtneps2bf16 where the CPU has AVX-512-BF16).
+inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t c = 0;
+#if defined(__AVX512BF16__)
+  for (; c + 16 <= n; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + c)));
+#endif
+  for (; c < n; ++c) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, src + c, sizeof bits);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    dst[c] = static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? (bits >> 16) | 0x40u : rounded);
+  }
+}
+
+// The products of one mixer call: float32 on sgemm_ (and few_rows), or, with bf16gemm, in_proj, x_proj and
+// out_proj on it for inputs and weights rounded to bf16 (their float32 products and everything between
+// them unchanged). dt_proj (k = dt_rank, 6-12) stays float32: bf16 does not pay there and it feeds
+// the step size. bf16 only past few_rows' rows, where the weight's read bounds the product.
+struct Products {
+  Sgemm sgemm;
+  GemmBf16 bf16gemm;
+  int num_threads;
+  ParallelLauncher launcher;
+  std::vector<uint16_t>& scratch;
+
+  int operator()(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows, int64_t n,
+                 int64_t k, bool may_round) const {
+    if (!bf16gemm || !may_round || few_rows_take(rows, n, k) || rows == 0 || n == 0)
+      return linear(sgemm, x, ldx, w, y, ldy, rows, n, k, num_threads, launcher);
+    if (scratch.size() < static_cast<size_t>((rows + n) * k)) scratch.resize((rows + n) * k);
+    uint16_t* xb = scratch.data();
+    uint16_t* wb = xb + rows * k;
+    int status = for_each_row<float>(rows + n, k, kConvChunk, num_threads, launcher, [&](int64_t row) {
+      if (row < rows) {
+        to_bf16(x + row * ldx, xb + row * k, k);
+      } else {
+        to_bf16(w + (row - rows) * k, wb + (row - rows) * k, k);
+      }
+    });
+    const int m_ = static_cast<int>(n), n_ = static_cast<int>(rows), k_ = static_cast<int>(k);
+    const int ldc = static_cast<int>(ldy);
+    const float one = 1, zero = 0;
+    bf16gemm("T", "N", &m_, &n_, &k_, &one, wb, &k_, xb, &k_, &zero, y, &ldc);
+    return status;
+  }
+};
 
 struct MixerBranch {
   const float* conv_weight;  // (d, 1, K)
@@ -760,7 +823,8 @@ int add_rms_norm(const MixerProblem& p, float eps, float* normed, int num_thread
 
 constexpr size_t kKeptScratch = size_t(1) << 24;  // 64 MB of float32
 
-int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads, ParallelLauncher launcher) {
+int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, GemmBf16 bf16gemm, int num_threads,
+                  ParallelLauncher launcher) {
   const int64_t rows = p.batch * p.length, d = p.d_inner, N = p.d_state, R = p.dt_rank, W = R + 2 * N;
   const int64_t K = p.k_size, nb = p.n_branches, ns = p.n_scans;
   // One scratch per thread, kept between calls (a forward's blocks reuse it) up to kKeptScratch values.
@@ -770,13 +834,17 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
   thread_local std::vector<float> scratch;
   const size_t need = rows * (p.d_model + 2 * d + nb * (2 * d + W) + ns * d + d) + ns * N * d + nb * K * d +
                       16 * kLine;
+  thread_local std::vector<uint16_t> rounded;  // bf16 copies of a product's input and weight
   if (scratch.size() < need) scratch.resize(need);
   struct Release {
     std::vector<float>& buffer;
+    std::vector<uint16_t>& rounded;
     ~Release() {
       if (buffer.size() > kKeptScratch) std::vector<float>().swap(buffer);
+      if (rounded.size() > kKeptScratch) std::vector<uint16_t>().swap(rounded);
     }
-  } release{scratch};
+  } release{scratch, rounded};
+  const Products product{sgemm, bf16gemm, num_threads, launcher, rounded};
   const uintptr_t base = reinterpret_cast<uintptr_t>(scratch.data());
   float* next = scratch.data() + ((kLine - (base / sizeof(float)) % kLine) % kLine);
   int status = 0;
@@ -792,7 +860,7 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
     input = normed;
   }
   float* xz = take(rows * 2 * d);
-  status |= linear(sgemm, input, p.d_model, p.in_proj, xz, 2 * d, rows, 2 * d, p.d_model, num_threads, launcher);
+  status |= product(input, p.d_model, p.in_proj, xz, 2 * d, rows, 2 * d, p.d_model, true);
   float* u[2];
   float* delta[2];
   float* dbc[2];
@@ -808,8 +876,8 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
     dbc[i] = br.dbc ? br.dbc : dbc_scratch;
     status |= conv_silu<float>(xz, w, br.conv_bias, u[i], p.batch, p.length, d, 2 * d, K, br.reverse != 0,
                                num_threads, launcher);
-    status |= linear(sgemm, u[i], d, br.x_proj, dbc[i], W, rows, W, d, num_threads, launcher);
-    status |= linear(sgemm, dbc[i], W, br.dt_proj, delta[i], d, rows, d, R, num_threads, launcher);
+    status |= product(u[i], d, br.x_proj, dbc[i], W, rows, W, d, true);
+    status |= product(dbc[i], W, br.dt_proj, delta[i], d, rows, d, R, false);
     status |= softplus<float>(delta[i], br.dt_bias, delta[i], br.delta_mean, rows, d, num_threads, launcher);
   }
   float* y[2] = {nullptr, nullptr};
@@ -828,7 +896,7 @@ int mixer_forward(const MixerProblem& p, float eps, Sgemm sgemm, int num_threads
   }
   float* gated = take(rows * d);
   status |= gate<float>(y[0], y[1], xz + d, gated, rows, d, 2 * d, p.halve != 0, num_threads, launcher);
-  status |= linear(sgemm, gated, d, p.out_proj, p.out, p.d_model, rows, p.d_model, d, num_threads, launcher);
+  status |= product(gated, d, p.out_proj, p.out, p.d_model, rows, p.d_model, d, true);
   return status;
 }
 
@@ -1142,10 +1210,10 @@ MM_SCAN_ENTRY_POINTS(double, f64)
 MM_SELECT_ENTRY_POINTS(float, f32)
 MM_SELECT_ENTRY_POINTS(double, f64)
 
-extern "C" int mm_mixer_forward(const MixerProblem* p, double eps, Sgemm sgemm, int num_threads,
+extern "C" int mm_mixer_forward(const MixerProblem* p, double eps, Sgemm sgemm, GemmBf16 bf16gemm, int num_threads,
                                 ParallelLauncher launcher) {
   try {
-    return mixer_forward(*p, static_cast<float>(eps), sgemm, num_threads, launcher);
+    return mixer_forward(*p, static_cast<float>(eps), sgemm, bf16gemm, num_threads, launcher);
   } catch (...) {  // the scratch could not grow
     return 1;
   }

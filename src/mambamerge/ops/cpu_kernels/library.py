@@ -42,8 +42,8 @@ ENTRY_POINTS = {
     "mm_select_bipartite": EntryPoint((_P,) * 6 + (_I64,) * 4),
     # features, class index, src, dst; batch, L, D, w_protect, r; fading, gamma
     "mm_select_adjacent": EntryPoint((_P,) * 4 + (_I64,) * 5 + (ctypes.c_double,) * 2),
-    # problem, norm eps, sgemm_, threads, launcher
-    "mm_mixer_forward": EntryPoint((_P, ctypes.c_double, _P, _INT, _P), per_dtype=False),
+    # problem, norm eps, sgemm_, bf16 gemm (or null: float32 products), threads, launcher
+    "mm_mixer_forward": EntryPoint((_P, ctypes.c_double, _P, _P, _INT, _P), per_dtype=False),
 }
 _THREADING_ARGS = (_INT, _P)  # num_threads, launcher
 

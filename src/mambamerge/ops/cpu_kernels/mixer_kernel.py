@@ -1,12 +1,13 @@
 """The whole Mamba mixer of a block in one kernel call (mm_mixer_forward in kernels.cpp), optionally after
-the block's residual add and RMSNorm: float32 CPU inference, the projections on torch's BLAS. A custom
-operator without autograd: training takes the mixer's torch path."""
+the block's residual add and RMSNorm: float32 CPU inference, the projections on torch's BLAS (under bf16
+autocast in_proj, x_proj and out_proj on its bf16 gemm). A custom operator without autograd: training
+takes the mixer's torch path."""
 import array
 from typing import List, Optional
 
 import torch
 
-from mambamerge.ops.cpu_kernels.blas import gemm_address, gemm_found
+from mambamerge.ops.cpu_kernels.blas import bf16_gemm_address, bf16_gemm_found, gemm_address
 from mambamerge.ops.cpu_kernels.library import address, available, call, loaded
 from mambamerge.ops.cpu_kernels.registration import dispatch, register
 
@@ -30,7 +31,7 @@ def _outputs_like(hidden, norm, out_proj, branches, stats):
 def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], norm: Optional[torch.Tensor], eps: float,
              in_proj: torch.Tensor, out_proj: torch.Tensor, branches: List[torch.Tensor], branch_reverse: List[bool],
              a_logs: List[torch.Tensor], scan_branch: List[int], scan_reverse: List[bool], halve: bool,
-             stats: bool) -> List[torch.Tensor]:
+             stats: bool, bf16: bool) -> List[torch.Tensor]:
     hidden, in_proj, out_proj = hidden.contiguous(), in_proj.contiguous(), out_proj.contiguous()
     residual = None if residual is None else residual.contiguous()
     norm = None if norm is None else norm.contiguous()
@@ -55,14 +56,15 @@ def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], norm: Optio
     words += [0] * 3 * (_SLOTS - len(scan_branch))
     problem = array.array("q", words)  # every tensor passed by address stays referenced until the call returns
     if hidden.numel() and call("mm_mixer_forward", None, problem.buffer_info()[0], eps, gemm_address(),
-                               torch.get_num_threads(), loaded().launcher) != 0:
+                               bf16_gemm_address() if bf16 else None, torch.get_num_threads(),
+                               loaded().launcher) != 0:
         raise MemoryError("mixer kernel failed: its buffers could not grow or a worker thread could not run")
     return outputs
 
 
 _MIXER = register("mixer_forward", _forward,
                   lambda hidden, residual, norm, eps, in_proj, out_proj, branches, branch_reverse, a_logs, scan_branch,
-                  scan_reverse, halve, stats: _outputs_like(hidden, norm, out_proj, branches, stats))
+                  scan_reverse, halve, stats, bf16: _outputs_like(hidden, norm, out_proj, branches, stats))
 
 
 @torch.compiler.assume_constant_result
@@ -71,8 +73,14 @@ def mixer_available() -> bool:
     return available() and gemm_address() is not None
 
 
+@torch.compiler.assume_constant_result
+def bf16_mixer_available() -> bool:
+    """mixer_available, and torch exports a working bf16 gemm for its bf16 products."""
+    return mixer_available() and bf16_gemm_found()
+
+
 def mixer_forward(hidden, residual, norm, eps, in_proj, out_proj, branches, branch_reverse, a_logs, scan_branch,
-                  scan_reverse, halve, stats):
+                  scan_reverse, halve, stats, bf16=False):
     """One mixer forward (mambamerge.models.mixer.MambaMixer), without autograd, float32 CPU tensors,
     optionally after its block's residual add and RMSNorm (mambamerge.models.blocks.Block).
 
@@ -81,10 +89,13 @@ def mixer_forward(hidden, residual, norm, eps, in_proj, out_proj, branches, bran
     d_model), out_proj (d_model, d_inner): the linear weights; branches: per branch (one or two) its
     BRANCH_PARAMS tensors in that order, with branch_reverse its convolution's direction; per scan (one or
     two) its A_log (d_inner, N), its branch's index and its direction; halve: halve the sum of two scans.
+    bf16: in_proj, x_proj and out_proj take their input and weight rounded to bf16 (float32 products, as
+    bf16 autocast's matmuls; where bf16_mixer_available) past the few rows of a merged model's last
+    blocks, whose weight reads bound them in float32 too.
     Returns [out (batch, L, d_model)], then with a norm the new residual (residual + hidden, or hidden),
     then when stats each branch's delta (batch, L, d_inner), x_proj output (batch, L, dt_rank + 2N: dt,
-    B, C) and delta's mean over channels (batch, L).
+    B, C) and delta's mean over channels (batch, L). All float32.
     """
     return dispatch(_MIXER, _forward, (hidden, residual, norm, float(eps), in_proj, out_proj, list(branches),
                                        list(branch_reverse), list(a_logs), list(scan_branch), list(scan_reverse),
-                                       bool(halve), bool(stats)))
+                                       bool(halve), bool(stats), bool(bf16)))
