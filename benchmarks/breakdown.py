@@ -3,7 +3,8 @@ kernel), step-size softplus, selective scan, output gate (kernel), norms, and th
 embedding, head; on the torch path also the convolution's SiLU and the gate), per forward and as
 shares, measured on the per-step kernels (scan_impl "compiled"; the whole-mixer kernel that "auto" runs
 does the same work in one call per block, which hooks cannot see into); then the whole forward with the
-whole-mixer kernel, the per-step kernels and torch's operations, timed interleaved.
+whole-mixer kernel, the per-step kernels and torch's operations, and the whole-mixer kernel with bf16
+products under bf16 autocast (where torch exports MKL's bf16 gemm), timed interleaved.
 
 Run: .venv/bin/python benchmarks/breakdown.py [--model vim_tiny] [--batch 8] [--threads 2] [--runs 5]
 """
@@ -20,6 +21,7 @@ import torch.nn as nn
 import mambamerge
 import mambamerge.models.mixer as mixer_module
 from mambamerge.models.blocks import RMSNorm
+from mambamerge.ops import cpu_kernels
 from mambamerge.timing import time_interleaved
 
 PARTS = ("projections", "convolution", "softplus", "scan", "gate", "norms", "other")
@@ -140,6 +142,8 @@ def main():
 
     paths = {"whole-mixer kernel": forward("auto"), "per-step kernels": forward("compiled"),
              "torch path": forward("compiled", torch_path)}
+    if cpu_kernels.bf16_mixer_available():
+        paths["whole-mixer, bf16"] = forward("auto", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     times = time_interleaved(paths, runs=args.runs)
     print("\nwhole forward, timed interleaved:")
     for label, seconds in times.items():

@@ -42,15 +42,18 @@ namespace {
 constexpr int64_t kBlock = 16;
 
 // exp for float32 without libmvec's special-case handling: 2^k * p(f), k = round(x log2 e),
-// p a degree-6 Taylor polynomial of 2^f on |f| <= 1/2 (relative error < 2e-7, about 1 ulp).
+// p a degree-5 polynomial fitted to 2^f on |f| <= 1/2 for the least largest relative error, its constant
+// term 1 so that exp(0) = 1 (relative error < 1.9e-7 evaluated in float32, about 1 ulp; the degree-6 Taylor
+// polynomial it replaces: 2.4e-7, one multiply-add more in every decay of the scan).
 // Arguments are clamped to [-86, 88] so the exponent arithmetic stays in the normal range: results
 // below ~2.6e-38 come out as ~2.6e-38 instead of a denormal or 0, harmless for the decays
 // exp(delta A) <= 1 that multiply a bounded state. NaN stays NaN. About 1.5x faster than libmvec's expf
 // (which handles every special case), and the scan is bound by this exp.
 constexpr float kLog2e = 1.44269504088896341f;
 // p's coefficients, highest degree first (Horner's order)
-constexpr float kExp2Poly[] = {1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
-                               5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+constexpr float kExp2Poly[] = {1.326470879117602e-3f, 9.67151147117229e-3f, 5.550733776475789e-2f,
+                               2.4022242103978847e-1f, 6.931469775940103e-1f, 1.0f};
+constexpr int kExp2Terms = sizeof(kExp2Poly) / sizeof(kExp2Poly[0]);
 
 inline float vexp(float x) {
   x = std::min(std::max(x, -86.0f), 88.0f);
@@ -58,7 +61,7 @@ inline float vexp(float x) {
   const float k = __builtin_rintf(t);
   const float f = t - k;
   float q = kExp2Poly[0];
-  for (int i = 1; i < 7; ++i) q = q * f + kExp2Poly[i];
+  for (int i = 1; i < kExp2Terms; ++i) q = q * f + kExp2Poly[i];
   int32_t bits;
   __builtin_memcpy(&bits, &q, sizeof bits);
   bits += static_cast<int32_t>(k) << 23;
@@ -156,7 +159,7 @@ inline void state_step(int64_t N, const float* a, const float* dt, const float* 
     const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, k);
     __m512 q = _mm512_set1_ps(kExp2Poly[0]);
-    for (int i = 1; i < 7; ++i) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kExp2Poly[i]));
+    for (int i = 1; i < kExp2Terms; ++i) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(kExp2Poly[i]));
     const __m512 decay = _mm512_scalef_ps(q, k);
     if constexpr (kRecord) _mm512_storeu_ps(e + n * kBlock, decay);
     const __m512 hn = _mm512_fmadd_ps(decay, _mm512_loadu_ps(prev + n * kBlock),
