@@ -15,11 +15,12 @@
 // workers; no OpenMP runtime of our own is linked. Inside a task every inner
 // loop runs over the kBlock channels of the block, padded with zeros when d is
 // not a multiple of kBlock, so it always has the same fixed width and
-// vectorises (exp through libmvec).
+// vectorises (float32 exp as vexp's polynomial; the state update written out
+// for AVX-512 and for AVX2 with FMA).
 
 #include <math.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -168,6 +169,44 @@ inline void state_step(int64_t N, const float* a, const float* dt, const float* 
     sum = _mm512_fmadd_ps(hn, _mm512_set1_ps(Ct[n]), sum);
   }
   _mm512_storeu_ps(acc, sum);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// float32 with AVX2 and FMA (no AVX-512): the kBlock channels as two 8-lane halves, exp(x) as 2^k p(f) with
+// k = round(x log2 e) added to p's exponent bits, log2 e applied to dt once a step, the accumulator kept
+// in registers. Arguments clamped to [-124, 127] in log2 units (vexp's [-86, 88] nats, about) by max/min
+// ordered so that a NaN passes (vmaxps and vminps return their second operand): its k converts to
+// 0x80000000, shifted out to 0, and p(NaN) is NaN. The generic loop clamps with compares and blends.
+template <bool kRecord>
+inline void state_step(int64_t N, const float* a, const float* dt, const float* du, const float* Bt,
+                       const float* Ct, const float* prev, float* h, float* e, float* acc) {
+  static_assert(kBlock == 16, "two AVX2 registers of channels");
+  const __m256 log2e = _mm256_set1_ps(kLog2e);
+  const __m256 lowest = _mm256_set1_ps(-124.0f), highest = _mm256_set1_ps(127.0f);
+  __m256 dt2[2], duv[2], sum[2];
+  for (int j = 0; j < 2; ++j) {
+    dt2[j] = _mm256_mul_ps(_mm256_loadu_ps(dt + 8 * j), log2e);
+    duv[j] = _mm256_loadu_ps(du + 8 * j);
+    sum[j] = _mm256_loadu_ps(acc + 8 * j);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const __m256 bn = _mm256_set1_ps(Bt[n]), cn = _mm256_set1_ps(Ct[n]);
+    for (int j = 0; j < 2; ++j) {
+      const int64_t at = n * kBlock + 8 * j;
+      __m256 x = _mm256_mul_ps(dt2[j], _mm256_loadu_ps(a + at));
+      x = _mm256_min_ps(highest, _mm256_max_ps(lowest, x));
+      const __m256 k = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 f = _mm256_sub_ps(x, k);
+      __m256 q = _mm256_set1_ps(kExp2Poly[0]);
+      for (int i = 1; i < kExp2Terms; ++i) q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kExp2Poly[i]));
+      const __m256i scale = _mm256_slli_epi32(_mm256_cvttps_epi32(k), 23);
+      const __m256 decay = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(q), scale));
+      if constexpr (kRecord) _mm256_storeu_ps(e + at, decay);
+      const __m256 hn = _mm256_fmadd_ps(decay, _mm256_loadu_ps(prev + at), _mm256_mul_ps(duv[j], bn));
+      _mm256_storeu_ps(h + at, hn);
+      sum[j] = _mm256_fmadd_ps(hn, cn, sum[j]);
+    }
+  }
+  for (int j = 0; j < 2; ++j) _mm256_storeu_ps(acc + 8 * j, sum[j]);
 }
 #endif
 
