@@ -670,46 +670,91 @@ constexpr int64_t kFewRowsSmall = 4;
 constexpr int64_t kLargeWeight = 65536;
 constexpr int64_t kFewTask = 64;  // weight rows a task of few_rows takes
 
-// few_rows takes the product of rows x (k) with an (n, k) weight (it is built with AVX-512 only).
-inline bool few_rows_take(int64_t rows, int64_t n, int64_t k) {
 #if defined(__AVX512F__)
+#define MAMBAMERGE_FEW_ROWS 1
+// few_rows' vectors: 16 lanes, the tail of k loaded under a lane mask.
+struct FewLanes {
+  static constexpr int64_t kWidth = 16;
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static Mask mask(int64_t left) { return Mask((1u << left) - 1); }
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static __m256 halves(Vec v) {  // lane i + lane i + 8
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MAMBAMERGE_FEW_ROWS 1
+// few_rows' vectors: 8 lanes, the tail of k loaded with vmaskmovps (masked-off lanes are not read).
+struct FewLanes {
+  static constexpr int64_t kWidth = 8;
+  using Vec = __m256;
+  using Mask = __m256i;
+  static Mask mask(int64_t left) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static __m256 halves(Vec v) { return v; }
+};
+#endif
+
+// few_rows takes the product of rows x (k) with an (n, k) weight (it is built with AVX-512 or AVX2 and FMA).
+inline bool few_rows_take(int64_t rows, int64_t n, int64_t k) {
+#if defined(MAMBAMERGE_FEW_ROWS)
   return rows <= kFewRowsSmall || (rows <= kFewRows && n * k >= kLargeWeight);
 #else
   return false;
 #endif
 }
 
-#if defined(__AVX512F__)
+#if defined(MAMBAMERGE_FEW_ROWS)
 
-// The lane sums of v[0..3], in order: halves added, then two rounds of pairwise horizontal adds (a third of
+// The lane sums of v[0..3], in order: to 8 lanes, then two rounds of pairwise horizontal adds (a third of
 // the instructions of four full reductions, which would cost as much as a 192-long dot product).
-inline __m128 sums_of_4(const __m512* v) {
-  __m256 h[4];
-  for (int i = 0; i < 4; ++i)
-    h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[i]), 1)));
-  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+inline __m128 sums_of_4(const FewLanes::Vec* v) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(FewLanes::halves(v[0]), FewLanes::halves(v[1])),
+                                  _mm256_hadd_ps(FewLanes::halves(v[2]), FewLanes::halves(v[3])));
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// The lane sum of v.
+inline float lane_sum(FewLanes::Vec v) {
+  const __m256 h = FewLanes::halves(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
 // y[a][b] = x[a] . w[b] for MR rows of x (ldx apart) and NR rows of w (k apart, read one after the other),
-// k masked in 16-lane steps, written to y (rows ldy apart).
+// k in steps of FewLanes::kWidth, the last one masked; written to y (rows ldy apart).
 template <int MR, int NR>
 void few_tile(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy) {
-  __m512 acc[MR][NR];
+  using L = FewLanes;
+  const int64_t full = k - k % L::kWidth;
+  const L::Mask tail = L::mask(k - full);
+  L::Vec acc[MR][NR];
   for (int b = 0; b < NR; ++b) {
-    for (int a = 0; a < MR; ++a) acc[a][b] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < k; c += 16) {
-      const __mmask16 mask = k - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - c)) - 1);
-      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + b * k + c);
-      for (int a = 0; a < MR; ++a)
-        acc[a][b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + a * ldx + c), wv, acc[a][b]);
+    for (int a = 0; a < MR; ++a) acc[a][b] = L::zero();
+    for (int64_t c = 0; c < full; c += L::kWidth) {
+      const L::Vec wv = L::load(w + b * k + c);
+      for (int a = 0; a < MR; ++a) acc[a][b] = L::fmadd(L::load(x + a * ldx + c), wv, acc[a][b]);
+    }
+    if (full < k) {
+      const L::Vec wv = L::load(tail, w + b * k + full);
+      for (int a = 0; a < MR; ++a) acc[a][b] = L::fmadd(L::load(tail, x + a * ldx + full), wv, acc[a][b]);
     }
   }
   for (int a = 0; a < MR; ++a) {
     if constexpr (NR == 4) {
       _mm_storeu_ps(y + a * ldy, sums_of_4(acc[a]));
     } else {
-      for (int b = 0; b < NR; ++b) y[a * ldy + b] = _mm512_reduce_add_ps(acc[a][b]);
+      for (int b = 0; b < NR; ++b) y[a * ldy + b] = lane_sum(acc[a][b]);
     }
   }
 }
@@ -745,11 +790,11 @@ int few_rows(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
 }
 #endif
 
-// gemm_nt with w an nn.Linear weight (n, k), rows k apart: a few rows on few_rows where AVX-512 is built in,
+// gemm_nt with w an nn.Linear weight (n, k), rows k apart: a few rows on few_rows where it is built in,
 // else on sgemm_. Returns 0, or 1 if a worker thread failed.
 inline int linear(Sgemm sgemm, const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
                   int64_t n, int64_t k, int num_threads, ParallelLauncher launcher) {
-#if defined(__AVX512F__)
+#if defined(MAMBAMERGE_FEW_ROWS)
   if (few_rows_take(rows, n, k)) return few_rows(x, ldx, w, y, ldy, rows, n, k, num_threads, launcher);
 #endif
   gemm_nt(sgemm, x, ldx, w, k, y, ldy, rows, n, k);
