@@ -11,8 +11,10 @@ Run: .venv/bin/python benchmarks/amp.py [--models vim_tiny demo] [--batch 1 8] [
      [--images 2000] [--runs 5] [--threads 1]
 """
 import argparse
+import os
 from pathlib import Path
 
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines off stderr
 import torch
 
 import mambamerge
