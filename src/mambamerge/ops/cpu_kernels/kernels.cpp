@@ -20,7 +20,14 @@
 
 #include <math.h>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The vector code written out by hand (the state update, few_rows): AVX-512, else AVX2 with FMA, else none.
+#if defined(__AVX512F__)
+#define MAMBAMERGE_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MAMBAMERGE_AVX2 1
+#endif
+#if defined(MAMBAMERGE_AVX512) || defined(MAMBAMERGE_AVX2)
+#define MAMBAMERGE_FEW_ROWS 1
 #include <immintrin.h>
 #endif
 
@@ -142,7 +149,7 @@ inline void state_step(int64_t N, const T* a, const T* dt, const T* du, const T*
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(MAMBAMERGE_AVX512)
 // float32 with AVX-512: the same step with exp(x) as 2^(x log2 e) = 2^k p(f), k = round(x log2 e) applied
 // by vscalefps instead of through the exponent bits (the upper clamp and the integer arithmetic go):
 // log2 e multiplies dt once a step instead of every decay. vexp's polynomial (kExp2Poly); arguments are
@@ -170,7 +177,7 @@ inline void state_step(int64_t N, const float* a, const float* dt, const float* 
   }
   _mm512_storeu_ps(acc, sum);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(MAMBAMERGE_AVX2)
 // float32 with AVX2 and FMA (no AVX-512): the kBlock channels as two 8-lane halves, exp(x) as 2^k p(f) with
 // k = round(x log2 e) added to p's exponent bits, log2 e applied to dt once a step, the accumulator kept
 // in registers. Arguments clamped to [-124, 127] in log2 units (vexp's [-86, 88] nats, about) by max/min
@@ -670,8 +677,7 @@ constexpr int64_t kFewRowsSmall = 4;
 constexpr int64_t kLargeWeight = 65536;
 constexpr int64_t kFewTask = 64;  // weight rows a task of few_rows takes
 
-#if defined(__AVX512F__)
-#define MAMBAMERGE_FEW_ROWS 1
+#if defined(MAMBAMERGE_AVX512)
 // few_rows' vectors: 16 lanes, the tail of k loaded under a lane mask.
 struct FewLanes {
   static constexpr int64_t kWidth = 16;
@@ -686,8 +692,7 @@ struct FewLanes {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
   }
 };
-#elif defined(__AVX2__) && defined(__FMA__)
-#define MAMBAMERGE_FEW_ROWS 1
+#elif defined(MAMBAMERGE_AVX2)
 // few_rows' vectors: 8 lanes, the tail of k loaded with vmaskmovps (masked-off lanes are not read).
 struct FewLanes {
   static constexpr int64_t kWidth = 8;
